@@ -1,0 +1,20 @@
+"""fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian).
+
+Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
+everywhere; ``fastcdml.backends()`` says which this installation has.
+"""
+from . import functional, ops, reference
+from ._backend import BackendUnavailable, available as backends
+from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss
+
+__version__ = "0.1.0"
+__all__ = [
+    "CenterContrastiveLoss",
+    "ContrastiveBayesianLoss",
+    "BackendUnavailable",
+    "backends",
+    "functional",
+    "ops",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,182 @@
+"""Center Contrastive Loss: user API (module + functional), state and validation; the backend is chosen here,
+before any op runs."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .._backend import BACKENDS, resolve
+from ..ops import ccl as ops
+from ..reference import ccl as reference
+
+UPDATES = ("momentum", "gradient")
+BANK_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_hyper(temperature, margin, center_weight, reduction, backend):
+    _checks.positive(temperature, "temperature")
+    _checks.positive(margin, "margin", strict=False)
+    _checks.positive(center_weight, "center_weight", strict=False)
+    _checks.choice(reduction, "reduction", _checks.REDUCTIONS)
+    _checks.choice(backend, "backend", BACKENDS)
+
+
+def _check_inputs(embeddings, labels, centers, impl, check_inputs, embedding_dim=None):
+    _checks.embeddings(embeddings, "embeddings", impl, embedding_dim, check_inputs)
+    if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"centers must have shape (num_classes, {embeddings.shape[1]}), got {tuple(centers.shape)}")
+    _checks.same_device(centers, "centers", embeddings, "embeddings", "; move the loss with .to(device)")
+    _checks.labels(labels, "labels", embeddings, "embeddings", centers.shape[0], check_inputs)
+
+
+def _loss_rows(embeddings, labels, centers, temperature, margin, center_weight, impl, namespace):
+    if impl == "reference":
+        return reference.ccl_loss_rows(embeddings, labels, centers, temperature, margin, center_weight)
+    return ops.ccl_loss_rows(embeddings, labels, centers, temperature, margin, center_weight, namespace)
+
+
+def _empty(embeddings, centers, reduction):
+    zero = embeddings.sum(dtype=torch.float32) * 0.0
+    if centers.requires_grad:
+        zero = zero + centers.sum(dtype=torch.float32) * 0.0
+    return zero if reduction != "none" else zero.expand(0)
+
+
+def center_contrastive_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    temperature: float = 0.05,
+    margin: float = 0.1,
+    center_weight: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """CCL of ``embeddings`` (B, D) with ``labels`` (B,) against ``centers`` (C, D); no bank update.
+
+    ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·s_{i,y_i}`` with ``s_ij = x̂_i·W_j``, ``z_ij = (s_ij − m[j=y_i])/τ``.
+    ``centers`` is used as given (normalise it yourself if it is learnable); gradients flow to it if it requires
+    them. Returns a float32 scalar (``mean``/``sum``; float64 for float64 reference inputs) or the (B,) vector
+    (``none``). An empty batch gives 0 (``mean`` and ``sum``) or an empty vector.
+    """
+    _check_hyper(temperature, margin, center_weight, reduction, backend)
+    impl, namespace = resolve(backend, "ccl", embeddings.device)
+    _check_inputs(embeddings, labels, centers, impl, check_inputs)
+    if embeddings.shape[0] == 0:
+        return _empty(embeddings, centers, reduction)
+    rows = _loss_rows(embeddings, labels, centers, temperature, margin, center_weight, impl, namespace)
+    return _checks.reduce(rows, reduction)
+
+
+def center_momentum_update_(
+    centers: torch.Tensor,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float = 0.9,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """In place, no gradient: ``W_k ← normalize(μ·W_k + (1 − μ)·mean_{i: y_i = k} x̂_i)`` for each class k in the
+    batch. Absent classes are untouched; an invalid batch raises before anything is written. Returns ``centers``.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    impl, namespace = resolve(backend, "ccl", embeddings.device)
+    _check_inputs(embeddings, labels, centers, impl, check_inputs)
+    if not centers.is_contiguous():
+        raise ValueError("centers must be contiguous to be updated in place")
+    if embeddings.shape[0]:
+        _update(centers, embeddings, labels, momentum, impl, namespace)
+    return centers
+
+
+def _update(centers, embeddings, labels, momentum, impl, namespace):
+    if impl == "reference":
+        reference.ccl_momentum_update_(centers, embeddings.detach(), labels, momentum)
+    else:
+        ops.ccl_update_(centers, embeddings, labels, momentum, namespace)
+
+
+class CenterContrastiveLoss(nn.Module):
+    """Center Contrastive Loss with a class-center bank (Cai, Xiong, Tian, arXiv 2308.00458).
+
+    Call as ``loss_fn(embeddings, labels)`` with embeddings (B, embedding_dim) fp32/bf16/fp16 (fp64 with
+    ``backend="reference"``) and labels (B,) int64/int32 in ``[0, num_classes)``. Each L2-normalised query is
+    compared with every center by a temperature softmax with an additive cosine margin at its own class, plus a
+    pull ``2λ·s_{i,y_i}`` toward its center (``λ‖x̂ − W_y‖²`` up to a constant)::
+
+        L_i = logsumexp_j ((s_ij − m[j = y_i]) / τ) − (s_{i,y_i} − m) / τ − 2λ·s_{i,y_i},   s_ij = x̂_i · W_j
+
+    ``update="momentum"`` (default): ``centers`` is a float32 (or ``dtype``) buffer of unit rows; in training
+    mode, after the loss is computed from the current bank, each class k in the batch moves to
+    ``normalize(μ·W_k + (1 − μ)·mean_{y_i = k} x̂_i)`` in place. Only the queries get a gradient.
+    ``update="gradient"``: ``centers`` is a Parameter, normalised in forward, trained by the optimizer
+    (a fused NormalizedSoftmax / ProxyNCA-style loss); no momentum update.
+
+    ``check_inputs=True`` validates shapes, dtypes, devices, label range and finiteness before anything runs
+    (the value checks synchronise with the device); with ``False`` an out-of-range label gives a NaN loss row and
+    is ignored by the update, and non-finite embeddings give NaN without touching the bank rows they would spoil.
+    The defaults τ=0.05, m=0.1, λ=1, μ=0.9 are provisional (see the README's training notes).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        temperature: float = 0.05,
+        margin: float = 0.1,
+        center_weight: float = 1.0,
+        momentum: float = 0.9,
+        update: str = "momentum",
+        reduction: str = "mean",
+        backend: str = "auto",
+        check_inputs: bool = True,
+        centers: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if num_classes < 1 or embedding_dim < 1:
+            raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
+        _check_hyper(temperature, margin, center_weight, reduction, backend)
+        _checks.choice(update, "update", UPDATES)
+        _checks.choice(dtype, "dtype", BANK_DTYPES)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.temperature, self.margin, self.center_weight, self.momentum = temperature, margin, center_weight, momentum
+        self.update, self.reduction, self.backend, self.check_inputs = update, reduction, backend, check_inputs
+        if centers is None:
+            centers = torch.randn(num_classes, embedding_dim, generator=generator)
+        elif tuple(centers.shape) != (num_classes, embedding_dim):
+            raise ValueError(f"centers must have shape ({num_classes}, {embedding_dim}), got {tuple(centers.shape)}")
+        bank = reference.normalize_rows(centers.detach()).to(dtype).contiguous()
+        if update == "gradient":
+            self.centers = nn.Parameter(bank)
+        else:
+            self.register_buffer("centers", bank)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        impl, namespace = resolve(self.backend, "ccl", embeddings.device)
+        _check_inputs(embeddings, labels, self.centers, impl, self.check_inputs, self.embedding_dim)
+        if embeddings.shape[0] == 0:
+            return _empty(embeddings, self.centers, self.reduction)
+        momentum_step = self.training and self.update == "momentum"
+        if self.update == "gradient":
+            centers = self.centers / self.centers.float().norm(dim=1, keepdim=True).clamp_min(reference.EPS)
+        elif impl == "reference" and momentum_step:
+            centers = self.centers.clone()  # autograd keeps it for backward; the update below rewrites the bank
+        else:
+            centers = self.centers
+        rows = _loss_rows(embeddings, labels, centers, self.temperature, self.margin, self.center_weight, impl,
+                          namespace)
+        if momentum_step:
+            _update(self.centers, embeddings, labels, self.momentum, impl, namespace)
+        return _checks.reduce(rows, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, temperature={self.temperature}, "
+                f"margin={self.margin}, center_weight={self.center_weight}, momentum={self.momentum}, "
+                f"update={self.update!r}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -1,0 +1,73 @@
+"""Where the ``torch.library`` ops are defined: one schema per op, shared by every namespace and backend.
+
+Two namespaces carry the same ops:
+
+* ``fastcdml``: the ops users run. CUDA → the Triton kernels; CPU → the C++ kernels, which ``csrc/`` registers
+  with ``TORCH_LIBRARY_IMPL(fastcdml, CPU, m)`` when the extension is loaded. The schemas live here rather
+  than in C++ so that ``import fastcdml`` (and the CUDA ops) work without the extension.
+* ``fastcdml_interpret``: defined only when ``TRITON_INTERPRET=1``; CPU → the same Triton kernels run by the
+  interpreter. It lets CI exercise the Triton code through the real op, fake and autograd machinery.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+MAIN = "fastcdml"
+INTERPRET = "fastcdml_interpret"
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def namespaces() -> dict[str, str]:
+    """Namespace -> device type its Triton kernels are registered for."""
+    return {MAIN: "cuda", **({INTERPRET: "cpu"} if interpreter_active() else {})}
+
+
+_LIBS: dict[str, torch.library.Library] = {}
+
+
+def _library(ns: str) -> torch.library.Library:
+    if ns not in _LIBS:
+        _LIBS[ns] = torch.library.Library(ns, "DEF")
+    return _LIBS[ns]
+
+
+def triton_kernel(module: str, name: str) -> Callable:
+    """A launcher from ``fastcdml.kernels.<module>``, imported on first call (kernels need triton)."""
+
+    def launch(*args):
+        return getattr(importlib.import_module(f"fastcdml.kernels.{module}"), name)(*args)
+
+    launch.__name__ = f"{module}_{name}_triton"
+    return launch
+
+
+def define(
+    ns: str,
+    name: str,
+    schema: str,
+    fake: Callable,
+    triton_impl: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> None:
+    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` and optional autograd."""
+    lib = _library(ns)
+    lib.define(name + schema)
+    qualname = f"{ns}::{name}"
+    torch.library.register_fake(qualname, fake, lib=lib)
+    torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
+    if backward is not None:
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
+
+
+def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
+    """Whether ``ns::name`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)

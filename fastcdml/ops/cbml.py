@@ -1,0 +1,72 @@
+"""Contrastive Bayesian loss op: ``fastcdml::cbml_fwd`` (math: ``shared/spec/losses.md`` §2).
+
+``cbml_fwd(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
+mean_weight, phi_sqrt, top_k, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
+    x (B, D) fp32/bf16/fp16 contiguous, labels (B,) int32/int64; ref (M, D) contiguous (M may be 0) with
+    ref_labels (M,). Reference set = [x̂ if include_self] ++ [r̂]; self pairs are excluded by index.
+    ``top_k = 0``: adaptive hard negatives; ``top_k > 0``: the top_k hardest negatives. ``phi_sqrt``: φ = sqrt
+    instead of log.
+    loss () fp32 = Σ_i L_i / B (0 for B = 0).
+    grad_x (B, D) fp32 when ``grad_x`` else (0, D): ∂loss/∂x through both roles of x (query and, with
+    include_self, reference); grad_ref (M, D) fp32 when ``grad_ref`` else (0, D).
+
+The gradients are computed in the forward (the loss is a fixed Σ/B reduction, so backward is one scaling by
+grad_output). This lets a cross-batch memory passed as ``ref`` be overwritten in place right after the forward
+without keeping a copy for backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._registry import define, namespaces, triton_kernel
+
+FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, bool include_self, float pos_a, float pos_b, " \
+      "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, bool phi_sqrt, " \
+      "int top_k, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
+
+
+def _fwd_fake(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
+              mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
+    f32 = torch.float32
+    return (
+        x.new_empty((), dtype=f32),
+        x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
+        x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, ref = inputs[0], inputs[2]
+    want_x, want_ref = inputs[-2], inputs[-1]
+    ctx.dtypes = (x.dtype, ref.dtype)
+    ctx.computed = (want_x, want_ref)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _g1, _g2):
+    grad_x, grad_ref = ctx.saved_tensors
+    gx = gr = None
+    for i in (0, 2):
+        if ctx.needs_input_grad[i] and not ctx.computed[i // 2]:
+            raise RuntimeError("cbml_fwd ran without the gradient flag for an input that now needs a gradient")
+    if ctx.needs_input_grad[0]:
+        gx = (grad_loss * grad_x).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[2]:
+        gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
+    return (gx, None, gr) + (None,) * 13
+
+
+for _ns in namespaces():
+    define(_ns, "cbml_fwd", FWD, _fwd_fake, triton_kernel("cbml", "cbml_fwd"), _backward, _setup_context)
+
+
+def cbml_loss(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
+              mean_weight, phi, top_k, namespace="fastcdml"):
+    """Scalar fp32 loss through ``namespace``'s ops; differentiable in ``x`` and ``ref``."""
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = getattr(torch.ops, namespace).cbml_fwd(
+        x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(), include_self,
+        pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi == "sqrt", top_k,
+        grad_on and x.requires_grad, grad_on and ref.requires_grad,
+    )
+    return loss

@@ -1,0 +1,88 @@
+"""Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``fastcdml::ccl_bwd_centers``, ``fastcdml::ccl_update_``.
+
+Schemas (every backend implements exactly these; see ``shared/spec/losses.md`` §1 for the math):
+
+``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad) -> (loss_rows, grad_x, lse)``
+    x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C, D) fp32/bf16 contiguous.
+    loss_rows (B,) fp32: L_i (NaN for a label outside [0, C)).
+    grad_x (B, D) fp32 when ``compute_grad`` else (0, D): ∂L_i/∂x_i, row normalisation backward included, so
+    autograd's backward is one scaling by grad_output.  lse (B,) fp32: logsumexp_j z_ij, kept for ∂L/∂W.
+``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight) -> grad_centers``
+    grad_centers (C, D) fp32: Σ_i g_i·((p_ij − [j = y_i])/τ − 2λ[j = y_i])·x̂_i (learnable-proxy mode).
+``ccl_update_(centers!, x, labels, momentum) -> ()``
+    In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
+    rows untouched), deterministic.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._registry import define, namespaces, triton_kernel
+
+FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
+      "bool compute_grad) -> (Tensor, Tensor, Tensor)"
+BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad_rows, float temperature, " \
+              "float margin, float center_weight) -> Tensor"
+UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum) -> ()"
+
+
+def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad):
+    b, d = x.shape
+    f32 = torch.float32
+    return x.new_empty(b, dtype=f32), x.new_empty((b if compute_grad else 0, d), dtype=f32), x.new_empty(b, dtype=f32)
+
+
+def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight):
+    return centers.new_empty(centers.shape, dtype=torch.float32)
+
+
+def _update_fake(centers, x, labels, momentum):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, labels, centers, temperature, margin, center_weight, compute_grad = inputs
+    _, grad_x, lse = output
+    ctx.hyper = (temperature, margin, center_weight)
+    ctx.dtypes = (x.dtype, centers.dtype)
+    ctx.compute_grad = compute_grad
+    # The bank is saved only when it needs a gradient: in momentum mode it is updated in place after the
+    # forward, and the query gradient was computed before that, in the forward itself.
+    ctx.save_for_backward(x, labels, centers if centers.requires_grad else None, lse, grad_x)
+
+
+def _make_backward(ns: str):
+    def backward(ctx, grad_rows, _grad_grad_x, _grad_lse):
+        x, labels, centers, lse, grad_x = ctx.saved_tensors
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            if not ctx.compute_grad:
+                raise RuntimeError("ccl_fwd ran with compute_grad=False but a gradient for x was requested")
+            gx = (grad_rows[:, None] * grad_x).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gw = getattr(torch.ops, ns).ccl_bwd_centers(
+                x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper
+            ).to(ctx.dtypes[1])
+        return gx, None, gw, None, None, None, None
+
+    return backward
+
+
+for _ns in namespaces():
+    define(_ns, "ccl_fwd", FWD, _fwd_fake, triton_kernel("ccl", "ccl_fwd"), _make_backward(_ns), _setup_context)
+    define(_ns, "ccl_bwd_centers", BWD_CENTERS, _bwd_centers_fake, triton_kernel("ccl", "ccl_bwd_centers"))
+    define(_ns, "ccl_update_", UPDATE, _update_fake, triton_kernel("ccl", "ccl_update_"))
+
+
+def ccl_loss_rows(x, labels, centers, temperature, margin, center_weight, namespace="fastcdml"):
+    """Per-row losses (B,) fp32 through ``namespace``'s ops; differentiable in ``x`` and ``centers``."""
+    compute_grad = torch.is_grad_enabled() and x.requires_grad
+    loss_rows, _, _ = getattr(torch.ops, namespace).ccl_fwd(
+        x.contiguous(), labels.contiguous(), centers.contiguous(), temperature, margin, center_weight, compute_grad
+    )
+    return loss_rows
+
+
+def ccl_update_(centers, x, labels, momentum, namespace="fastcdml"):
+    """In-place momentum update of a contiguous bank through ``namespace``'s ops."""
+    getattr(torch.ops, namespace).ccl_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum)

@@ -1,0 +1,108 @@
+"""Contrastive Bayesian Metric Learning loss: the eager PyTorch specification (``shared/spec/losses.md`` §2).
+
+Shapes: queries ``x`` (B, D) with ``labels`` (B,); reference set R = [x̂ if ``include_self``] ++ [r̂ if ``ref``
+is given], with labels ``y_r``. ``S_ij = x̂_i · R_j`` in fp32 (fp64 for fp64 input). For row i::
+
+    P_i = {j : y_r[j] = y_i, j ≠ i (by index, self part only)}     N_i = {j : y_r[j] ≠ y_i}
+    minP_i = min_{P_i} S_ij,  maxN_i = max_{N_i} S_ij               (ties: lowest index)
+    mean_i = (1 − h)·mean_j S_ij + h·(minP_i + maxN_i)/2             (over the whole row, diagonal included)
+    σ_i    = Σ_{N_i} (S_ij − mean_i)²
+    P̃_i = {j ∈ P_i : S_ij − margin < maxN_i}
+    Ñ_i = {j ∈ N_i : S_ij + margin > minP_i}   (adaptive)   or the top_k largest S_ij of N_i (ties: lowest index)
+    pos_i = φ(1 + Σ_{P̃_i} exp(−(S_ij − a_p)/b_p)),   neg_i = φ(1 + Σ_{Ñ_i} exp((S_ij − a_n)/b_n))
+    L_i = pos_i + neg_i + w·σ_i,  and L_i = 0 when P_i, N_i, P̃_i or Ñ_i is empty
+    L   = Σ_i L_i / B        (0 for an empty batch)
+
+φ is ``log`` or ``sqrt``; both are evaluated through ``u = log(1 + Σ exp(t))`` as a log-sum-exp (φ = u or
+exp(u/2)), which cannot overflow for any hyper-parameters. Set membership uses forward values; gradients flow
+through S, including through mean_i and the elements minP/maxN pick.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ccl import compute_dtype, normalize_rows
+
+PHIS = ("log", "sqrt")
+
+
+def _log1p_sum_exp(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log(1 + Σ_{mask} exp(t))`` per row, stable."""
+    t = torch.where(mask, t, torch.full_like(t, float("-inf")))
+    return torch.logsumexp(torch.cat([torch.zeros_like(t[:, :1]), t], dim=1), dim=1)
+
+
+def cbml_loss_rows(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    ref: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    *,
+    include_self: bool = True,
+    pos_a: float = 0.5,
+    pos_b: float = 0.5,
+    neg_a: float = 1.0,
+    neg_b: float = 0.01,
+    margin: float = 0.1,
+    variance_weight: float = 1.0,
+    mean_weight: float = 0.1,
+    phi: str = "log",
+    top_k: int = 0,
+) -> torch.Tensor:
+    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives."""
+    if phi not in PHIS:
+        raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
+    dtype = compute_dtype(x, *([ref] if ref is not None else []))
+    b = x.shape[0]
+    xh = normalize_rows(x, dtype)
+    parts, part_labels = [], []
+    if include_self:
+        parts.append(xh)
+        part_labels.append(labels)
+    if ref is not None:
+        parts.append(normalize_rows(ref, dtype))
+        part_labels.append(ref_labels)
+    if not parts:
+        raise ValueError("the reference set is empty: give ref_emb or set include_self=True")
+    r = torch.cat(parts)
+    y_r = torch.cat([t.long() for t in part_labels])
+    n = r.shape[0]
+    s = xh @ r.t()
+    sd = s.detach()
+
+    same = labels.long()[:, None] == y_r[None, :]
+    self_mask = torch.zeros_like(same)
+    if include_self:
+        self_mask[:, :b] = torch.eye(b, dtype=torch.bool, device=x.device)
+    pos = same & ~self_mask
+    neg = ~same
+
+    inf = torch.tensor(float("inf"), dtype=dtype, device=x.device)
+    arg_min_p = torch.where(pos, sd, inf).argmin(dim=1, keepdim=True)  # first minimum: lowest index
+    arg_max_n = torch.where(neg, sd, -inf).argmax(dim=1, keepdim=True)
+    min_p = s.gather(1, arg_min_p)
+    max_n = s.gather(1, arg_max_n)
+    mean = (1.0 - mean_weight) * s.mean(dim=1, keepdim=True) + mean_weight * (min_p + max_n) / 2
+    sigma = ((s - mean) ** 2 * neg).sum(dim=1)
+
+    hard_pos = pos & (sd - margin < max_n.detach())
+    if top_k > 0:
+        order = torch.where(neg, sd, -inf).sort(dim=1, descending=True, stable=True).indices[:, : min(top_k, n)]
+        hard_neg = torch.zeros_like(neg).scatter(1, order, True) & neg
+    else:
+        hard_neg = neg & (sd + margin > min_p.detach())
+
+    u_pos = _log1p_sum_exp(-(s - pos_a) / pos_b, hard_pos)
+    u_neg = _log1p_sum_exp((s - neg_a) / neg_b, hard_neg)
+    if phi == "sqrt":
+        u_pos, u_neg = torch.exp(u_pos / 2), torch.exp(u_neg / 2)
+    loss = u_pos + u_neg + variance_weight * sigma
+    valid = pos.any(1) & neg.any(1) & hard_pos.any(1) & hard_neg.any(1)
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def cbml_loss(x: torch.Tensor, labels: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``Σ_i L_i / B`` as a 0-d tensor; 0 (still attached to ``x``) for an empty batch."""
+    if x.shape[0] == 0:
+        return x.sum(dtype=compute_dtype(x)) * 0.0
+    return cbml_loss_rows(x, labels, *args, **kwargs).sum() / x.shape[0]
