@@ -1,0 +1,36 @@
+import os
+
+import torch
+
+# The interpreter must be chosen before triton kernels are imported; on a machine without CUDA the Triton
+# kernels run on CPU tensors through it (the fastcdml_interpret op namespace).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastcdml  # noqa: E402
+from fastcdml.ops import _registry  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    torch.manual_seed(0)
+    _registry.POISON = True
+    yield
+    _registry.POISON = False
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,48 @@
+"""Shared test helpers: the tolerance rule, backend lists and input makers."""
+from __future__ import annotations
+
+import torch
+
+from fastcdml._backend import unavailable_reason
+
+# Pass rule (architecture.md): error of the backend <= 2 x error of the reference run in that dtype + a floor.
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a − e| / max(1, max |e|), NaN-aware (a NaN anywhere counts as infinite error)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    diff = (a - e).abs()
+    if torch.isnan(diff).any():
+        return float("inf")
+    return (diff.max() / e.abs().max().clamp_min(1.0)).item()
+
+
+def assert_close(actual, expected64, reference_lowp, dtype, what: str) -> None:
+    """``actual`` vs the float64 reference, allowing twice the error the reference itself makes in ``dtype``."""
+    bound = 2 * rel_err(reference_lowp, expected64) + FLOOR[dtype]
+    err = rel_err(actual, expected64)
+    assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} for {dtype}"
+
+
+def kernel_backends(loss: str, device: torch.device) -> list[str]:
+    """The non-reference backends that can run ``loss`` on ``device`` in this process."""
+    return [b for b in ("triton", "cpp") if unavailable_reason(b, loss, device.type) is None]
+
+
+def unit_rows(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    w = torch.randn(n, d, dtype=torch.float64)
+    return (w / w.norm(dim=1, keepdim=True)).to(dtype=dtype, device=device)
+
+
+def clustered_labels(b: int, lo: int = 3, hi: int = 7) -> torch.Tensor:
+    """Labels with lo..hi samples per class, shuffled (CBML needs positives in the batch)."""
+    labels, k = [], 0
+    while len(labels) < b:
+        labels += [k] * int(torch.randint(lo, hi + 1, ()))
+        k += 1
+    return torch.tensor(labels[:b])[torch.randperm(b)]
