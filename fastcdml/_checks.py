@@ -8,18 +8,23 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _assert(cond: torch.Tensor, message) -> None:
-    """Raise ``ValueError(message())`` if ``cond`` is False; traced as a device assert under torch.compile."""
+def _assert(cond: torch.Tensor, message: str, detail=None) -> None:
+    """Raise ``ValueError(message + detail())`` if ``cond`` is False. Under torch.compile it is traced as an
+    assert (no graph break) that raises with ``message`` alone, as a RuntimeError."""
     if torch.compiler.is_compiling():
-        torch._assert_async(cond, "fastcdml input check failed")
+        torch._assert_async(cond, message)
     elif not bool(cond):
-        raise ValueError(message())
+        raise ValueError(message + (detail() if detail else ""))
+
+
+def tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
 
 
 def embeddings(x, name: str, backend: str, dim: int | None = None, check_values: bool = True) -> None:
     """2-D float tensor (B, D); float64 only for the reference; finite values when ``check_values``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
     allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ())
@@ -28,14 +33,13 @@ def embeddings(x, name: str, backend: str, dim: int | None = None, check_values:
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has dimension {x.shape[1]} but the loss was built with embedding_dim={dim}")
     if check_values and x.numel():
-        _assert(torch.isfinite(x).all(), lambda: f"{name} contains NaN or inf")
+        _assert(torch.isfinite(x).all(), f"{name} contains NaN or inf")
 
 
 def labels(y, name: str, x: torch.Tensor, x_name: str, num_classes: int | None = None,
            check_values: bool = True) -> None:
     """1-D int32/int64 tensor with one label per row of ``x``, on its device, in ``[0, num_classes)``."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    tensor(y, name)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name} must have shape ({x.shape[0]},) to match {x_name}, got {tuple(y.shape)}")
     if y.dtype not in LABEL_DTYPES:
@@ -43,10 +47,8 @@ def labels(y, name: str, x: torch.Tensor, x_name: str, num_classes: int | None =
     if y.device != x.device:
         raise ValueError(f"{name} is on {y.device} but {x_name} is on {x.device}")
     if check_values and num_classes is not None and y.numel():
-        _assert(
-            ((y >= 0) & (y < num_classes)).all(),
-            lambda: f"{name} must lie in [0, {num_classes}); got values from {int(y.min())} to {int(y.max())}",
-        )
+        _assert(((y >= 0) & (y < num_classes)).all(), f"{name} must lie in [0, {num_classes})",
+                lambda: f"; got values from {int(y.min())} to {int(y.max())}")
 
 
 def same_device(t: torch.Tensor, name: str, x: torch.Tensor, x_name: str, hint: str = "") -> None:

@@ -57,7 +57,7 @@ def contrastive_bayesian_loss(
     cross-batch-memory layout). The formula is in :mod:`fastcdml.reference.cbml`.
     """
     _check_hyper(pos_b, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k, backend)
-    impl, namespace = resolve(backend, "cbml", embeddings.device)
+    impl, namespace = resolve(backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
     _checks.embeddings(embeddings, "embeddings", impl, check_values=check_inputs)
     _checks.labels(labels, "labels", embeddings, "embeddings", check_values=check_inputs)
     if include_self is None:
@@ -69,6 +69,7 @@ def contrastive_bayesian_loss(
             raise ValueError("include_self=False needs ref_emb: the reference set would be empty")
         ref_emb, ref_labels = embeddings.new_empty(0, embeddings.shape[1]), labels.new_empty(0)
     else:
+        _checks.tensor(ref_emb, "ref_emb")
         _checks.embeddings(ref_emb, "ref_emb", impl, embeddings.shape[1], check_inputs)
         _checks.same_device(ref_emb, "ref_emb", embeddings, "embeddings")
         _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs)
@@ -128,8 +129,8 @@ class ContrastiveBayesianLoss(nn.Module):
         self.memory_ptr = 0  # next slot to write; saved through get_extra_state
         self.memory_filled = 0
         if memory_size:
-            self.register_buffer("memory_emb", torch.empty(memory_size, embedding_dim or 0))
-            self.register_buffer("memory_labels", torch.empty(memory_size, dtype=torch.int64))
+            self.register_buffer("memory_emb", torch.zeros(memory_size, embedding_dim or 0))
+            self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64))
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         kwargs = dict(self.hyper, backend=self.backend, check_inputs=self.check_inputs)
@@ -141,22 +142,30 @@ class ContrastiveBayesianLoss(nn.Module):
             if self.memory_filled:
                 raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the memory holds "
                                  f"{self.memory_emb.shape[1]}-dimensional entries")
-            self.memory_emb = self.memory_emb.new_empty(self.memory_size, embeddings.shape[1])
+            self.memory_emb = self.memory_emb.new_zeros(self.memory_size, embeddings.shape[1])
         n = self.memory_filled
         loss = contrastive_bayesian_loss(embeddings, labels, self.memory_emb[:n], self.memory_labels[:n],
                                          include_self=True, **kwargs)
         if self.training:
-            self._enqueue(embeddings.detach(), labels)
+            # The fused op computed its gradients in the forward, so the memory can be overwritten in place. The
+            # reference's autograd graph still refers to the memory: give it a new tensor instead (an in-place
+            # write would also be mis-ordered by torch.compile's partitioner).
+            in_place = resolve(self.backend, "cbml", embeddings.device)[0] != "reference"
+            self._enqueue(embeddings.detach(), labels, in_place)
         return loss
 
     @torch.no_grad()
-    def _enqueue(self, embeddings, labels):
+    def _enqueue(self, embeddings, labels, in_place: bool):
         b = min(embeddings.shape[0], self.memory_size)
         if b == 0:
             return
         slots = (torch.arange(b, device=embeddings.device) + self.memory_ptr) % self.memory_size
-        self.memory_emb.index_copy_(0, slots, normalize_rows(embeddings[-b:]).to(self.memory_emb.dtype))
-        self.memory_labels.index_copy_(0, slots, labels[-b:].to(torch.int64))
+        rows = normalize_rows(embeddings[-b:]).to(self.memory_emb.dtype)
+        for name, new in (("memory_emb", rows), ("memory_labels", labels[-b:].to(torch.int64))):
+            if in_place:
+                getattr(self, name).index_copy_(0, slots, new)
+            else:
+                setattr(self, name, getattr(self, name).index_copy(0, slots, new))
         self.memory_ptr = (self.memory_ptr + b) % self.memory_size
         self.memory_filled = min(self.memory_filled + b, self.memory_size)
 

@@ -62,7 +62,7 @@ def center_contrastive_loss(
     (``none``). An empty batch gives 0 (``mean`` and ``sum``) or an empty vector.
     """
     _check_hyper(temperature, margin, center_weight, reduction, backend)
-    impl, namespace = resolve(backend, "ccl", embeddings.device)
+    impl, namespace = resolve(backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
     _check_inputs(embeddings, labels, centers, impl, check_inputs)
     if embeddings.shape[0] == 0:
         return _empty(embeddings, centers, reduction)
@@ -83,20 +83,16 @@ def center_momentum_update_(
     """
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    impl, namespace = resolve(backend, "ccl", embeddings.device)
+    impl, namespace = resolve(backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
     _check_inputs(embeddings, labels, centers, impl, check_inputs)
     if not centers.is_contiguous():
         raise ValueError("centers must be contiguous to be updated in place")
-    if embeddings.shape[0]:
-        _update(centers, embeddings, labels, momentum, impl, namespace)
-    return centers
-
-
-def _update(centers, embeddings, labels, momentum, impl, namespace):
+    if embeddings.shape[0] == 0:
+        return centers
     if impl == "reference":
-        reference.ccl_momentum_update_(centers, embeddings.detach(), labels, momentum)
-    else:
-        ops.ccl_update_(centers, embeddings, labels, momentum, namespace)
+        return reference.ccl_momentum_update_(centers, embeddings.detach(), labels, momentum)
+    ops.ccl_update_(centers, embeddings, labels, momentum, namespace)
+    return centers
 
 
 class CenterContrastiveLoss(nn.Module):
@@ -159,21 +155,22 @@ class CenterContrastiveLoss(nn.Module):
             self.register_buffer("centers", bank)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        impl, namespace = resolve(self.backend, "ccl", embeddings.device)
+        impl, namespace = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
         _check_inputs(embeddings, labels, self.centers, impl, self.check_inputs, self.embedding_dim)
         if embeddings.shape[0] == 0:
             return _empty(embeddings, self.centers, self.reduction)
-        momentum_step = self.training and self.update == "momentum"
+        centers = self.centers
         if self.update == "gradient":
-            centers = self.centers / self.centers.float().norm(dim=1, keepdim=True).clamp_min(reference.EPS)
-        elif impl == "reference" and momentum_step:
-            centers = self.centers.clone()  # autograd keeps it for backward; the update below rewrites the bank
-        else:
-            centers = self.centers
+            centers = centers / centers.float().norm(dim=1, keepdim=True).clamp_min(reference.EPS)
         rows = _loss_rows(embeddings, labels, centers, self.temperature, self.margin, self.center_weight, impl,
                           namespace)
-        if momentum_step:
-            _update(self.centers, embeddings, labels, self.momentum, impl, namespace)
+        if self.training and self.update == "momentum":
+            if impl == "reference":
+                # Autograd saved the old bank for the query gradient: replace the buffer instead of writing into
+                # it (an in-place write would also be mis-ordered by torch.compile's partitioner).
+                self.centers = reference.ccl_momentum_update(centers, embeddings.detach(), labels, self.momentum)
+            else:  # the fused op computed the query gradient already; update the bank in place
+                ops.ccl_update_(self.centers, embeddings, labels, self.momentum, namespace)
         return _checks.reduce(rows, self.reduction)
 
     def extra_repr(self) -> str:

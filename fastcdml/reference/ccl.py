@@ -59,14 +59,16 @@ def ccl_loss_rows(
 
 
 @torch.no_grad()
-def ccl_momentum_update_(
+def ccl_momentum_update(
     centers: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, momentum: float = 0.9
 ) -> torch.Tensor:
-    """In place: ``W_k ← normalize(μ·W_k + (1 − μ)·mean_{i: y_i = k} x̂_i)`` for each class k in the batch.
+    """The bank after one momentum step, out of place (same dtype as ``centers``)::
+
+        W_k ← normalize(μ·W_k + (1 − μ)·mean_{i: y_i = k} x̂_i)   for each class k in the batch
 
     Absent classes, rows with a label outside ``[0, C)`` and classes whose new row would not be finite are left
     untouched, so a bad batch can never corrupt the bank. The class sums run in fp32 (fp64 for fp64 input);
-    permuting the batch rows changes the result only by float rounding of the class sums. Returns ``centers``.
+    permuting the batch rows changes the result only by float rounding of the class sums.
     """
     num_classes = centers.shape[0]
     dtype = compute_dtype(x, centers)
@@ -79,5 +81,11 @@ def ccl_momentum_update_(
     mixed = momentum * centers.to(dtype) + (1.0 - momentum) * sums / counts.clamp_min(1.0)[:, None]
     new = mixed / mixed.norm(dim=1, keepdim=True).clamp_min(EPS)
     keep = (counts > 0) & torch.isfinite(new).all(dim=1)
-    centers.copy_(torch.where(keep[:, None], new, centers.to(dtype)))
-    return centers
+    return torch.where(keep[:, None], new, centers.to(dtype)).to(centers.dtype)
+
+
+def ccl_momentum_update_(
+    centers: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, momentum: float = 0.9
+) -> torch.Tensor:
+    """In-place form of :func:`ccl_momentum_update`; returns ``centers``."""
+    return centers.copy_(ccl_momentum_update(centers, x, labels, momentum))

@@ -1,0 +1,67 @@
+"""Independent, deliberately naive per-row implementations of shared/spec/losses.md (float64, Python loops).
+
+Written from the spec text without looking at fastcdml.reference, so that the two can disagree."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / max(float(v.norm()), 1e-12)
+
+
+def ccl_rows(x, labels, centers, tau, m, lam):
+    out = []
+    for i in range(x.shape[0]):
+        xh = _unit(x[i].double())
+        y = int(labels[i])
+        z = [(float(xh @ centers[j].double()) - (m if j == y else 0.0)) / tau for j in range(centers.shape[0])]
+        top = max(z)
+        lse = top + math.log(sum(math.exp(v - top) for v in z))
+        s_y = float(xh @ centers[y].double())
+        out.append(lse - z[y] - 2 * lam * s_y)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ccl_update(centers, x, labels, mu):
+    w = centers.double().clone()
+    for k in sorted(set(int(v) for v in labels)):
+        rows = [_unit(x[i].double()) for i in range(x.shape[0]) if int(labels[i]) == k]
+        mean = sum(rows) / len(rows)
+        w[k] = _unit(mu * w[k] + (1 - mu) * mean)
+    return w
+
+
+def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, margin, w, h, phi, top_k):
+    """Per-row L_i as python floats (top_k = 0: adaptive)."""
+    refs = ([(_unit(x[j].double()), int(labels[j]), j) for j in range(x.shape[0])] if include_self else [])
+    if ref is not None:
+        refs += [(_unit(ref[j].double()), int(ref_labels[j]), None) for j in range(ref.shape[0])]
+    f = math.log if phi == "log" else math.sqrt
+    out = []
+    for i in range(x.shape[0]):
+        xh, y = _unit(x[i].double()), int(labels[i])
+        row = [float(xh @ r) for r, _, _ in refs]
+        pos = [j for j, (_, ly, idx) in enumerate(refs) if ly == y and idx != i]
+        neg = [j for j, (_, ly, _) in enumerate(refs) if ly != y]
+        if not pos or not neg:
+            out.append(0.0)
+            continue
+        min_p = min(row[j] for j in pos)
+        max_n = max(row[j] for j in neg)
+        mean = (1 - h) * sum(row) / len(row) + h * (min_p + max_n) / 2
+        sigma = sum((row[j] - mean) ** 2 for j in neg)
+        hp = [j for j in pos if row[j] - margin < max_n]
+        if top_k:
+            hn = sorted(neg, key=lambda j: (-row[j], j))[:top_k]
+        else:
+            hn = [j for j in neg if row[j] + margin > min_p]
+        if not hp or not hn:
+            out.append(0.0)
+            continue
+        pos_t = f(1 + sum(math.exp(-(row[j] - a_p) / b_p) for j in hp))
+        neg_t = f(1 + sum(math.exp((row[j] - a_n) / b_n) for j in hn))
+        out.append(pos_t + neg_t + w * sigma)
+    return torch.tensor(out, dtype=torch.float64)

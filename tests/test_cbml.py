@@ -1,0 +1,186 @@
+"""Contrastive Bayesian loss: reference vs the naive spec, every backend vs the float64 reference, the
+cross-batch memory and input validation."""
+import pytest
+import torch
+
+import fastcdml
+from fastcdml.functional import contrastive_bayesian_loss
+from fastcdml.reference import cbml_loss, cbml_loss_rows
+
+from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends
+from .naive import cbml_rows
+
+DEFAULTS = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.1)
+# The paper's b_n = 0.01 makes the negative term vanish for random embeddings; these settings exercise every term.
+LIVELY = dict(pos_a=0.3, pos_b=0.4, neg_a=0.2, neg_b=0.3, margin=0.6, variance_weight=0.5, mean_weight=0.3)
+MODES = ["self", "memory", "explicit"]
+
+
+def make(b, m, d, mode, dtype=torch.float64, device="cpu"):
+    x = torch.randn(b, d, dtype=torch.float64).to(dtype=dtype, device=device)
+    labels = clustered_labels(b).to(device)
+    if mode == "self":
+        return x, labels, None, None
+    ref = torch.randn(m, d, dtype=torch.float64).to(dtype=dtype, device=device)
+    return x, labels, ref, torch.randint(0, int(labels.max()) + 2, (m,), device=device)
+
+
+def naive(x, y, ref, ref_y, mode, hyper, phi, top_k):
+    h = hyper
+    return cbml_rows(x, y, ref, ref_y, mode != "explicit", h["pos_a"], h["pos_b"], h["neg_a"], h["neg_b"],
+                     h["margin"], h["variance_weight"], h["mean_weight"], phi, top_k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("phi", ["log", "sqrt"])
+@pytest.mark.parametrize("top_k", [0, 3, 1000])
+@pytest.mark.parametrize("hyper", [DEFAULTS, LIVELY], ids=["paper", "lively"])
+def test_reference_matches_naive_spec(mode, phi, top_k, hyper):
+    x, y, ref, ref_y = make(17, 23, 9, mode)
+    rows = cbml_loss_rows(x, y, ref, ref_y, include_self=mode != "explicit", phi=phi, top_k=top_k, **hyper)
+    torch.testing.assert_close(rows, naive(x, y, ref, ref_y, mode, hyper, phi, top_k))
+
+
+def test_reference_skips_rows_without_positives_or_negatives():
+    x = torch.randn(5, 4, dtype=torch.float64)
+    same_class = cbml_loss_rows(x, torch.zeros(5, dtype=torch.long), **LIVELY)  # no negatives anywhere
+    assert torch.equal(same_class, torch.zeros(5, dtype=torch.float64))
+    rows = cbml_loss_rows(x, torch.tensor([0, 0, 1, 1, 2]), **LIVELY)  # row 4 has no positive
+    assert rows[4] == 0 and (rows[:4] != 0).all()
+    torch.testing.assert_close(cbml_loss(x, torch.tensor([0, 0, 1, 1, 2]), **LIVELY), rows.sum() / 5)
+
+
+def test_reference_ties_pick_lowest_index():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x = torch.cat([x, x, x])  # every similarity appears three times
+    y = torch.tensor([0, 1, 2] * 3)
+    rows = cbml_loss_rows(x, y, top_k=2, **LIVELY)
+    torch.testing.assert_close(rows, naive(x, y, None, None, "self", LIVELY, "log", 2))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_reference_gradcheck(mode, top_k):
+    x, y, ref, ref_y = make(9, 7, 5, mode)
+    x.requires_grad_()
+    inputs = (x,) if ref is None else (x, ref.requires_grad_())
+
+    def f(*t):
+        return cbml_loss(t[0], y, t[1] if len(t) > 1 else None, ref_y, include_self=mode != "explicit",
+                         top_k=top_k, phi="sqrt", **LIVELY)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+# --- every backend against the float64 reference -------------------------------------------------------------------
+
+BACKENDS = kernel_backends("cbml", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend for CBML in this process")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("negatives", ["adaptive", "topk"])
+def test_backend_matches_reference(backend, dtype, mode, negatives, device):
+    x, y, ref, ref_y = make(21, 40, 24, mode, dtype, device)
+    x.requires_grad_()
+    inputs = [x] if ref is None else [x, ref.requires_grad_()]
+    kwargs = dict(include_self=mode != "explicit", negatives=negatives, top_k=5, **LIVELY)
+    out = contrastive_bayesian_loss(x, y, ref, ref_y, backend=backend, **kwargs)
+    grads = torch.autograd.grad(out, inputs)
+
+    def reference_in(dt):
+        t = [v.detach().to(dt).requires_grad_() for v in inputs]
+        loss = contrastive_bayesian_loss(t[0], y, t[1] if ref is not None else None, ref_y, backend="reference",
+                                         **kwargs)
+        return loss, torch.autograd.grad(loss, t)
+
+    (l64, g64), (llo, glo) = reference_in(torch.float64), reference_in(dtype)
+    assert out.dtype == torch.float32
+    assert_close(out, l64, llo, dtype, f"{backend} {mode} loss")
+    for got, e64, elo, name in zip(grads, g64, glo, ("x", "ref")):
+        assert got.dtype == dtype
+        assert_close(got, e64, elo, dtype, f"{backend} {mode} grad {name}")
+
+
+# --- module: cross-batch memory ------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["auto", "reference"])
+def module_backend(request):
+    return request.param
+
+
+def test_memory_fifo_semantics(module_backend):
+    loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=10, backend=module_backend, **LIVELY)
+    batches = [(torch.randn(6, 8), clustered_labels(6, 2, 3)) for _ in range(3)]
+    seen_x, seen_y = [], []
+    for x, y in batches:
+        expected = contrastive_bayesian_loss(
+            x, y, torch.cat(seen_x)[-10:] if seen_x else None, torch.cat(seen_y)[-10:] if seen_y else None,
+            include_self=True, backend="reference", **LIVELY)
+        xr = x.clone().requires_grad_()
+        loss = loss_fn(xr, y)
+        loss.backward()  # the memory is overwritten after the forward; backward must still be right
+        torch.testing.assert_close(loss, expected.float(), atol=1e-5, rtol=1e-5)
+        seen_x.append(torch.nn.functional.normalize(x, dim=1))
+        seen_y.append(y)
+    assert loss_fn.memory_filled == 10 and loss_fn.memory_ptr == 18 % 10
+    stored = {tuple(r.tolist()) for r in loss_fn.memory_emb}
+    assert stored == {tuple(r.tolist()) for r in torch.cat(seen_x)[-10:]}
+
+
+def test_memory_not_filled_in_eval_and_state_round_trip():
+    loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=8)
+    x, y = torch.randn(5, 4), torch.tensor([0, 0, 1, 1, 2])
+    loss_fn.eval()(x, y)
+    assert loss_fn.memory_filled == 0
+    loss_fn.train()(x, y)
+    restored = fastcdml.ContrastiveBayesianLoss(memory_size=8)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert restored.memory_filled == 5 and restored.memory_ptr == 5
+    assert torch.equal(restored.memory_emb, loss_fn.memory_emb)
+    torch.testing.assert_close(restored(x, y), loss_fn(x, y))
+    restored.reset_memory()
+    assert restored.memory_filled == 0
+
+
+def test_empty_batch_and_single_class():
+    loss_fn = fastcdml.ContrastiveBayesianLoss()
+    empty = loss_fn(torch.zeros(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    assert empty.item() == 0.0 and empty.requires_grad
+    assert loss_fn(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)).item() == 0.0
+
+
+BAD = [
+    (dict(embeddings=torch.randn(4)), ValueError, "embeddings must be 2-D"),
+    (dict(labels=torch.zeros(3, dtype=torch.long)), ValueError, r"labels must have shape \(4,\)"),
+    (dict(labels=torch.zeros(4)), TypeError, "labels must be int64 or int32"),
+    (dict(embeddings=torch.full((4, 3), float("nan"))), ValueError, "embeddings contains NaN"),
+    (dict(ref_emb=torch.randn(5, 2), ref_labels=torch.zeros(5, dtype=torch.long)), ValueError,
+     "ref_emb has dimension 2"),
+    (dict(ref_emb=torch.randn(5, 3)), ValueError, "ref_emb and ref_labels must be given together"),
+    (dict(ref_emb=torch.randn(5, 3), ref_labels=torch.zeros(4, dtype=torch.long)), ValueError,
+     r"ref_labels must have shape \(5,\)"),
+]
+
+
+@pytest.mark.parametrize("override,err,match", BAD)
+def test_bad_inputs(override, err, match):
+    args = dict(embeddings=torch.randn(4, 3), labels=torch.tensor([0, 0, 1, 1]))
+    args.update(override)
+    with pytest.raises(err, match=match):
+        contrastive_bayesian_loss(**args)
+
+
+def test_bad_hyper_parameters_and_memory_misuse():
+    for kwargs, match in [(dict(phi="exp"), "phi must be one of"), (dict(negatives="hard"), "negatives must be"),
+                          (dict(negatives="topk", top_k=0), "top_k must be >= 1"), (dict(neg_b=0), "neg_b must be"),
+                          (dict(mean_weight=2.0), "mean_weight"), (dict(memory_size=-1), "memory_size")]:
+        with pytest.raises(ValueError, match=match):
+            fastcdml.ContrastiveBayesianLoss(**kwargs)
+    loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=4)
+    with pytest.raises(ValueError, match="ref_emb cannot be combined"):
+        loss_fn(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="include_self=False needs ref_emb"):
+        contrastive_bayesian_loss(torch.randn(2, 3), torch.tensor([0, 1]), include_self=False)
