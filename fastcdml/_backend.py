@@ -41,6 +41,8 @@ def _triton_reason(loss: str, device_type: str) -> str | None:
         return "Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 to interpret them on the CPU)"
     if device_type not in ("cuda", "cpu"):
         return f"Triton kernels do not run on {device_type} tensors"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     return None
 
 
