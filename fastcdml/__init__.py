@@ -3,14 +3,16 @@
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has.
 """
-from . import functional, ops, reference
+from . import distributed, functional, ops, reference
 from ._backend import BackendUnavailable, available as backends
-from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss
+from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
 
 __version__ = "0.1.0"
 __all__ = [
     "CenterContrastiveLoss",
     "ContrastiveBayesianLoss",
+    "ShardedCenterContrastiveLoss",
+    "distributed",
     "BackendUnavailable",
     "backends",
     "functional",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, distributed as _distributed
 from .._backend import BACKENDS, resolve
 from ..ops import ccl as ops
 from ..reference import ccl as reference
@@ -115,6 +115,12 @@ class CenterContrastiveLoss(nn.Module):
     (the value checks synchronise with the device); with ``False`` an out-of-range label gives a NaN loss row and
     is ignored by the update, and non-finite embeddings give NaN without touching the bank rows they would spoil.
     The defaults τ=0.05, m=0.1, λ=1, μ=0.9 are provisional (see the README's training notes).
+
+    ``distributed="auto"`` (default): when torch.distributed is initialised with world size > 1, each momentum
+    step all-gathers the batch of every rank of ``process_group`` (sizes may differ) and updates the bank with the
+    global batch in rank order, so all ranks keep the bank of a single process trained on the concatenated
+    batches; the loss stays the rank's own. All ranks must then call the loss together; a bad input on one rank
+    raises the same error on every rank. ``True`` forces this (even at world size 1), ``False`` turns it off.
     """
 
     def __init__(
@@ -132,18 +138,22 @@ class CenterContrastiveLoss(nn.Module):
         centers: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        distributed: bool | str = "auto",
+        process_group=None,
     ):
         super().__init__()
         if num_classes < 1 or embedding_dim < 1:
             raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
         _check_hyper(temperature, margin, center_weight, reduction, backend)
         _checks.choice(update, "update", UPDATES)
+        _checks.choice(distributed, "distributed", ("auto", True, False))
         _checks.choice(dtype, "dtype", BANK_DTYPES)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.temperature, self.margin, self.center_weight, self.momentum = temperature, margin, center_weight, momentum
         self.update, self.reduction, self.backend, self.check_inputs = update, reduction, backend, check_inputs
+        self.distributed, self.process_group = distributed, process_group
         if centers is None:
             centers = torch.randn(num_classes, embedding_dim, generator=generator)
         elif tuple(centers.shape) != (num_classes, embedding_dim):
@@ -155,23 +165,42 @@ class CenterContrastiveLoss(nn.Module):
             self.register_buffer("centers", bank)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        impl, namespace = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-        _check_inputs(embeddings, labels, self.centers, impl, self.check_inputs, self.embedding_dim)
+        momentum_step = self.training and self.update == "momentum"
+
+        def check():
+            impl, _ = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
+            _check_inputs(embeddings, labels, self.centers, impl, self.check_inputs, self.embedding_dim)
+
+        if momentum_step and _distributed.enabled(self.distributed, self.process_group):
+            # the global batch in rank order; a bad input on any rank raises the same error on every rank
+            batch = _distributed.gather_batch(embeddings, labels, check, self.process_group)[:2]
+        else:
+            check()
+            batch = (embeddings, labels)
+        impl, namespace = resolve(self.backend, "ccl", embeddings.device)
         if embeddings.shape[0] == 0:
+            if momentum_step:
+                self._momentum_update(self.centers, *batch, impl, namespace)
             return _empty(embeddings, self.centers, self.reduction)
         centers = self.centers
         if self.update == "gradient":
             centers = centers / centers.float().norm(dim=1, keepdim=True).clamp_min(reference.EPS)
         rows = _loss_rows(embeddings, labels, centers, self.temperature, self.margin, self.center_weight, impl,
                           namespace)
-        if self.training and self.update == "momentum":
-            if impl == "reference":
-                # Autograd saved the old bank for the query gradient: replace the buffer instead of writing into
-                # it (an in-place write would also be mis-ordered by torch.compile's partitioner).
-                self.centers = reference.ccl_momentum_update(centers, embeddings.detach(), labels, self.momentum)
-            else:  # the fused op computed the query gradient already; update the bank in place
-                ops.ccl_update_(self.centers, embeddings, labels, self.momentum, namespace)
+        if momentum_step:
+            self._momentum_update(centers, *batch, impl, namespace)
         return _checks.reduce(rows, self.reduction)
+
+    def _momentum_update(self, centers, embeddings, labels, impl, namespace):
+        """Move the bank toward the class means of ``embeddings``; ``centers`` is the bank the loss read."""
+        if embeddings.shape[0] == 0:
+            return
+        if impl == "reference":
+            # Autograd saved the old bank for the query gradient: replace the buffer instead of writing into
+            # it (an in-place write would also be mis-ordered by torch.compile's partitioner).
+            self.centers = reference.ccl_momentum_update(centers, embeddings.detach(), labels, self.momentum)
+        else:  # the fused op computed the query gradient already; update the bank in place
+            ops.ccl_update_(self.centers, embeddings, labels, self.momentum, namespace)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, temperature={self.temperature}, "

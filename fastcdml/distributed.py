@@ -1,0 +1,160 @@
+"""Multi-process training on ``torch.distributed`` (NCCL on GPUs, gloo on CPUs): the collectives the losses use.
+
+Two modes (the README shows how to launch each with ``torchrun``):
+
+* **Data parallel** (``CenterContrastiveLoss(distributed="auto")``): every rank keeps the whole bank. Each
+  training step all-gathers the batch (embeddings in their own dtype, labels; batch sizes may differ per rank)
+  and applies the momentum update to the *global* batch in rank order, so every rank's bank stays bit-identical
+  to the single-process bank trained on the concatenated batches. The loss is the rank's own (local rows,
+  local reduction) as usual under DDP. Gathering the B_global×D batch is cheaper than all-reducing per-class
+  sums (C×D) as soon as C > B_global.
+* **Class sharded** (:class:`fastcdml.losses.sharded_ccl.ShardedCenterContrastiveLoss`): rank r holds only a
+  contiguous slice of the classes (:func:`shard_range`).
+
+Every collective entry point first runs the caller's input checks on every rank and exchanges a small
+status table: a bad input on one rank raises the same error on every rank (naming the rank) instead of
+leaving the others blocked in a collective.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def enabled(distributed: bool | str, group=None) -> bool:
+    """Whether a loss built with ``distributed=`` should synchronise: ``"auto"`` → torch.distributed is
+    initialised with world size > 1; ``True`` → always (it must be initialised; world size 1 is allowed);
+    ``False`` → never."""
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if distributed is False:
+        return False
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is True and not initialised:
+        raise RuntimeError("distributed=True needs torch.distributed.init_process_group() to have been called")
+    if distributed == "auto":
+        return initialised and dist.get_world_size(group) > 1
+    return True
+
+
+def comm_device(group=None) -> torch.device:
+    """The device collectives of ``group`` run on: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _basic_check(embeddings, labels) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be a 2-D tensor, got {getattr(embeddings, 'shape', type(embeddings))}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (embeddings.shape[0],):
+        raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {getattr(labels, 'shape', labels)}")
+
+
+def preflight(check: Callable[[], None], embeddings, group=None) -> list[int]:
+    """Run ``check()`` on every rank, then agree: returns the batch size of every rank, or raises on every rank.
+
+    One all-gather of ``[failed, B, D, dtype]`` per rank; only when some rank failed, a second
+    ``all_gather_object`` ships its exception type and message, and every rank raises ``type(f"rank r: msg")``
+    for the lowest failing rank r. Embedding sizes or dtypes that differ across ranks raise ``ValueError``.
+    """
+    error = None
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+        error = err
+    ok_shape = error is None and isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+    info = [int(error is not None), embeddings.shape[0] if ok_shape else -1, embeddings.shape[1] if ok_shape else -1,
+            _DTYPES.index(embeddings.dtype) if ok_shape and embeddings.dtype in _DTYPES else -1]
+    world = dist.get_world_size(group)
+    mine = torch.tensor(info, dtype=torch.int64, device=comm_device(group))
+    table = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(table, mine, group=group)
+    table = torch.stack(table).cpu().tolist()
+    failed = [r for r, row in enumerate(table) if row[0]]
+    if failed:
+        errors = [None] * world
+        dist.all_gather_object(errors, None if error is None else (type(error), str(error)), group=group)
+        cls, message = errors[failed[0]]
+        text = f"rank {failed[0]} of {world}: {message} (raised on every rank)"
+        try:
+            raised = cls(text)
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            raised = RuntimeError(f"{cls.__name__}: {text}")
+        raise raised from error
+    if len({row[2] for row in table}) > 1 or len({row[3] for row in table}) > 1:
+        shapes = ", ".join(f"rank {r}: D={row[2]} {_DTYPES[row[3]]}" for r, row in enumerate(table))
+        raise ValueError(f"embeddings must have the same size and dtype on every rank; got {shapes}")
+    return [row[1] for row in table]
+
+
+def gather_rows(t: torch.Tensor, sizes: Sequence[int], dst: int | None = None, group=None) -> torch.Tensor | None:
+    """Concatenate ``t`` (sizes[rank], ...) of every rank in rank order, detached, on every rank (``dst=None``,
+    all-gather) or only on group rank ``dst`` (gather; the others get None). Rows are padded to the largest
+    size for the collective; 2-byte floats travel as int16 bits (gloo has no bfloat16)."""
+    wire = t.detach().to(comm_device(group))
+    if wire.dtype in (torch.bfloat16, torch.float16):
+        wire = wire.view(torch.int16)
+    padded = wire.new_zeros((max(sizes),) + tuple(wire.shape[1:]))
+    padded[: wire.shape[0]] = wire
+    receive = dst is None or dist.get_rank(group) == dst
+    parts = [torch.empty_like(padded) for _ in sizes] if receive else None
+    if dst is None:
+        dist.all_gather(parts, padded, group=group)
+    else:
+        dist.gather(padded, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
+    if not receive:
+        return None
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).view(t.dtype).to(t.device)
+
+
+def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, check: Callable[[], None] | None = None,
+                 group=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The global batch: ``(embeddings (B_global, D) in their dtype, labels (B_global,) int64, sizes)``, rows in
+    rank order, detached; ``sizes[r]`` is rank r's batch size (rank r's rows start at ``sum(sizes[:r])``).
+
+    ``check`` (default: shapes only) runs first on every rank through :func:`preflight`, so an invalid batch on
+    any rank raises the same error everywhere and nothing is gathered."""
+    sizes = preflight(check or (lambda: _basic_check(embeddings, labels)), embeddings, group)
+    if sum(sizes) == 0:
+        return embeddings.detach(), labels.long(), sizes
+    return gather_rows(embeddings, sizes, group=group), gather_rows(labels.long(), sizes, group=group), sizes
+
+
+def gather_references(embeddings: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The other ranks' embeddings and labels, detached: a reference set of cross-rank negatives for CBML::
+
+        ref, ref_labels = gather_references(x, y)
+        loss = contrastive_bayesian_loss(x, y, ref, ref_labels, include_self=True)
+
+    The reference set of rank r is then its own batch (self pairs excluded, gradient flows) followed by every
+    other rank's batch (no gradient), so each row's loss value equals that row's loss in a single process on the
+    concatenated batch (up to summation order). Gradient semantics, as in pytorch-metric-learning's
+    ``DistributedLossWrapper(efficient=True)``: rank r differentiates only its own rows' losses, and other
+    ranks' embeddings are constants, so the pair terms where a rank-r embedding is the *reference* of another
+    rank's anchor give it no gradient. After DDP averages the gradients this is not the gradient of the global
+    loss (it misses those cross-rank reference terms) but it costs one detached all-gather and no extra memory
+    for the other ranks' graphs. Returns ``((B_global − B_r, D), (B_global − B_r,) int64)``.
+    """
+    emb, lab, sizes = gather_batch(embeddings, labels, group=group)
+    start = sum(sizes[: dist.get_rank(group)])
+    keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
+    keep[start: start + embeddings.shape[0]] = False
+    return emb[keep], lab[keep]
+
+
+def shard_range(num_classes: int, world_size: int, rank: int, sizes: Sequence[int] | None = None) -> tuple[int, int]:
+    """``[start, stop)``: the contiguous class slice rank ``rank`` owns. By default the first
+    ``num_classes % world_size`` ranks own one class more than the others; ``sizes`` (one count ≥ 0 per rank,
+    summing to ``num_classes``) chooses uneven slices."""
+    if sizes is None:
+        base, extra = divmod(num_classes, world_size)
+        sizes = [base + (r < extra) for r in range(world_size)]
+    if len(sizes) != world_size or sum(sizes) != num_classes or min(sizes) < 0:
+        raise ValueError(f"shard sizes {list(sizes)} must be {world_size} counts >= 0 summing to {num_classes}")
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]

@@ -1,0 +1,354 @@
+"""torch.distributed modes on CPU with gloo: the data-parallel bank, cross-rank CBML references and the
+class-sharded CCL, each against the single-process computation on the concatenated batch.
+
+Every rank of a scenario builds the same data from one seed, takes its part, runs the distributed code and checks
+it against the single-process reference, which it also computes. The ranks live in one spawned pool per world
+size (started once: importing torch costs seconds per process); every wait has a timeout, so a hang fails.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcdml
+from fastcdml.distributed import enabled, gather_references, shard_range
+from fastcdml.functional import contrastive_bayesian_loss
+from fastcdml.losses.sharded_ccl import merge_shards
+from fastcdml.reference import cbml_loss_rows
+
+from .helpers import FLOOR, rel_err
+
+SCENARIO_TIMEOUT_S = 60  # per scenario, on top of STARTUP_TIMEOUT_S for the first one of a pool
+STARTUP_TIMEOUT_S = 180  # spawning and importing torch in every rank, on a busy machine
+C, D = 13, 8  # 13 classes: uneven slices over 2 and 3 ranks
+DTYPE_BACKENDS = [(torch.float64, "reference"), (torch.float32, "auto")]  # float64 only in the reference
+
+
+# --- the pool of ranks -----------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, backend, port, tasks, results):
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+    while True:  # until the test process kills it
+        name, args = tasks.get()
+        try:
+            torch.manual_seed(0)
+            globals()[name](rank, world, *args)
+            results.put((rank, None))
+        except BaseException:  # noqa: BLE001 - reported to the test process
+            results.put((rank, traceback.format_exc()))
+
+
+class _Pool:
+    def __init__(self, world: int, backend: str):
+        ctx = mp.get_context("spawn")
+        self.world, self.results, self.started = world, ctx.Queue(), False
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        port = _free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, world, backend, port, self.tasks[r], self.results),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, name: str, *args) -> None:
+        for q in self.tasks:
+            q.put((name, args))
+        errors, timeout = {}, SCENARIO_TIMEOUT_S + (0 if self.started else STARTUP_TIMEOUT_S)
+        self.started = True
+        for _ in range(self.world):
+            try:
+                rank, error = self.results.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"{name} on {self.world} ranks did not finish in {timeout} s") from None
+            if error:
+                errors[rank] = error
+        if errors:
+            raise AssertionError("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items())))
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()  # a clean exit is no part of the test; on a busy machine it takes seconds
+        for p in self.procs:
+            p.join()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """``ranks(world, scenario, *args, backend="gloo")`` runs ``scenario`` on every rank; a failed pool is
+    replaced."""
+    pools: dict[tuple[int, str], _Pool] = {}
+
+    def run(world, name, *args, backend="gloo"):
+        key = (world, backend)
+        pool = pools.get(key) or pools.setdefault(key, _Pool(world, backend))
+        try:
+            pool.run(name, *args)
+        except BaseException:
+            pools.pop(key).close()  # the ranks may be out of step: start afresh
+            raise
+
+    yield run
+    for pool in pools.values():
+        pool.close()
+
+
+# --- data shared by the ranks ----------------------------------------------------------------------------------
+
+def _sizes(world, step):
+    """Uneven per-rank batch sizes; some ranks get none at some steps."""
+    return [(3 + 2 * r + step) % 6 for r in range(world)]
+
+
+def _batch(world, step, dtype, label_hi=C):
+    """Embeddings near their class centers (the target logit matters), unnormalised, labels in [0, label_hi)."""
+    g = torch.Generator().manual_seed(100 + step)
+    n = sum(_sizes(world, step))
+    y = torch.randint(0, label_hi, (n,), generator=g)
+    x = (_bank().double()[y] + 0.4 * torch.randn(n, D, generator=g, dtype=torch.float64)) * 3
+    return x.to(dtype), y
+
+
+def _part(t, world, step, rank):
+    sizes = _sizes(world, step)
+    start = sum(sizes[:rank])
+    return t[start: start + sizes[rank]]
+
+
+def _bank():
+    w = torch.randn(C, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return (w / w.norm(dim=1, keepdim=True)).float()
+
+
+def _close(actual, expected, dtype, what):
+    err = rel_err(actual, expected)
+    assert err <= FLOOR[dtype], f"{what}: relative error {err:.2e} > {FLOOR[dtype]:.0e} ({dtype})"
+
+
+def _check_step(loss_fn, ref_fn, x_all, y_all, world, step, rank, dtype, what):
+    """One training step of ``loss_fn`` on this rank's part vs ``ref_fn`` (single process, reduction none) on the
+    whole batch: the rank's loss and embedding gradient."""
+    x = _part(x_all, world, step, rank).clone().requires_grad_()
+    loss = loss_fn(x, _part(y_all, world, step, rank))
+    (grad,) = torch.autograd.grad(loss, x)
+    xr = x_all.clone().requires_grad_()
+    rows = _part(ref_fn(xr, y_all), world, step, rank)
+    ref = rows.mean() if rows.numel() else xr.sum() * 0.0
+    (ref_grad,) = torch.autograd.grad(ref, xr)
+    _close(loss, ref, dtype, f"{what} loss, step {step}")
+    _close(grad, _part(ref_grad, world, step, rank), dtype, f"{what} gradient, step {step}")
+
+
+# --- scenarios (run on every rank) -----------------------------------------------------------------------------
+
+def _dp_matches_single_process(rank, world, dtype, backend):
+    kw = dict(centers=_bank(), backend=backend)
+    dp = fastcdml.CenterContrastiveLoss(C, D, **kw)  # distributed="auto": on, the group has world > 1 ranks
+    ref = fastcdml.CenterContrastiveLoss(C, D, reduction="none", distributed=False, **kw)
+    for step in range(4):
+        x_all, y_all = _batch(world, step, dtype, label_hi=5)  # few classes: several rows per class
+        _check_step(dp, ref, x_all, y_all, world, step, rank, dtype, "data parallel")
+        _close(dp.centers, ref.centers, dtype, f"bank after step {step}")
+    assert not torch.equal(dp.centers, _bank()), "the bank never moved"
+
+
+def _bad_label_fails_everywhere(rank, world):
+    bad = world - 1
+    dp = fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), backend="reference")
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference")
+    x = torch.randn(3, D)
+    y = torch.tensor([0, 1, C if rank == bad else 2])
+    for loss_fn in (dp, sharded):
+        with pytest.raises(ValueError, match=rf"^rank {bad} of {world}: labels must lie in \[0, {C}\)"):
+            loss_fn(x, y)
+    wrong_dim = torch.randn(3, D + (rank == 0))
+    with pytest.raises(ValueError, match=r"^rank 0 of .*embedding_dim"):
+        dp(wrong_dim, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(dp.centers, _bank()) and torch.equal(sharded.centers, _bank()[sharded.start: sharded.stop])
+    unchecked = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), reduction="none", check_inputs=False)
+    rows = unchecked(x, y)  # as unsharded: a NaN row for the bad label, the bank untouched by it
+    assert torch.equal(torch.isnan(rows), torch.tensor([False, False, rank == bad]))
+    dp(x, torch.zeros(3, dtype=torch.long))  # the ranks are still in step: the next collective works
+    banks = [torch.empty_like(dp.centers) for _ in range(world)]
+    dist.all_gather(banks, dp.centers)
+    assert all(torch.equal(b, banks[0]) for b in banks) and not torch.equal(banks[0], _bank())
+
+
+def _cbml_cross_rank_references(rank, world):
+    x_all, _ = _batch(world, 0, torch.float64)
+    y_all = torch.arange(x_all.shape[0]) % 3
+    x, y = _part(x_all, world, 0, rank).clone().requires_grad_(), _part(y_all, world, 0, rank)
+    ref, ref_labels = gather_references(x, y)
+    assert not ref.requires_grad and ref.shape[0] == x_all.shape[0] - x.shape[0]
+    loss = contrastive_bayesian_loss(x, y, ref, ref_labels, include_self=True, backend="reference")
+    (grad,) = torch.autograd.grad(loss, x)
+    # Single process: the rank's rows of the loss on the concatenated batch, other ranks' embeddings constant.
+    mine = torch.zeros(x_all.shape[0], dtype=torch.bool)
+    _part(mine, world, 0, rank).fill_(True)
+    xr = x_all.clone().requires_grad_()
+    xs = torch.where(mine[:, None], xr, x_all)
+    rows = cbml_loss_rows(xs, y_all)
+    expected = rows[mine].sum() / max(int(mine.sum()), 1)
+    (expected_grad,) = torch.autograd.grad(expected, xr)
+    _close(loss, expected, torch.float64, "CBML loss with cross-rank references")
+    _close(grad, expected_grad[mine], torch.float64, "CBML gradient with cross-rank references")
+    total = loss.detach() * x.shape[0]
+    dist.all_reduce(total)
+    _close(total / x_all.shape[0], rows.sum() / x_all.shape[0], torch.float64, "global CBML loss")
+
+
+def _sharded_matches_unsharded(rank, world, dtype, backend, shard_sizes):
+    kw = dict(centers=_bank(), backend=backend)
+    if dtype == torch.float64:  # float32 runs the defaults
+        kw.update(temperature=0.1, margin=0.3, center_weight=0.25)
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, shard_sizes=shard_sizes, **kw)
+    ref = fastcdml.CenterContrastiveLoss(C, D, reduction="none", distributed=False, **kw)
+    start, stop = shard_range(C, world, rank, shard_sizes)
+    assert (sharded.start, sharded.stop) == (start, stop) and sharded.centers.shape == (stop - start, D)
+    for step in range(3):
+        # step 1: every label in rank 0's slice, so the other ranks own no class of the batch
+        x_all, y_all = _batch(world, step, dtype, label_hi=sharded.shard_sizes[0] if step == 1 else C)
+        _check_step(sharded, ref, x_all, y_all, world, step, rank, dtype, "sharded")
+        _close(sharded.centers, ref.centers[start:stop], dtype, f"bank slice after step {step}")
+    sharded.eval()
+    x_all, y_all = _batch(world, 3, dtype)
+    before = sharded.centers.clone()
+    _check_step(sharded, ref.eval(), x_all, y_all, world, 3, rank, dtype, "sharded, eval mode")
+    assert torch.equal(sharded.centers, before)
+
+
+def _sharded_sampling(rank, world):
+    full = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none")
+    sampled = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none",
+                                                     sample_rate=0.3)
+    x_all, y_all = _batch(world, 0, torch.float32)
+    x, y = _part(x_all, world, 0, rank), _part(y_all, world, 0, rank)
+    rows_full, rows_sampled = full(x, y), sampled(x, y)
+    # fewer negatives, same positive: every row's loss can only drop, and the update does not depend on sampling
+    assert torch.isfinite(rows_sampled).all() and (rows_sampled <= rows_full + 1e-5).all()
+    assert (rows_sampled < rows_full - 1e-3).any() or x.shape[0] == 0
+    assert torch.equal(sampled.centers, full.centers)
+
+
+def _checkpoint_save_two(rank, world, directory):
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference")
+    for step in range(2):
+        x_all, y_all = _batch(world, step, torch.float32)
+        sharded(_part(x_all, world, step, rank), _part(y_all, world, step, rank))
+    torch.save(sharded.state_dict(), os.path.join(directory, f"shard{rank}.pt"))
+    full = sharded.full_state_dict(dst=0)
+    assert (full is None) == (rank != 0)
+    if rank == 0:
+        torch.save(full, os.path.join(directory, "full.pt"))
+    reloaded = fastcdml.ShardedCenterContrastiveLoss(C, D, backend="reference")
+    reloaded.load_state_dict(torch.load(os.path.join(directory, f"shard{rank}.pt")))
+    assert torch.equal(reloaded.centers, sharded.centers)
+
+
+def _checkpoint_load_three(rank, world, directory):
+    shards = [torch.load(os.path.join(directory, f"shard{r}.pt")) for r in range(2)]
+    full = torch.load(os.path.join(directory, "full.pt"))
+    assert torch.equal(merge_shards(shards[::-1])["centers"], full["centers"])
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, backend="reference")
+    with pytest.raises(ValueError, match="load a full bank"):
+        sharded.load_state_dict(shards[0])  # the 2-rank slice [0, 7) is not this rank's slice of 3
+    sharded.load_state_dict(full)
+    # single process: the same 2 steps on the 2-rank batches, then 2 more on the 3-rank batches
+    ref = fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none",
+                                         distributed=False)
+    for step in range(2):
+        ref(*_batch(2, step, torch.float32))
+    _close(sharded.centers, ref.centers[sharded.start: sharded.stop], torch.float32, "re-sharded bank")
+    for step in range(2, 4):
+        x_all, y_all = _batch(world, step, torch.float32)
+        _check_step(sharded, ref, x_all, y_all, world, step, rank, torch.float32, "re-sharded")
+    unsharded = fastcdml.CenterContrastiveLoss(C, D, distributed=False)
+    unsharded.load_state_dict(sharded.full_state_dict(dst=None))
+    _close(unsharded.centers, ref.centers, torch.float32, "gathered bank")
+
+
+def _nccl_world_one(rank, world):
+    for loss_fn in (fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), distributed=True),
+                    fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank())):
+        ref = fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), reduction="none", distributed=False).cuda()
+        loss_fn.cuda()
+        for step in range(4):
+            x_all, y_all = (t.cuda() for t in _batch(world, step, torch.float32))
+            _check_step(loss_fn, ref, x_all, y_all, world, step, rank, torch.float32, type(loss_fn).__name__)
+            _close(loss_fn.centers, ref.centers, torch.float32, f"bank after step {step}")
+
+
+# --- tests -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=["float64", "float32"])
+def test_data_parallel_bank_matches_single_process(ranks, world, dtype, backend):
+    ranks(world, "_dp_matches_single_process", dtype, backend)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_input_on_one_rank_fails_on_every_rank(ranks, world):
+    ranks(world, "_bad_label_fails_everywhere")
+
+
+def test_cbml_cross_rank_references(ranks):
+    ranks(3, "_cbml_cross_rank_references")
+
+
+@pytest.mark.parametrize("world,shard_sizes", [(2, None), (3, None), (3, [6, 0, 7]), (2, [12, 1])],
+                         ids=["2-even", "3-even", "3-empty-slice", "2-uneven"])
+@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=["float64", "float32"])
+def test_sharded_matches_unsharded(ranks, world, shard_sizes, dtype, backend):
+    ranks(world, "_sharded_matches_unsharded", dtype, backend, shard_sizes)
+
+
+def test_sharded_partial_fc_sampling(ranks):
+    ranks(2, "_sharded_sampling")
+
+
+def test_checkpoint_reshard_two_to_three(ranks, tmp_path):
+    ranks(2, "_checkpoint_save_two", str(tmp_path))
+    ranks(3, "_checkpoint_load_three", str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_nccl_world_size_one_smoke(ranks):
+    ranks(1, "_nccl_world_one", backend="nccl")
+
+
+# --- without a process group -----------------------------------------------------------------------------------
+
+def test_enabled_without_process_group():
+    assert not enabled("auto") and not enabled(False)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        enabled(True)
+    with pytest.raises(ValueError, match="distributed must be"):
+        enabled("yes")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastcdml.ShardedCenterContrastiveLoss(C, D)
+
+
+@pytest.mark.parametrize("num_classes,world", [(13, 3), (2, 3), (1000, 7)])
+def test_shard_range_tiles_the_classes(num_classes, world):
+    bounds = [shard_range(num_classes, world, r) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_classes
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+    with pytest.raises(ValueError, match="summing to"):
+        shard_range(num_classes, world, 0, [num_classes] + [1] * (world - 1))
