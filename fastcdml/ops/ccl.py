@@ -6,7 +6,7 @@ Schemas (every backend implements exactly these; see ``shared/spec/losses.md`` �
     x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C, D) fp32/bf16 contiguous.
     loss_rows (B,) fp32: L_i (NaN for a label outside [0, C)).
     grad_x (B, D) fp32 when ``compute_grad`` else (0, D): ∂L_i/∂x_i, row normalisation backward included, so
-    autograd's backward is one scaling by grad_output.  lse (B,) fp32: logsumexp_j z_ij, kept for ∂L/∂W.
+    autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32: logsumexp_j z_ij, kept for ∂L/∂W.
 ``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight) -> grad_centers``
     grad_centers (C, D) fp32: Σ_i g_i·((p_ij − [j = y_i])/τ − 2λ[j = y_i])·x̂_i (learnable-proxy mode).
 ``ccl_update_(centers!, x, labels, momentum) -> ()``
