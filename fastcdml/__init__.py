@@ -4,8 +4,10 @@ Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and 
 everywhere; ``fastcdml.backends()`` says which this installation has.
 """
 from . import distributed, functional, ops, reference
-from ._backend import BackendUnavailable, available as backends
+from ._backend import BackendUnavailable, available as backends, load_extension
 from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
+
+load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
 
 __version__ = "0.1.0"
 __all__ = [

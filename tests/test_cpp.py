@@ -1,0 +1,287 @@
+"""The C++ CPU backend (csrc/) against the float64 reference, through the public API and the ops themselves.
+
+Pass rule: ``helpers.assert_close`` (error ≤ 2 × the reference's own error in the input dtype + a floor). Shapes
+cover tiny, ragged and multi-block / multi-chunk cases (the C++ kernels use 64-row blocks and chunks of
+clamp(131072 / D, 128, 1024) classes or references; D = 72 → 1024).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcdml
+from fastcdml.functional import center_contrastive_loss, center_momentum_update_, contrastive_bayesian_loss
+from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends, unit_rows
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    not {"cpp"} <= set(kernel_backends("ccl", CPU)) & set(kernel_backends("cbml", CPU)),
+    reason="the C++ extension or its CPU kernels are not available",
+)
+ops = torch.ops.fastcdml
+HYPER = (0.05, 0.1, 1.0)  # temperature, margin, center_weight
+CCL_SHAPES = [(1, 4, 1), (37, 72, 1001), (70, 72, 2500)]  # (B, D, C); the last: 2 row blocks × 3 class chunks
+BANKS = (torch.float32, torch.bfloat16)
+
+
+def _ccl_inputs(b, d, c, dtype, bank_dtype):
+    x = torch.randn(b, d).to(dtype)
+    y = torch.randint(0, c, (b,), dtype=torch.int32 if b % 2 else torch.int64)
+    return x, y, unit_rows(c, d, bank_dtype)
+
+
+def _ccl_rows(x, y, w, backend, go, w_grad=False):
+    """(loss rows, ∂/∂x, ∂/∂W or None) of the functional with reduction='none' and grad_output ``go``."""
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_(w_grad)
+    rows = center_contrastive_loss(x, y, w, *HYPER, reduction="none", backend=backend)
+    rows.backward(go.to(rows.dtype))
+    return rows, x.grad, w.grad
+
+
+@pytest.mark.parametrize("bank_dtype", BANKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CCL_SHAPES)
+@pytest.mark.parametrize("w_grad", [False, True], ids=["momentum", "learnable"])
+def test_ccl_matches_reference(shape, dtype, bank_dtype, w_grad):
+    x, y, w = _ccl_inputs(*shape, dtype, bank_dtype)
+    go = torch.randn(shape[0], dtype=torch.float64)
+    got = _ccl_rows(x, y, w, "cpp", go, w_grad)
+    exp = _ccl_rows(x.double(), y, w.double(), "reference", go, w_grad)
+    low = _ccl_rows(x, y, w, "reference", go, w_grad)
+    assert got[1].dtype == dtype and got[0].dtype == torch.float32
+    for name, a, e, l in zip(("loss", "grad_x", "grad_centers"), got, exp, low):
+        if e is not None:
+            assert_close(a, e, l, dtype, f"ccl {name} {shape}")
+
+
+@pytest.mark.parametrize("bank_dtype", BANKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CCL_SHAPES[1:])
+def test_ccl_update_matches_reference(shape, dtype, bank_dtype):
+    b, d, c = shape
+    x, _, w = _ccl_inputs(b, d, c, dtype, bank_dtype)
+    y = torch.randint(0, max(1, b // 3), (b,))  # several rows per class; most classes absent
+    got = center_momentum_update_(w.clone(), x, y, 0.8, backend="cpp")
+    exp = center_momentum_update_(w.double(), x.double(), y, 0.8, backend="reference")
+    low = center_momentum_update_(w.clone(), x, y, 0.8, backend="reference")
+    assert got.dtype == bank_dtype
+    assert_close(got, exp, low, bank_dtype, "updated bank")
+    absent = torch.ones(c, dtype=torch.bool)
+    absent[y] = False
+    assert torch.equal(got[absent], w[absent])
+
+
+def test_ccl_update_skips_bad_rows():
+    x, _, w = _ccl_inputs(12, 16, 10, torch.float32, torch.float32)
+    y = torch.tensor([0, 1, 2, 3, 10, -1, 4, 4, 5, 5, 6, 6])
+    x[8] = float("nan")  # spoils class 5 only
+    got = center_momentum_update_(w.clone(), x, y, 0.9, backend="cpp", check_inputs=False)
+    exp = center_momentum_update_(w.double(), x.double(), y, 0.9, backend="reference", check_inputs=False)
+    assert torch.equal(got[[5, 7, 8, 9]], w[[5, 7, 8, 9]])
+    assert_close(got, exp, exp.float(), torch.float32, "bank after a bad batch")
+
+
+def test_ccl_ops_direct():
+    """The raw op: lse output, NaN row and zero gradient for a label outside [0, C), bwd_centers vs autograd."""
+    b, d, c = 37, 72, 1001
+    x, y, w = _ccl_inputs(b, d, c, torch.float32, torch.float32)
+    y = y.long()
+    y[3] = c
+    loss, gx, lse = ops.ccl_fwd(x, y, w, *HYPER, True)
+    assert loss.shape == (b,) and gx.shape == (b, d) and lse.shape == (b,)
+    assert torch.isnan(loss[3]) and torch.equal(gx[3], torch.zeros(d))
+    ok = torch.arange(b) != 3
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    y_safe = torch.where(ok, y, 0)
+    rows = fastcdml.reference.ccl.ccl_loss_rows(xd, y_safe, wd, *HYPER)
+    go = torch.randn(b, dtype=torch.float64) * ok
+    (rows * go).sum().backward()
+    s = fastcdml.reference.ccl.normalize_rows(xd) @ wd.t()
+    s[torch.arange(b), y_safe] -= HYPER[1]
+    assert_close(lse[ok], torch.logsumexp(s / HYPER[0], 1)[ok], lse[ok], torch.float32, "lse")
+    assert_close(loss[ok], rows[ok], loss[ok], torch.float32, "loss rows")
+    assert_close(go[:, None] * gx, xd.grad, xd.grad.float(), torch.float32, "grad_x")
+    gw = ops.ccl_bwd_centers(x, y, w, lse, go.float(), *HYPER)
+    assert_close(gw, wd.grad, wd.grad.float(), torch.float32, "grad_centers")
+    assert ops.ccl_fwd(x, y, w, *HYPER, False)[1].shape == (0, d)
+
+
+def test_ccl_module_training_step():
+    b, d, c = 37, 72, 1001
+    x = torch.randn(b, d)
+    y = torch.randint(0, 40, (b,))
+    mods = {k: fastcdml.CenterContrastiveLoss(c, d, backend=k, generator=torch.Generator().manual_seed(1))
+            for k in ("cpp", "reference")}
+    bank0 = mods["cpp"].centers.clone()
+    out = {}
+    for k, mod in mods.items():
+        xk = x.clone().requires_grad_()
+        loss = mod(xk, y)
+        loss.backward()
+        out[k] = (loss, xk.grad, mod.centers)
+    for name, a, e in zip(("loss", "grad", "bank"), out["cpp"], out["reference"]):
+        assert_close(a, e, e, torch.float32, f"module {name}")
+    assert not torch.equal(mods["cpp"].centers, bank0)  # the update ran
+
+
+# ---------------------------------------------------------------- CBML
+
+def _cbml_inputs(b, m, d, dtype, ref_dtype, y_max=None):
+    x = torch.randn(b, d).to(dtype)
+    y = clustered_labels(b)
+    r = torch.randn(m, d).to(ref_dtype) if m else None
+    yr = torch.randint(0, int(y.max()) + 1 if y_max is None else y_max, (m,)) if m else None
+    return x, y, r, yr
+
+
+def _cbml(x, y, r, yr, backend, mode, **kw):
+    """(loss, ∂/∂x, ∂/∂ref or None); mode: self | memory (batch + ref, no gradient to ref) | ref (explicit)."""
+    x = x.detach().clone().requires_grad_()
+    if r is not None:
+        r = r.detach().clone().requires_grad_(mode == "ref")
+    loss = contrastive_bayesian_loss(x, y, r, yr if r is not None else None, include_self=mode != "ref",
+                                     backend=backend, **kw)
+    loss.backward()
+    return loss, x.grad, None if r is None else r.grad
+
+
+def _check_cbml(x, y, r, yr, mode, dtype, **kw):
+    got = _cbml(x, y, r, yr, "cpp", mode, **kw)
+    exp = _cbml(x.double(), y, None if r is None else r.double(), yr, "reference", mode, **kw)
+    low = _cbml(x, y, r, yr, "reference", mode, **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == x.dtype
+    for name, a, e, l in zip(("loss", "grad_x", "grad_ref"), got, exp, low):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            assert_close(a, e, l, dtype, f"cbml {mode} {name} {kw}")
+    return got
+
+
+CBML_OPTIONS = [dict(), dict(phi="sqrt"), dict(negatives="topk", top_k=5), dict(negatives="topk", top_k=100, phi="sqrt"),
+                dict(margin=0.0, mean_weight=1.0, variance_weight=0.5)]
+
+
+@pytest.mark.parametrize("kw", CBML_OPTIONS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize("mode", ["self", "memory", "ref"])
+def test_cbml_modes_and_options(mode, kw):
+    x, y, r, yr = _cbml_inputs(45, 0 if mode == "self" else 300, 72, torch.float32, torch.float32)
+    _check_cbml(x, y, r, yr, mode, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("ref_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["self", "memory", "ref"])
+def test_cbml_dtypes(mode, dtype, ref_dtype):
+    if mode == "self" and ref_dtype != dtype:
+        pytest.skip("no reference set in self mode")
+    x, y, r, yr = _cbml_inputs(45, 0 if mode == "self" else 300, 72, dtype, ref_dtype)
+    _check_cbml(x, y, r, yr, mode, dtype if dtype != torch.float32 else ref_dtype, negatives="topk", top_k=20)
+
+
+@pytest.mark.parametrize("case", [(130, 1500, 72, "memory"), (130, 0, 48, "self"), (8, 16400, 16, "ref")],
+                         ids=["multi-chunk", "multi-block-self", "no-strip-cache"])
+@pytest.mark.parametrize("kw", [dict(), dict(negatives="topk", top_k=100)], ids=["adaptive", "topk"])
+def test_cbml_large(case, kw):
+    b, m, d, mode = case
+    x, y, r, yr = _cbml_inputs(b, m, d, torch.float32, torch.float32, y_max=b // 5 if m > 10000 else None)
+    _check_cbml(x, y, r, yr, mode, torch.float32, **kw)
+
+
+def test_cbml_skipped_rows():
+    """Singleton classes (no positive), a one-class reference set (no negative), and an all-skipped batch."""
+    x, _, r, yr = _cbml_inputs(30, 40, 16, torch.float32, torch.float32)
+    y = clustered_labels(30, 1, 3)
+    loss = _check_cbml(x, y, r, torch.zeros(40, dtype=torch.long), "memory", torch.float32)[0]
+    assert loss != 0
+    got = _check_cbml(x, torch.arange(30), None, None, "self", torch.float32)
+    assert got[0] == 0 and torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(negatives="topk", top_k=3)], ids=["adaptive", "topk"])
+def test_cbml_ties_pick_lowest_index(kw):
+    """One-hot embeddings make every similarity exactly 0 or 1: min / max / top-K ties everywhere. The gradient
+    flows through the elements the tie rule picks, so a different rule changes it."""
+    basis = torch.eye(8)
+    x = basis[torch.randint(0, 8, (40,))] * (1 + torch.rand(40, 1))
+    y = torch.randint(0, 4, (40,))
+    r = basis[torch.randint(0, 8, (60,))]
+    yr = torch.randint(0, 4, (60,))
+    _check_cbml(x, y, None, None, "self", torch.float32, **kw)
+    _check_cbml(x, y, r, yr, "ref", torch.float32, mean_weight=0.5, **kw)
+
+
+# ---------------------------------------------------------------- determinism, op contracts, compile, errors
+
+def _all_outputs():
+    x, y, w = _ccl_inputs(200, 40, 3000, torch.bfloat16, torch.float32)
+    out = list(ops.ccl_fwd(x, y, w, *HYPER, True))
+    out.append(ops.ccl_bwd_centers(x, y, w, out[2], torch.randn(200), *HYPER))
+    bank = w.clone()
+    ops.ccl_update_(bank, x, y % 50, 0.9)
+    out.append(bank)
+    xb, yb, r, yr = _cbml_inputs(200, 3000, 40, torch.float32, torch.float32)
+    for k in (0, 50):
+        out += ops.cbml_fwd(xb, yb, r, yr, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, k, True, True)
+    return out
+
+
+def test_results_do_not_depend_on_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(3)
+        one = _all_outputs()
+        torch.set_num_threads(2)
+        torch.manual_seed(3)
+        two = _all_outputs()
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"output {i} differs between 1 and 2 threads"
+
+
+def test_opcheck():
+    x, y, w = _ccl_inputs(37, 24, 300, torch.float32, torch.float32)
+    x.requires_grad_()
+    torch.library.opcheck(ops.ccl_fwd.default, (x, y, w, *HYPER, True))
+    lse = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[2]
+    torch.library.opcheck(ops.ccl_bwd_centers.default, (x.detach(), y, w, lse, torch.randn(37), *HYPER))
+    torch.library.opcheck(ops.ccl_update_.default, (w.clone(), x.detach(), y, 0.9))
+    xb, yb, r, yr = _cbml_inputs(45, 60, 24, torch.float32, torch.float32)
+    r.requires_grad_()
+    torch.library.opcheck(ops.cbml_fwd.default,
+                          (xb.requires_grad_(), yb, r, yr, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 5, True, True))
+
+
+def test_compile_ccl_module():
+    b, d, c = 37, 24, 500
+    x = torch.randn(b, d)
+    y = torch.randint(0, 60, (b,))
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    eager = fastcdml.CenterContrastiveLoss(c, d, backend="cpp", generator=gen())
+    compiled = fastcdml.CenterContrastiveLoss(c, d, backend="cpp", generator=gen())
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        le, lc = eager(xe, y), step(xc, y)
+        le.backward()
+        lc.backward()
+        assert torch.allclose(le, lc) and torch.allclose(xe.grad, xc.grad)
+        assert torch.allclose(eager.centers, compiled.centers)
+
+
+def test_bad_inputs():
+    x, y, w = _ccl_inputs(8, 16, 10, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        center_contrastive_loss(x, torch.full((8,), 10), w, backend="cpp")
+    with pytest.raises(TypeError, match="float64"):
+        center_contrastive_loss(x.double(), y, w, backend="cpp")
+    with pytest.raises(ValueError, match="centers must have shape"):
+        center_contrastive_loss(x, y, w[:, :8], backend="cpp")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        contrastive_bayesian_loss(torch.full((8, 16), float("nan")), y, backend="cpp")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):  # the op's own checks
+        ops.ccl_fwd(x.double(), y, w, *HYPER, True)
+    with pytest.raises(ValueError, match="reference set is empty"):
+        ops.cbml_fwd(x, y, x[:0], y[:0], False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 0, False, False)
