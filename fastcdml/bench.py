@@ -1,0 +1,453 @@
+"""``python -m fastcdml bench``: time and memory of one training step, per implementation and size.
+
+Sweeps the sizes of a preset (or ``--sizes``) for each loss and implementation (see
+:mod:`fastcdml._bench_impls` for what a step is and what each peer does), prints a table and writes
+``<out>/<device-slug>-<date>.json`` (``{"rows": [...], "meta": {...}}``, merged with the file of the same day)
+and PNG plots (time and memory against C, one line per implementation, log scales) next to it.
+
+Method. Every case gets fresh random inputs and warm-up steps (which also absorb torch.compile). CPU: wall clock
+of repeated steps (median, p20, p80) in one fresh subprocess per case; peak extra memory = RSS high-water-mark
+growth over one step above the steady state, in a second fresh subprocess started with glibc told to return
+every freed block ≥ 64 KiB to the system (``MALLOC_MMAP_THRESHOLD_``), so retained heap cannot hide the peak.
+CUDA: ``triton.testing.do_bench`` quantiles (events, L2 flushed between runs); memory = ``max_memory_allocated``
+above ``memory_allocated`` before the step; cases run in this process unless ``--isolate``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import _bench_impls as impls
+from ._bench_impls import Case
+
+MODE = "step"
+ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
+              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date")
+KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
+_MARK = "FASTCDML_BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes ``BxCxD`` per loss (CBML: C is the memory size M, or ``self``), small to large."""
+
+    about: str
+    dtype: str
+    sizes: dict[str, tuple[str, ...]]
+    impls: tuple[str, ...] | None = None  # None: every implementation importable here
+
+
+PRESETS = {
+    "cpu": Preset(
+        "CPU sweep (default without CUDA): a few minutes on 2 cores, C up to 50k / M up to 8k",
+        "float32",
+        {"ccl": ("256x1000x128", "256x10000x128", "256x50000x128"),
+         "cbml": ("256xselfx128", "256x2048x128", "256x8192x128")},
+    ),
+    "cpu-full": Preset(
+        "longer CPU sweep, C up to 100k / M up to 16k: ~12 min on 2 busy cores, 30 cases",
+        "float32",
+        {"ccl": ("256x1000x128", "256x10000x128", "256x100000x128"),
+         "cbml": ("256xselfx128", "256x2048x128", "256x16384x128")},
+    ),
+    "cpu-targets": Preset(
+        "the C++ backend's targets (issue 5): C++ vs the eager reference",
+        "float32",
+        {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128")},
+        ("fastcdml", "reference"),
+    ),
+    "gpu-compass": Preset(
+        "the compass sizes of the Triton issues (3, 4) plus a C sweep at fixed B, D (default on CUDA)",
+        "bfloat16",
+        {"ccl": ("256x100x128", "512x11318x512", "1024x10000x512", "1024x100000x512", "1024x1000000x512",
+                 "4096x1000000x512"),
+         "cbml": ("100xselfx512", "512xselfx512", "1024x4096x128", "1024x16384x128", "256x55000x128",
+                  "1024x65536x128")},
+    ),
+}
+
+
+def parse_size(text: str, loss: str, impl: str, dtype: str) -> Case:
+    """``"BxCxD"`` → Case; for CBML, C is M (memory variant) or ``self`` (the batch is the reference set)."""
+    match = re.fullmatch(r"(\d+)x(\d+|self)x(\d+)", text.strip())
+    if match is None:
+        raise ValueError(f"size {text!r} is not BxCxD (e.g. 256x100000x128, or 512xselfx512 for CBML)")
+    b, c, d = match.groups()
+    if c == "self":
+        if loss != "cbml":
+            raise ValueError(f"size {text!r}: 'self' is a CBML reference set, not a number of classes")
+        return Case(loss, impl, "self", int(b), int(b), int(d), dtype)
+    return Case(loss, impl, "momentum" if loss == "ccl" else "memory", int(b), int(c), int(d), dtype)
+
+
+def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
+    """The cases to run, size by size, and the (loss, impl) pairs skipped with the reason."""
+    preset = PRESETS[args.preset]
+    losses = [args.loss] if args.loss else list(impls.IMPLS)
+    wanted = args.impl.split(",") if args.impl else None
+    unknown = set(wanted or ()) - {i for loss in losses for i in impls.IMPLS[loss]}
+    if unknown:
+        raise SystemExit(f"unknown --impl {sorted(unknown)}; choose from {dict((k, impls.IMPLS[k]) for k in losses)}")
+    dtype = args.dtype or preset.dtype
+    cases, skipped = [], []
+    for loss in losses:
+        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 2 if args.quick else None]
+        if args.sizes and loss == "ccl" and not args.loss:
+            sizes = [s for s in sizes if "self" not in s]
+        names = [i for i in impls.IMPLS[loss] if i in (wanted or preset.impls or impls.IMPLS[loss])]
+        runnable = []
+        for impl in names:
+            reason = impls.unavailable(impl, device)
+            if reason is None:
+                runnable.append(impl)
+            else:
+                skipped.append({"loss": loss, "impl": impl, "reason": reason})
+        cases += [parse_size(s, loss, impl, dtype) for s in sizes for impl in runnable]
+    return cases, skipped
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def _proc_status(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _peak_extra_mb(run, device: torch.device) -> float | None:
+    """Peak memory of one step above the steady state, in MiB (None where it cannot be measured).
+
+    CPU: RSS high-water mark growth over one step. It is exact only when glibc returns every freed block to the
+    system (``MALLOC_MMAP_THRESHOLD_`` set at process start, as :func:`measure_isolated` does); otherwise
+    blocks kept from earlier steps are reused and the growth is underestimated (seen: 49–134 MB for 138)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the RSS high-water mark to the current RSS
+        base = _proc_status("VmRSS")
+        run()
+        return (_proc_status("VmHWM") - base) / 2**20
+    except OSError:
+        return None
+
+
+def _times_ms(run, device: torch.device, quick: bool) -> list[float]:
+    """[p50, p20, p80, reps] of one step in ms, after warm-up."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        rep_ms = 20 if quick else 200
+        p50, p20, p80 = do_bench(run, warmup=10 if quick else 50, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return [p50, p20, p80, max(int(rep_ms / max(p50, 1e-3)), 1)]
+    budget_s, min_reps, max_reps = (0.2, 3, 20) if quick else (2.0, 7, 200)
+    start = time.perf_counter()
+    run()
+    probe = time.perf_counter() - start
+    times = []
+    for _ in range(int(min(max(budget_s / max(probe, 1e-6), min_reps), max_reps))):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return [statistics.median(times), q[1], q[7], len(times)]
+
+
+def measure(case: Case, device: torch.device, quick: bool, parts: str = "time,memory") -> dict:
+    """Build ``case`` on fresh inputs, warm up, then time it and/or measure its memory (``parts``); the row's
+    measured fields."""
+    torch._dynamo.reset()  # no compiled graph (or recompile budget) carried over from another case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the backend fallback; the row's backend says it
+        step = impls.build(case, impls.make_inputs(case, device))
+        for _ in range(1 if quick else 2):
+            step.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result = {"backend": step.backend}
+        if "time" in parts:
+            p50, p20, p80, reps = _times_ms(step.run, device, quick)
+            result.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, reps=reps, tflops=impls.nominal_gflop(case) / p50)
+        if "memory" in parts:
+            result["peak_extra_mb"] = _peak_extra_mb(step.run, device)
+    return result
+
+
+def _worker(case: Case, device: torch.device, quick: bool, timeout: float, parts: str, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "fastcdml.bench", "--worker", json.dumps(asdict(case)), "--device", str(device),
+           "--parts", parts]
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path, **env})
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    raise RuntimeError(tail[:300])
+
+
+def measure_isolated(case: Case, device: torch.device, quick: bool, timeout: float) -> dict:
+    """:func:`measure` in fresh interpreters: one times the step with the default allocator; on CPU another
+    measures its memory with glibc returning every freed block ≥ 64 KiB to the system from the start (which
+    slows steps down, hence two processes), so no earlier allocation hides or inflates the peak."""
+    if device.type == "cuda":
+        return _worker(case, device, quick, timeout, "time,memory", {})
+    timed = _worker(case, device, quick, timeout, "time", {})
+    return {**timed, **_worker(case, device, quick, timeout, "memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})}
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def environment(device: torch.device) -> dict:
+    """The fields every row carries (device, versions, date)."""
+    from . import __version__
+
+    return {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
+            "fastcdml": __version__, "date": dt.date.today().isoformat()}
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    """The rows as a text (or Markdown) table, with the speed-up over the eager reference at the same size."""
+    ref = {tuple(r[k] for k in KEY_FIELDS if k != "impl"): r["p50_ms"] for r in rows if r["impl"] == "reference"}
+    head = ["loss", "variant", "B", "C", "D", "dtype", "impl", "backend", "p50 ms", "p20–p80 ms", "peak extra MB",
+            "TFLOP/s", "× ref"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["loss"], r["variant"], r["D"], r["B"], r["C"], r["impl"])):
+        base = ref.get(tuple(r[k] for k in KEY_FIELDS if k != "impl"))
+        body.append([r["loss"], r["variant"], r["B"], "self" if r["variant"] == "self" else r["C"], r["D"],
+                     r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]),
+                     f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["peak_extra_mb"]),
+                     _fmt(r.get("tflops"), 2), _fmt(base / r["p50_ms"], 2) if base else "–"])
+    cells = [head] + [[str(c) for c in line] for line in body]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in cells]
+        return "\n".join(lines[:1] + ["|" + "---|" * len(head)] + lines[1:])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]:
+    """One PNG per (loss, variant, B, D, dtype) with ≥ 2 values of C: time and memory against C, one line per
+    impl, log scales. Returns the file names and a note (why no plots), if any."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install '.[bench]'): no plots"
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
+                          []).append(r)
+    files = []
+    for (loss, variant, b, d, dtype), group in sorted(groups.items(), key=str):
+        if len({r["C"] for r in group}) < 2:
+            continue
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for impl in sorted({r["impl"] for r in group}):
+            line = sorted((r for r in group if r["impl"] == impl), key=lambda r: r["C"])
+            backends = {r["backend"] for r in line}
+            label = f"{impl} ({', '.join(sorted(backends))})" if impl == "fastcdml" else impl
+            c = [r["C"] for r in line]
+            (handle,) = ax_t.plot(c, [r["p50_ms"] for r in line], marker="o", label=label)
+            ax_t.fill_between(c, [r["p20_ms"] for r in line], [r["p80_ms"] for r in line], alpha=0.2,
+                              color=handle.get_color())
+            mem = [(r["C"], r["peak_extra_mb"]) for r in line if (r["peak_extra_mb"] or 0) > 0]
+            if mem:
+                ax_m.plot(*zip(*mem), marker="o", label=label, color=handle.get_color())
+        xlabel = {"ccl": "C (classes)", "self": "B = reference set (self mode)"}.get(
+            loss if loss == "ccl" else variant, "M (memory entries)")
+        size = f"D={d}" if b is None else f"B={b}, D={d}"
+        for ax, ylabel in ((ax_t, "ms per training step (median, p20–p80)"), (ax_m, "peak extra memory (MB)")):
+            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=8)
+        fig.suptitle(f"{loss.upper()} {variant}, {size}, {dtype} — {group[0]['device']}", fontsize=10)
+        fig.tight_layout()
+        name = f"{stem}-{loss}-{variant}-{'' if b is None else f'B{b}-'}D{d}-{dtype}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files, None
+
+
+def merge(path: Path, rows: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """``rows`` and ``meta`` merged with the results file at ``path``, if any: rows of the same case are
+    replaced, runs accumulate, and the peer notes cover every implementation in the rows."""
+    old_rows, runs = [], []
+    if path.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            old = json.loads(path.read_text())
+            old_rows, runs = old["rows"], old["meta"].get("runs", [])
+    keys = {tuple(r[k] for k in KEY_FIELDS) for r in rows}
+    merged = [r for r in old_rows if tuple(r[k] for k in KEY_FIELDS) not in keys] + rows
+    meta = dict(meta, runs=runs + meta["runs"],
+                notes={i: impls.NOTES[i] for i in sorted({r["impl"] for r in merged}) if i in impls.NOTES})
+    return merged, meta
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastcdml bench",
+        description="Time and memory of one training step (forward + backward + bank update) per implementation.",
+        epilog="presets: " + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()),
+    )
+    p.add_argument("--preset", choices=PRESETS, help="size set (default: gpu-compass on CUDA, cpu otherwise)")
+    p.add_argument("--sizes", help="comma-separated BxCxD (C = classes, or M memory entries / 'self' for CBML)")
+    p.add_argument("--loss", choices=tuple(impls.IMPLS), help="one loss only (default: both)")
+    p.add_argument("--impl", help="comma-separated implementations (default: the preset's, or every importable one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype (default: the preset's)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="two smallest sizes per loss, few repetitions (smoke test)")
+    p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fresh subprocesses per case (default: on for CPU, where memory is exact only so; off for CUDA)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case (default 1800)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="time,memory", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep (or, with the hidden ``--worker``, one case) and return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.worker:
+        result = measure(Case(**json.loads(args.worker)), device, args.quick, args.parts)
+        print(_MARK + json.dumps(result), flush=True)
+        return 0
+    from tqdm import tqdm
+
+    from . import backends
+
+    args.preset = args.preset or ("gpu-compass" if device.type == "cuda" else "cpu")
+    isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    cases, skipped = plan(args, device)
+    env = environment(device)
+    started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    load0 = round(os.getloadavg()[0], 2)  # other work on the machine, at the start and the end
+    for s in skipped:
+        print(f"skip {s['loss']} {s['impl']}: {s['reason']}", file=sys.stderr)
+    rows = []
+    bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
+    for case in bar:
+        bar.set_postfix_str(case.label())
+        if device.type == "cuda" and not isolate:
+            gc.collect()  # the previous case's tensors (also after an OOM) go back to the device
+            torch.cuda.empty_cache()
+        try:
+            result = (measure_isolated(case, device, args.quick, args.timeout) if isolate
+                      else measure(case, device, args.quick))
+        except Exception as err:  # one failing case (OOM, a peer's bug) must not end the sweep
+            skipped.append({**asdict(case), "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"})
+            bar.write(f"failed {case.label()}: {skipped[-1]['reason']}", file=sys.stderr)
+            continue
+        fields = {**asdict(case), **env, "mode": MODE, **result}
+        rows.append({k: fields[k] for k in ROW_FIELDS})
+    wall_s = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{slug(env['device'])}-{env['date']}"
+    meta = {**{k: env[k] for k in ("device", "torch", "triton", "fastcdml")}, "device_slug": slug(env["device"]),
+            "device_type": device.type, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform(), "git": _git(), "backends": backends(),
+            "runs": [{"command": " ".join(["python -m fastcdml bench", *argv]), "preset": args.preset,
+                      "isolated": isolate, "quick": args.quick, "started": started, "wall_s": round(wall_s, 1),
+                      "load_avg_1min": [load0, round(os.getloadavg()[0], 2)], "skipped": skipped}]}
+    path = out / f"{stem}.json"
+    merged, meta = merge(path, rows, meta)
+    files, note = plot(merged, out, stem)
+    meta["plots"] = files
+    path.write_text(json.dumps({"rows": merged, "meta": meta}, indent=1) + "\n")
+    print(table(rows) if rows else "no rows measured")
+    for impl in sorted({r["impl"] for r in rows} & set(impls.NOTES)):
+        print(f"note {impl}: {impls.NOTES[impl]}")
+    for s in skipped:
+        print(f"skipped {s.get('loss')} {s.get('impl')}: {s['reason']}")
+    print(f"wrote {path} ({len(rows)} rows this run, {len(merged)} in the file) and {len(files)} plots"
+          + (f"; {note}" if note else "") + f" in {wall_s:.0f} s")
+    return 0 if rows or not cases else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

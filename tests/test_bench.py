@@ -1,0 +1,137 @@
+"""The bench machinery (``python -m fastcdml bench`` and ``bench/report.py``) at tiny sizes."""
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcdml import _bench_impls as impls
+from fastcdml import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS_PML = importlib.util.find_spec("pytorch_metric_learning") is not None
+
+
+def _results(out: Path) -> dict:
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_sweep_writes_rows_plots_and_merges(tmp_path, capsys):
+    args = ["--loss", "ccl", "--impl", "fastcdml,reference", "--quick", "--no-isolate", "--device", "cpu",
+            "--out", str(tmp_path)]
+    assert bench.main(args + ["--sizes", "16x40x8,16x80x8"]) == 0
+    printed = capsys.readouterr().out
+    assert "× ref" in printed and "wrote" in printed
+    data = _results(tmp_path)
+    assert len(data["rows"]) == 4
+    for row in data["rows"]:
+        assert tuple(row) == bench.ROW_FIELDS
+        assert row["loss"] == "ccl" and row["mode"] == "step" and row["dtype"] == "float32"
+        assert 0 < row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]
+        assert row["peak_extra_mb"] is None or row["peak_extra_mb"] >= 0
+        assert row["torch"] == torch.__version__
+    assert {r["backend"] for r in data["rows"] if r["impl"] == "reference"} == {"reference"}
+    if HAS_MPL:
+        assert data["meta"]["plots"] and all((tmp_path / p).stat().st_size > 0 for p in data["meta"]["plots"])
+    # a second run the same day replaces its own cases and keeps the others
+    assert bench.main(args[:2] + ["--impl", "reference", "--quick", "--no-isolate", "--device", "cpu",
+                                  "--out", str(tmp_path), "--sizes", "16x80x8,16x160x8"]) == 0
+    data = _results(tmp_path)
+    assert sorted((r["impl"], r["C"]) for r in data["rows"]) == [
+        ("fastcdml", 40), ("fastcdml", 80), ("reference", 40), ("reference", 80), ("reference", 160)]
+    assert len(data["meta"]["runs"]) == 2
+
+
+def test_isolated_case_reports_memory(tmp_path):
+    assert bench.main(["--loss", "cbml", "--impl", "reference", "--sizes", "12xselfx8", "--quick", "--device", "cpu",
+                       "--out", str(tmp_path)]) == 0
+    (row,) = _results(tmp_path)["rows"]
+    assert (row["variant"], row["B"], row["C"]) == ("self", 12, 12)
+    assert row["peak_extra_mb"] is not None and row["peak_extra_mb"] >= 0
+
+
+def test_peak_extra_memory_sees_a_known_allocation():
+    mib = 48
+
+    def run():
+        torch.empty(mib * 2**20 // 4).fill_(1.0)  # touched, so resident
+
+    run()
+    peak = bench._peak_extra_mb(run, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs or glibc here")
+    assert mib - 1 <= peak <= mib + 8
+
+
+def test_cpu_timing_measures_the_step():
+    p50, p20, p80, reps = bench._times_ms(lambda: time.sleep(0.005), torch.device("cpu"), quick=True)
+    assert reps >= 3 and 5 <= p20 <= p50 <= p80 < 100
+
+
+@pytest.mark.parametrize("impl", ["fastcdml", "reference"] + (["pml_normsoftmax", "pml_proxyanchor"] if HAS_PML else []))
+def test_ccl_step_computes_gradient_and_update(impl):
+    case = impls.Case("ccl", impl, "momentum", 10, 30, 8, "float32")
+    inputs = impls.make_inputs(case, torch.device("cpu"))
+    bank0, x, y = inputs["bank"].clone(), inputs["x"], inputs["y"]
+    impls.build(case, inputs).run()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    if not impl.startswith("pml"):  # the momentum step moves exactly the classes in the batch
+        moved = (inputs["bank"] != bank0).any(dim=1)
+        assert torch.equal(moved, torch.isin(torch.arange(30), y))
+
+
+@pytest.mark.parametrize("impl", ["fastcdml", "reference"] + (["pml_multisimilarity", "pml_contrastive"] if HAS_PML else []))
+@pytest.mark.parametrize("variant", ["self", "memory"])
+def test_cbml_step_computes_gradient(impl, variant):
+    case = impls.Case("cbml", impl, variant, 16, 16 if variant == "self" else 40, 8, "float32")
+    inputs = impls.make_inputs(case, torch.device("cpu"))
+    bank0 = inputs["bank"].clone() if variant == "memory" else None
+    impls.build(case, inputs).run()
+    x = inputs["x"]
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    if variant == "memory":  # the batch was enqueued (normalised) into the FIFO
+        assert not torch.equal(inputs["bank"], bank0)
+
+
+def test_sizes_and_impls_are_validated():
+    assert bench.parse_size("512xselfx64", "cbml", "reference", "float32") == impls.Case(
+        "cbml", "reference", "self", 512, 512, 64, "float32")
+    with pytest.raises(ValueError, match="BxCxD"):
+        bench.parse_size("512x64", "ccl", "reference", "float32")
+    with pytest.raises(ValueError, match="self"):
+        bench.parse_size("8xselfx8", "ccl", "reference", "float32")
+    with pytest.raises(SystemExit):
+        bench.main(["--impl", "nope", "--device", "cpu"])
+
+
+def test_gpu_only_peers_are_skipped_on_cpu():
+    assert "CUDA" in impls.unavailable("cce", torch.device("cpu")) or "not installed" in impls.unavailable(
+        "cce", torch.device("cpu"))
+    assert impls.unavailable("reference", torch.device("cpu")) is None
+
+
+def test_report_regenerates_readmes(tmp_path):
+    results = tmp_path / "results"
+    assert bench.main(["--loss", "ccl", "--impl", "reference", "--sizes", "8x20x8,8x40x8", "--quick",
+                       "--no-isolate", "--device", "cpu", "--out", str(results)]) == 0
+    top = tmp_path / "README.md"
+    top.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nrest\n")
+    cmd = [sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(results),
+           "--readme", str(tmp_path / "bench.md"), "--top-readme", str(top)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    page = (tmp_path / "bench.md").read_text()
+    assert "| ccl | momentum | 8 | 40 | 8 | float32 | reference |" in page
+    text = top.read_text()
+    assert text.startswith("intro\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nrest\n")
+    assert "old" not in text and "| ccl | momentum | 8 | 20 |" in text
+    if HAS_MPL:
+        assert "](results/" in page and "](results/" in text
+    top.write_text("no markers\n")
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert top.read_text() == "no markers\n" and "markers" in proc.stderr
