@@ -22,6 +22,17 @@ def _check_hyper(temperature, margin, center_weight, reduction, backend):
     _checks.choice(backend, "backend", BACKENDS)
 
 
+def _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction, backend,
+                       dtype):
+    """The constructor checks shared by the CCL modules."""
+    if num_classes < 1 or embedding_dim < 1:
+        raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
+    _check_hyper(temperature, margin, center_weight, reduction, backend)
+    _checks.choice(dtype, "dtype", BANK_DTYPES)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+
 def _check_inputs(embeddings, labels, centers, impl, check_inputs, embedding_dim=None):
     _checks.embeddings(embeddings, "embeddings", impl, embedding_dim, check_inputs)
     if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
@@ -142,14 +153,10 @@ class CenterContrastiveLoss(nn.Module):
         process_group=None,
     ):
         super().__init__()
-        if num_classes < 1 or embedding_dim < 1:
-            raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
-        _check_hyper(temperature, margin, center_weight, reduction, backend)
+        _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction,
+                           backend, dtype)
         _checks.choice(update, "update", UPDATES)
         _checks.choice(distributed, "distributed", ("auto", True, False))
-        _checks.choice(dtype, "dtype", BANK_DTYPES)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
         self.temperature, self.margin, self.center_weight, self.momentum = temperature, margin, center_weight, momentum
         self.update, self.reduction, self.backend, self.check_inputs = update, reduction, backend, check_inputs

@@ -35,7 +35,7 @@ from .. import _checks
 from .._backend import resolve
 from ..distributed import gather_batch, gather_rows, shard_range
 from ..reference.ccl import EPS, compute_dtype, normalize_rows
-from .ccl import BANK_DTYPES, _check_hyper, _empty, center_momentum_update_
+from .ccl import _check_module_args, _empty, center_momentum_update_
 
 _TILE_ELEMENTS = 1 << 22  # logits per chunk: B_global × chunk ≤ this
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
@@ -179,12 +179,8 @@ class ShardedCenterContrastiveLoss(nn.Module):
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCenterContrastiveLoss needs torch.distributed.init_process_group() first")
-        if num_classes < 1 or embedding_dim < 1:
-            raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
-        _check_hyper(temperature, margin, center_weight, reduction, backend)
-        _checks.choice(dtype, "dtype", BANK_DTYPES)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction,
+                           backend, dtype)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
