@@ -1,18 +1,31 @@
 // Contrastive Bayesian Metric Learning loss, CPU kernel for fastcdml::cbml_fwd (schema: fastcdml/ops/cbml.py,
 // math: shared/spec/losses.md §2 and fastcdml/reference/cbml.py).
 //
-// The reference set R = [x̂ if include_self] ++ [r̂] is normalised once into an fp32 (N, D) buffer; similarities are
-// recomputed tile by tile (kRowBlock queries × chunk_size(D) references, one at::mm each), never held as B×N:
-// The similarity tiles of one block of queries are kept for the later passes while that strip holds at most
-// kMaxStrip floats (4 MiB: N <= 16384 references); beyond that they are recomputed in every pass.
+// The reference set R = [x̂ if include_self] ++ [r̂] is normalised once, straight into one fp32 (N, D) buffer (x̂ is
+// its first B rows). Its columns are cut into chunks of chunk_size(D), the self part [0, B) and the memory part
+// [B, N) separately. Similarities are computed tile by tile (kRowBlock queries × one chunk, one at::mm each), never
+// held as B×N: a block's whole strip of tiles is kept across the passes while it holds at most kMaxStrip floats
+// (4 MiB), else tiles are recomputed (bit-identical: same operands and shapes); the self part S = x̂ x̂ᵀ is kept
+// whole for the self gradient pass under the same bound (B <= 1024), else recomputed there.
 //   pass 1   row sum, positives' min (argmin), negatives' count / Σ / Σ² / max (argmax), and in top-K mode a
 //            running top-K per row whose worst element is the selection threshold (order: larger S, then lower
 //            index, so ties pick the lowest index);
-//   pass 2   the hard-positive / hard-negative sums log(1 + Σ exp(t)), each as an online log-sum-exp;
-//   grad     G_ij = ∂loss/∂S_ij per tile; ∂/∂x̂ = G R accumulated per row block, ∂/∂R = Gᵀ x̂ in a second loop
-//            parallel over reference chunks (each task owns its output rows: no atomics), then the normalisation
-//            backward (in self mode both roles of x are summed first).
-// A recomputed tile comes from the same operands and shapes, so every pass sees bit-identical similarities.
+//   pass 2   the hard-positive / hard-negative sums log(1 + Σ exp(t)) as log-sum-exps shifted by their known
+//            maxima (minP and maxN are the hardest selected elements of a row that is not skipped);
+//   grad     G_ij = ∂loss/∂S_ij per tile, from row i's scalars. Memory part: ∂/∂x̂_I += G_I r̂ in the same task as
+//            passes 1-2. Self part (after every row's scalars are known): S is symmetric, so block I's strip also
+//            holds S_JI = S_IJᵀ and H_I = G_I + (Gᵀ)_I (row j's gradient evaluated at column i) gives both roles of
+//            x̂ in one product ∂/∂x̂_I += H_I x̂, with no pass over Gᵀ. Explicit ∂/∂r̂ = Gᵀ x̂ (ref requiring a
+//            gradient) runs as a loop over reference chunks, each task owning its output rows (no atomics).
+//            Then the normalisation backward.
+// Elementwise loops are branch-free over fixed 8-lane accumulators, so they vectorise and their summation order is
+// fixed by the code, not by the thread count.
+// The branch-free loops below select between values computed on both sides (t_pos / t_neg, ...); GCC if-converts
+// (vectorises) them only when FP operations may be assumed not to trap. Set for the whole translation unit, before
+// any header, so that every inline function agrees on it; it changes no result.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "common.h"
 
 #include <torch/library.h>
@@ -26,6 +39,8 @@ namespace {
 using at::Tensor;
 
 constexpr int64_t kMaxStrip = int64_t{1} << 20;
+constexpr int kLanes = 8;
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 struct Hyper {
   float pos_a, pos_b, neg_a, neg_b, margin, w, h;
@@ -38,38 +53,56 @@ struct Row {
   // pass 1
   double sum = 0, neg_sum = 0, neg_sq = 0;
   int64_t n_pos = 0, n_neg = 0, arg_min_p = -1, arg_max_n = -1;
-  float min_p = std::numeric_limits<float>::infinity(), max_n = -std::numeric_limits<float>::infinity();
-  float top_v = -std::numeric_limits<float>::infinity();  // top-K threshold (value, index)
+  float min_p = kInf, max_n = -kInf;
+  float top_v = -kInf;  // top-K threshold (value, index)
   int64_t top_i = std::numeric_limits<int64_t>::max();
   float mean = 0, sigma = 0;
-  // pass 2: Σ over the "1 +" term and the selected exp(t) = s·exp(m)
+  // pass 2: u = shift + log(sum), the sum including exp(-shift) for the "1 +" term
   float pm = 0, ps = 1, nm = 0, ns = 1;
   int64_t n_hard_pos = 0, n_hard_neg = 0;
-  // gradient coefficients (already divided by B); valid = the row is not skipped
-  bool valid = false;
-  float u_pos = 0, u_neg = 0, c_pos = 0, c_neg = 0, c_mean_all = 0, c_mean_pick = 0;
+  bool valid = false;  // the row is not skipped
   float loss = 0;
 };
 
-enum class Kind { kNone, kPos, kHardPos, kNeg, kHardNeg };
+// Per-row gradient coefficients in structure-of-arrays form (the self pass reads them along a tile row). Skipped rows
+// have zero coefficients, zero mean / shifts and no picks, so the same branch-free formula yields G = 0 for them.
+struct Coefs {
+  explicit Coefs(int64_t n)
+      : max_n(n), min_p(n), top_v(n), mean(n), u_pos(n), u_neg(n), c_pos(n), c_neg(n), c_var(n), c_all(n),
+        c_pick(n), top_i(n), arg_min(n), arg_max(n) {}
+  std::vector<float> max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all, c_pick;
+  std::vector<int64_t> top_i, arg_min, arg_max;
+};
 
-// Role of reference j (global index) for query i given its pass-1 statistics.
-inline Kind classify(const Row& st, const Hyper& hp, float s, int64_t i, int64_t j, int64_t yi, int64_t yj) {
-  if (yj == yi) {
-    if (hp.self && j == i) return Kind::kNone;
-    return s - hp.margin < st.max_n ? Kind::kHardPos : Kind::kPos;
-  }
-  const bool hard = hp.top_k > 0 ? (s > st.top_v || (s == st.top_v && j <= st.top_i)) : s + hp.margin > st.min_p;
-  return hard ? Kind::kHardNeg : Kind::kNeg;
+// The rule is a template argument and the operators do not short-circuit, so that loops if-convert (vectorise).
+// Top-K: tie_ok = (column index <= top_i); is_top = (column index == top_i) selects the threshold element by index,
+// so the self pass, which reads S_ij for row j's S_ji (at::mm does not guarantee they are bitwise equal), keeps it.
+template <bool kTopK>
+FASTCDML_INLINE bool hard_neg(const Hyper& hp, float v, float min_p, float top_v, bool tie_ok, bool is_top) {
+  if constexpr (kTopK) return (v > top_v) | ((v == top_v) & tie_ok) | is_top;
+  return v + hp.margin > min_p;
 }
 
-inline void lse_add(float t, float& m, float& s) {
-  if (t > m) {
-    s = s * fast_exp(m - t) + 1.f;
-    m = t;
-  } else {
-    s += fast_exp(t - m);
-  }
+// Row i's gradient scalars, as plain values / pointers so that the loops using them vectorise.
+struct RowCoef {
+  float max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all;
+};
+
+// ∂loss/∂S for one element of a row with scalars k, without the minP / maxN pick terms. same: y_j = y_i; excluded:
+// the self pair; tie_ok: j <= top_i (top-K ties).
+template <bool kTopK>
+FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool excluded, bool tie_ok,
+                                bool is_top) {
+  const bool hpos = same & !excluded & (v - hp.margin < k.max_n);
+  const bool hneg = !same & hard_neg<kTopK>(hp, v, k.min_p, k.top_v, tie_ok, is_top);
+  const float t_pos = -(v - hp.pos_a) / hp.pos_b - k.u_pos, t_neg = (v - hp.neg_a) / hp.neg_b - k.u_neg;
+  const float coef = hpos ? k.c_pos : (hneg ? k.c_neg : 0.f), var = k.c_var * (v - k.mean);
+  return k.c_all + coef * fast_exp(same ? t_pos : t_neg) + (same ? 0.f : var);
+}
+
+FASTCDML_INLINE RowCoef row_coef(const Coefs& c, int64_t i) {
+  return {c.max_n[i], c.min_p[i], c.top_v[i], c.mean[i], c.u_pos[i], c.u_neg[i],
+          c.c_pos[i], c.c_neg[i], c.c_var[i], c.c_all[i]};
 }
 
 // "a ranks before b" for top-K: larger S, ties broken by the lower index. A heap under this order keeps its
@@ -78,32 +111,60 @@ inline bool ranks_before(const std::pair<float, int64_t>& a, const std::pair<flo
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
-void pass1_row(Row& st, const Hyper& hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
+FASTCDML_SIMD_CLONES
+void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
                const int64_t* yr, int64_t k, std::vector<std::pair<float, int64_t>>& heap) {
-  for (int64_t jj = 0; jj < cc; ++jj) {
+  double sum[kLanes] = {}, nsum[kLanes] = {}, nsq[kLanes] = {};
+  float mn[kLanes], mx[kLanes];
+  int64_t npos[kLanes] = {}, nneg[kLanes] = {};
+  std::fill(mn, mn + kLanes, kInf);
+  std::fill(mx, mx + kLanes, -kInf);
+  auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    st.sum += v;
-    if (yr[j] == yi) {
-      if (hp.self && j == i) continue;
-      ++st.n_pos;
-      if (v < st.min_p) st.min_p = v, st.arg_min_p = j;
-    } else {
-      ++st.n_neg;
-      st.neg_sum += v;
-      st.neg_sq += static_cast<double>(v) * v;
-      if (v > st.max_n) st.max_n = v, st.arg_max_n = j;
-      if (k > 0) {
-        const std::pair<float, int64_t> e{v, j};
-        if (static_cast<int64_t>(heap.size()) < k) {
-          heap.push_back(e);
-          std::push_heap(heap.begin(), heap.end(), ranks_before);
-        } else if (ranks_before(e, heap.front())) {
-          std::pop_heap(heap.begin(), heap.end(), ranks_before);
-          heap.back() = e;
-          std::push_heap(heap.begin(), heap.end(), ranks_before);
-        }
-      }
+    const bool same = yr[j] == yi, pos = same & !(hp.self & (j == i));
+    const double vd = same ? 0.0 : static_cast<double>(v);
+    sum[l] += v;
+    nsum[l] += vd;
+    nsq[l] += vd * vd;
+    mn[l] = std::min(mn[l], pos ? v : kInf);
+    mx[l] = std::max(mx[l], same ? -kInf : v);
+    npos[l] += pos;
+    nneg[l] += !same;
+  };
+  int64_t jj = 0;
+  for (; jj + kLanes <= cc; jj += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane(l, jj + l);
+  for (int l = 0; jj < cc; ++jj, ++l) lane(l, jj);
+  float cmin = kInf, cmax = -kInf;
+  for (int l = 0; l < kLanes; ++l) {
+    st.sum += sum[l], st.neg_sum += nsum[l], st.neg_sq += nsq[l], st.n_pos += npos[l], st.n_neg += nneg[l];
+    cmin = std::min(cmin, mn[l]), cmax = std::max(cmax, mx[l]);
+  }
+  // first index of a new strict minimum / maximum (earlier chunks keep their lower indices on ties)
+  if (cmin < st.min_p) {
+    st.min_p = cmin;
+    for (jj = 0; jj < cc; ++jj)
+      if (s[jj] == cmin && yr[c0 + jj] == yi && !(hp.self && c0 + jj == i)) break;
+    st.arg_min_p = c0 + jj;
+  }
+  if (cmax > st.max_n) {
+    st.max_n = cmax;
+    for (jj = 0; jj < cc; ++jj)
+      if (s[jj] == cmax && yr[c0 + jj] != yi) break;
+    st.arg_max_n = c0 + jj;
+  }
+  if (k == 0) return;
+  for (jj = 0; jj < cc; ++jj) {
+    if (yr[c0 + jj] == yi) continue;
+    const std::pair<float, int64_t> e{s[jj], c0 + jj};
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push_back(e);
+      std::push_heap(heap.begin(), heap.end(), ranks_before);
+    } else if (ranks_before(e, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), ranks_before);
+      heap.back() = e;
+      std::push_heap(heap.begin(), heap.end(), ranks_before);
     }
   }
 }
@@ -113,71 +174,108 @@ void finish_pass1(Row& st, const Hyper& hp, int64_t n_ref, int64_t k, const std:
   st.mean = static_cast<float>(mean);
   st.sigma = static_cast<float>(st.neg_sq - 2 * mean * st.neg_sum + st.n_neg * mean * mean);
   if (k > 0 && static_cast<int64_t>(heap.size()) == k) st.top_v = heap.front().first, st.top_i = heap.front().second;
+  // Shifts of the two log-sum-exps: every hard positive has S >= minP and every hard negative S <= maxN, and when
+  // the row is not skipped these bounds are attained, so exp(t - shift) <= 1 and the largest term is 1.
+  if (st.n_pos > 0 && st.n_neg > 0) {
+    st.pm = std::max(0.f, -(st.min_p - hp.pos_a) / hp.pos_b);
+    st.nm = std::max(0.f, (st.max_n - hp.neg_a) / hp.neg_b);
+  }
+  st.ps = std::exp(-st.pm), st.ns = std::exp(-st.nm);
 }
 
-void pass2_row(Row& st, const Hyper& hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
+template <bool kTopK>
+FASTCDML_SIMD_CLONES void pass2_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
                const int64_t* yr) {
-  for (int64_t jj = 0; jj < cc; ++jj) {
-    const float v = s[jj];
-    switch (classify(st, hp, v, i, c0 + jj, yi, yr[c0 + jj])) {
-      case Kind::kHardPos:
-        lse_add(-(v - hp.pos_a) / hp.pos_b, st.pm, st.ps), ++st.n_hard_pos;
-        break;
-      case Kind::kHardNeg:
-        lse_add((v - hp.neg_a) / hp.neg_b, st.nm, st.ns), ++st.n_hard_neg;
-        break;
-      default:
-        break;
-    }
-  }
-}
-
-void finish_pass2(Row& st, const Hyper& hp, int64_t n_ref, int64_t batch) {
-  st.valid = st.n_pos > 0 && st.n_neg > 0 && st.n_hard_pos > 0 && st.n_hard_neg > 0;
-  if (!st.valid) return;
-  st.u_pos = st.pm + std::log(st.ps);
-  st.u_neg = st.nm + std::log(st.ns);
-  // φ(u) and dφ/du for φ = log (u itself) or sqrt (exp(u/2) with u = log(1 + Σ))
-  const float pos = hp.phi_sqrt ? std::exp(st.u_pos / 2) : st.u_pos;
-  const float neg = hp.phi_sqrt ? std::exp(st.u_neg / 2) : st.u_neg;
-  st.loss = pos + neg + hp.w * st.sigma;
-  const float inv_b = 1.f / static_cast<float>(batch);
-  st.c_pos = (hp.phi_sqrt ? pos / 2 : 1.f) * (-1.f / hp.pos_b) * inv_b;
-  st.c_neg = (hp.phi_sqrt ? neg / 2 : 1.f) * (1.f / hp.neg_b) * inv_b;
-  // ∂σ/∂mean, spread over the row mean (every j) and the two picked elements
-  const double dmean = -2.0 * hp.w * (st.neg_sum - st.n_neg * static_cast<double>(st.mean));
-  st.c_mean_all = static_cast<float>(dmean * (1.0 - hp.h) / n_ref) * inv_b;
-  st.c_mean_pick = static_cast<float>(dmean * hp.h / 2) * inv_b;
-}
-
-// One row of the tile, S → G = ∂loss/∂S in place (zero for a skipped row).
-void grad_row(const Row& st, const Hyper& hp, float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
-              const int64_t* yr, float inv_b) {
-  if (!st.valid) {
-    std::fill(s, s + cc, 0.f);
-    return;
-  }
-  const float c_var = 2.f * hp.w * inv_b;
-  for (int64_t jj = 0; jj < cc; ++jj) {
+  float sp[kLanes] = {}, sn[kLanes] = {};
+  int64_t nhp[kLanes] = {}, nhn[kLanes] = {};
+  const float max_n = st.max_n, min_p = st.min_p, top_v = st.top_v, pm = st.pm, nm = st.nm;
+  const int64_t top_i = st.top_i;
+  auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    float g = st.c_mean_all;
-    switch (classify(st, hp, v, i, j, yi, yr[j])) {
-      case Kind::kHardPos:
-        g += st.c_pos * fast_exp(-(v - hp.pos_a) / hp.pos_b - st.u_pos);
-        break;
-      case Kind::kHardNeg:
-        g += st.c_neg * fast_exp((v - hp.neg_a) / hp.neg_b - st.u_neg);
-        [[fallthrough]];
-      case Kind::kNeg:
-        g += c_var * (v - st.mean);
-        break;
-      default:
-        break;
-    }
-    if (j == st.arg_min_p || j == st.arg_max_n) g += st.c_mean_pick;
-    s[jj] = g;
+    const bool same = yr[j] == yi;
+    const bool hpos = same & !(hp.self & (j == i)) & (v - hp.margin < max_n);
+    const bool hneg = !same & hard_neg<kTopK>(hp, v, min_p, top_v, j <= top_i, j == top_i);
+    const float t_pos = -(v - hp.pos_a) / hp.pos_b - pm, t_neg = (v - hp.neg_a) / hp.neg_b - nm;
+    const float e = fast_exp(same ? t_pos : t_neg);
+    sp[l] += hpos ? e : 0.f;
+    sn[l] += hneg ? e : 0.f;
+    nhp[l] += hpos;
+    nhn[l] += hneg;
+  };
+  int64_t jj = 0;
+  for (; jj + kLanes <= cc; jj += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane(l, jj + l);
+  for (int l = 0; jj < cc; ++jj, ++l) lane(l, jj);
+  for (int l = 0; l < kLanes; ++l) st.ps += sp[l], st.ns += sn[l], st.n_hard_pos += nhp[l], st.n_hard_neg += nhn[l];
+}
+
+// Loss of the row and its gradient coefficients (already divided by B) into c.
+void finish_pass2(Row& st, Coefs& c, int64_t i, const Hyper& hp, int64_t n_ref, int64_t batch) {
+  st.valid = st.n_pos > 0 && st.n_neg > 0 && st.n_hard_pos > 0 && st.n_hard_neg > 0;
+  c.max_n[i] = st.max_n, c.min_p[i] = st.min_p, c.top_v[i] = st.top_v, c.top_i[i] = st.top_i;
+  if (!st.valid) {
+    for (auto* v : {&c.mean, &c.u_pos, &c.u_neg, &c.c_pos, &c.c_neg, &c.c_var, &c.c_all, &c.c_pick}) (*v)[i] = 0.f;
+    c.arg_min[i] = c.arg_max[i] = -1;
+    return;
   }
+  const float u_pos = st.pm + std::log(st.ps), u_neg = st.nm + std::log(st.ns);
+  // φ(u) and dφ/du for φ = log (u itself) or sqrt (exp(u/2) with u = log(1 + Σ))
+  const float pos = hp.phi_sqrt ? std::exp(u_pos / 2) : u_pos;
+  const float neg = hp.phi_sqrt ? std::exp(u_neg / 2) : u_neg;
+  st.loss = pos + neg + hp.w * st.sigma;
+  const float inv_b = 1.f / static_cast<float>(batch);
+  // ∂σ/∂mean, spread over the row mean (every j) and the two picked elements
+  const double dmean = -2.0 * hp.w * (st.neg_sum - st.n_neg * static_cast<double>(st.mean));
+  c.mean[i] = st.mean, c.u_pos[i] = u_pos, c.u_neg[i] = u_neg;
+  c.c_pos[i] = (hp.phi_sqrt ? pos / 2 : 1.f) * (-1.f / hp.pos_b) * inv_b;
+  c.c_neg[i] = (hp.phi_sqrt ? neg / 2 : 1.f) * (1.f / hp.neg_b) * inv_b;
+  c.c_var[i] = 2.f * hp.w * inv_b;
+  c.c_all[i] = static_cast<float>(dmean * (1.0 - hp.h) / n_ref) * inv_b;
+  c.c_pick[i] = static_cast<float>(dmean * hp.h / 2) * inv_b;
+  c.arg_min[i] = st.arg_min_p, c.arg_max[i] = st.arg_max_n;
+}
+
+// One row of a tile, S → G = ∂loss/∂S in place, from row i's scalars.
+template <bool kTopK>
+FASTCDML_SIMD_CLONES void grad_row(const Coefs& c, const Hyper hp, float* __restrict s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
+              const int64_t* __restrict yr) {
+  const RowCoef k = row_coef(c, i);
+  const int64_t top_i = c.top_i[i];
+  for (int64_t jj = 0; jj < cc; ++jj) {
+    const int64_t j = c0 + jj;
+    s[jj] = grad_elem<kTopK>(hp, k, s[jj], yr[j] == yi, hp.self & (j == i), j <= top_i, j == top_i);
+  }
+  for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
+    if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
+}
+
+// Self part, one row i of a tile of S = x̂ x̂ᵀ (columns c0.. are batch rows), S → H in place: H_ij = G_ij + G_ji, the
+// second from row j's scalars with column i (S_ji = S_ij). picked_by: the rows j whose minP / maxN is column i.
+template <bool kTopK>
+FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* __restrict s, int64_t cc, int64_t c0, int64_t i,
+                   const int64_t* __restrict y, const int64_t* picked_by, int64_t n_picked) {
+  const int64_t yi = y[i], top_i = c.top_i[i];
+  const RowCoef k = row_coef(c, i);
+  const float *__restrict max_n = c.max_n.data() + c0, *__restrict min_p = c.min_p.data() + c0,
+              *__restrict top_v = c.top_v.data() + c0, *__restrict mean = c.mean.data() + c0,
+              *__restrict u_pos = c.u_pos.data() + c0, *__restrict u_neg = c.u_neg.data() + c0,
+              *__restrict c_pos = c.c_pos.data() + c0, *__restrict c_neg = c.c_neg.data() + c0,
+              *__restrict c_var = c.c_var.data() + c0, *__restrict c_all = c.c_all.data() + c0;
+  const int64_t* __restrict top_j = c.top_i.data() + c0;
+  const int64_t* __restrict yc = y + c0;
+  for (int64_t jj = 0; jj < cc; ++jj) {
+    const float v = s[jj];
+    const bool same = yc[jj] == yi, diag = c0 + jj == i;
+    const RowCoef kj{max_n[jj], min_p[jj], top_v[jj], mean[jj], u_pos[jj], u_neg[jj],
+                     c_pos[jj], c_neg[jj], c_var[jj], c_all[jj]};
+    s[jj] = grad_elem<kTopK>(hp, k, v, same, diag, c0 + jj <= top_i, c0 + jj == top_i) +
+            grad_elem<kTopK>(hp, kj, v, same, diag, i <= top_j[jj], i == top_j[jj]);
+  }
+  for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
+    if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
+  for (int64_t p = 0; p < n_picked; ++p)
+    if (picked_by[p] >= c0 && picked_by[p] < c0 + cc) s[picked_by[p] - c0] += c.c_pick[picked_by[p]];
 }
 
 std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& labels, const Tensor& ref_in,
@@ -193,96 +291,147 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0, got ", top_k);
   const Tensor y = check_labels(labels, B, "labels");
   const Tensor y_ref = check_labels(ref_labels, M, "ref_labels");
-  auto [xh, xnorm] = normalize_rows(x_in);
-  const auto f32 = xh.options();
+  const auto f32 = x_in.options().dtype(at::kFloat);
   Tensor gx = at::zeros({want_gx ? B : 0, D}, f32), gref = at::zeros({want_gref ? M : 0, D}, f32);
   if (B == 0) return {at::zeros({}, f32), gx, gref};
 
-  Tensor rh, rnorm;
-  if (M > 0) std::tie(rh, rnorm) = normalize_rows(ref_in);
+  // R = [x̂ if include_self] ++ [r̂], normalised in place; xh / rh are views of it when they are part of it.
   const int64_t off = include_self ? B : 0;  // index of the first r̂ in R
-  const Tensor R = include_self ? (M > 0 ? at::cat({xh, rh}) : xh) : rh;
+  const int64_t N = off + M;
+  Tensor R = at::empty({N, D}, f32), xnorm = at::empty({B}, f32), rnorm = at::empty({M}, f32);
+  const Tensor xh = include_self ? R.narrow(0, 0, B) : at::empty({B, D}, f32);
+  const Tensor rh = R.narrow(0, off, M);
+  normalize_rows_into(x_in, xh, xnorm);
+  if (M > 0) normalize_rows_into(ref_in, rh, rnorm);
   const Tensor yr = include_self ? (M > 0 ? at::cat({y, y_ref}) : y) : y_ref;
-  const int64_t N = R.size(0);
   const Hyper hp{static_cast<float>(pos_a), static_cast<float>(pos_b),  static_cast<float>(neg_a),
                  static_cast<float>(neg_b), static_cast<float>(margin), static_cast<float>(variance_weight),
                  static_cast<float>(mean_weight), phi_sqrt, top_k, include_self};
   const int64_t K = std::min(top_k, N), RB = kRowBlock, CC = chunk_size(D);
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t* yrp = yr.data_ptr<int64_t>();
-  const float inv_b = 1.f / static_cast<float>(B);
-  const bool need_g_self = want_gx && include_self;  // gradient through x's role as a reference
   std::vector<Row> rows(B);
-  // Keep a block's whole similarity strip (kRowBlock × N) for passes 2 and grad when it is small, else recompute.
-  const bool cache_strip = RB * N <= kMaxStrip;
+  Coefs coefs(B);
 
-  // passes 1, 2 and ∂/∂x̂ = G R: one task per block of queries
+  // Column chunks: the self part [0, off) and the memory part [off, N), each cut into chunks of CC.
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t c0 = 0; c0 < off; c0 += CC) chunks.emplace_back(c0, std::min(CC, off - c0));
+  const auto n_self_chunks = static_cast<int64_t>(chunks.size());
+  for (int64_t c0 = off; c0 < N; c0 += CC) chunks.emplace_back(c0, std::min(CC, N - c0));
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  // A block's strip (kRowBlock × N) is kept for passes 2 and grad when small; the whole self part S (B × B) is kept
+  // for the self gradient pass under the same bound. Strips are stored chunk after chunk, each chunk (rows × cc).
+  const bool cache_strip = RB * N <= kMaxStrip;
+  const bool self_grad = include_self && want_gx;
+  Tensor s_self = at::empty({self_grad && B * B <= kMaxStrip ? B * B : 0}, f32);
+  const bool cache_self = s_self.numel() > 0;
+
+  // passes 1, 2 and ∂/∂x̂ += G r̂ over the memory part: one task per block of queries
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
     Tensor sbuf = at::empty({cache_strip ? RB * N : RB * CC}, f32);
     std::vector<std::vector<std::pair<float, int64_t>>> heaps(RB);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
       const Tensor xb = xh.narrow(0, r0, rb);
-      auto sweep = [&](auto&& per_row, bool accumulate_gx, bool first) {
-        for (int64_t c0 = 0; c0 < N; c0 += CC) {
-          const int64_t cc = std::min(CC, N - c0);
-          Tensor s = cache_strip ? sbuf.narrow(0, rb * c0, rb * cc).view({rb, cc}) : tile(sbuf, rb, cc);
-          if (first || !cache_strip) at::mm_out(s, xb, R.narrow(0, c0, cc).t());
-          for (int64_t r = 0; r < rb; ++r) per_row(r, s.data_ptr<float>() + r * cc, cc, c0);
-          if (accumulate_gx) gx.narrow(0, r0, rb).addmm_(s, R.narrow(0, c0, cc));
-        }
+      // tile of chunk ch, computed when first is set or when it is not cached
+      auto tile_of = [&](int64_t ch, bool first) {
+        const auto [c0, cc] = chunks[ch];
+        const bool in_self = cache_self && ch < n_self_chunks;
+        Tensor s = in_self       ? s_self.narrow(0, r0 * B + rb * c0, rb * cc).view({rb, cc})
+                   : cache_strip ? sbuf.narrow(0, rb * c0, rb * cc).view({rb, cc})
+                                 : tile(sbuf, rb, cc);
+        if (first || !(in_self || cache_strip)) at::mm_out(s, xb, R.narrow(0, c0, cc).t());
+        return s;
       };
       for (auto& hv : heaps) hv.clear();
-      sweep([&](int64_t r, const float* s, int64_t cc, int64_t c0) {
-        pass1_row(rows[r0 + r], hp, s, cc, c0, r0 + r, yp[r0 + r], yrp, K, heaps[r]);
-      }, false, true);
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const Tensor s = tile_of(ch, true);
+        for (int64_t r = 0; r < rb; ++r)
+          pass1_row(rows[r0 + r], hp, s.data_ptr<float>() + r * s.size(1), s.size(1), chunks[ch].first, r0 + r,
+                    yp[r0 + r], yrp, K, heaps[r]);
+      }
       for (int64_t r = 0; r < rb; ++r) finish_pass1(rows[r0 + r], hp, N, K, heaps[r]);
-      sweep([&](int64_t r, const float* s, int64_t cc, int64_t c0) {
-        pass2_row(rows[r0 + r], hp, s, cc, c0, r0 + r, yp[r0 + r], yrp);
-      }, false, false);
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const Tensor s = tile_of(ch, false);
+        for (int64_t r = 0; r < rb; ++r)
+          (K > 0 ? pass2_row<true> : pass2_row<false>)(rows[r0 + r], hp, s.data_ptr<float>() + r * s.size(1), s.size(1), chunks[ch].first, r0 + r,
+                    yp[r0 + r], yrp);
+      }
       bool any_valid = false;
       for (int64_t r = 0; r < rb; ++r) {
-        finish_pass2(rows[r0 + r], hp, N, B);
+        finish_pass2(rows[r0 + r], coefs, r0 + r, hp, N, B);
         any_valid = any_valid || rows[r0 + r].valid;
       }
-      if (want_gx && any_valid)
-        sweep([&](int64_t r, float* s, int64_t cc, int64_t c0) {
-          grad_row(rows[r0 + r], hp, s, cc, c0, r0 + r, yp[r0 + r], yrp, inv_b);
-        }, true, false);
+      if (!want_gx || !any_valid) continue;
+      for (int64_t ch = n_self_chunks; ch < n_chunks; ++ch) {
+        Tensor s = tile_of(ch, false);
+        const auto [c0, cc] = chunks[ch];
+        for (int64_t r = 0; r < rb; ++r)
+          (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp);
+        gx.narrow(0, r0, rb).addmm_(s, R.narrow(0, c0, cc));
+      }
     }
   });
 
   double total = 0;
-  for (const Row& st : rows) total += st.valid ? st.loss : 0.0;
+  bool any_valid = false;
+  for (const Row& st : rows) total += st.valid ? st.loss : 0.0, any_valid = any_valid || st.valid;
   Tensor loss = at::full({}, static_cast<float>(total / B), f32);
 
-  // ∂/∂R = Gᵀ x̂ for the reference chunks that need it: one task per chunk, query blocks in fixed order
-  if (need_g_self || want_gref) {
-    const int64_t ch_lo = (need_g_self ? 0 : off) / CC, ch_hi = ceil_div(want_gref ? N : B, CC);
-    const int64_t base = ch_lo * CC;  // gR holds rows [base, base + rows of the chunks) of ∂/∂R
-    Tensor gR = at::zeros({std::min(N, ch_hi * CC) - base, D}, f32);
-    parallel_for(ch_lo, ch_hi, 1, [&](int64_t ch0, int64_t ch1) {
-      Tensor sbuf = at::empty({RB * CC}, f32);
-      for (int64_t ch = ch0; ch < ch1; ++ch) {
-        const int64_t c0 = ch * CC, cc = std::min(CC, N - c0);
-        const Tensor rc = R.narrow(0, c0, cc);
-        Tensor grc = gR.narrow(0, c0 - base, cc);
-        for (int64_t r0 = 0; r0 < B; r0 += RB) {
-          const int64_t rb = std::min(RB, B - r0);
-          const Tensor xb = xh.narrow(0, r0, rb);
-          Tensor s = tile(sbuf, rb, cc);
-          at::mm_out(s, xb, rc.t());
-          bool any_valid = false;
+  // Self part: ∂/∂x̂_I += H_I x̂ (both roles of x̂), one task per block of queries.
+  if (self_grad && any_valid) {
+    // picked_by (CSR over columns i < B): the rows j, ascending, whose minP or maxN element is column i
+    std::vector<int64_t> pick_start(B + 1, 0), picked_by;
+    for (int64_t j = 0; j < B; ++j)
+      for (const int64_t a : {coefs.arg_min[j], coefs.arg_max[j]})
+        if (a >= 0 && a < B) ++pick_start[a + 1];
+    for (int64_t i = 0; i < B; ++i) pick_start[i + 1] += pick_start[i];
+    picked_by.resize(pick_start[B]);
+    std::vector<int64_t> fill(pick_start.begin(), pick_start.end() - 1);
+    for (int64_t j = 0; j < B; ++j)
+      for (const int64_t a : {coefs.arg_min[j], coefs.arg_max[j]})
+        if (a >= 0 && a < B) picked_by[fill[a]++] = j;
+    parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
+      Tensor sbuf = at::empty({cache_self ? 0 : RB * CC}, f32);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
+        for (int64_t ch = 0; ch < n_self_chunks; ++ch) {
+          const auto [c0, cc] = chunks[ch];
+          Tensor s = cache_self ? s_self.narrow(0, r0 * B + rb * c0, rb * cc).view({rb, cc}) : tile(sbuf, rb, cc);
+          if (!cache_self) at::mm_out(s, xh.narrow(0, r0, rb), xh.narrow(0, c0, cc).t());
           for (int64_t r = 0; r < rb; ++r) {
-            grad_row(rows[r0 + r], hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp, inv_b);
-            any_valid = any_valid || rows[r0 + r].valid;
+            const int64_t i = r0 + r;
+            (K > 0 ? grad_row_self<true> : grad_row_self<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, i, yp, picked_by.data() + pick_start[i],
+                          pick_start[i + 1] - pick_start[i]);
           }
-          if (any_valid) grc.addmm_(s.t(), xb);
+          gx.narrow(0, r0, rb).addmm_(s, xh.narrow(0, c0, cc));
         }
       }
     });
-    if (need_g_self) gx.add_(gR.narrow(0, 0, B));  // base is 0 then
-    if (want_gref) gref.copy_(gR.narrow(0, off - base, M));
+  }
+
+  // ∂/∂r̂ = Gᵀ x̂ over the memory chunks: one task per chunk, query blocks in fixed order
+  if (want_gref && M > 0 && any_valid) {
+    parallel_for(n_self_chunks, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
+      Tensor sbuf = at::empty({RB * CC}, f32);
+      for (int64_t ch = ch0; ch < ch1; ++ch) {
+        const auto [c0, cc] = chunks[ch];
+        const Tensor rc = R.narrow(0, c0, cc);
+        Tensor grc = gref.narrow(0, c0 - off, cc);
+        for (int64_t r0 = 0; r0 < B; r0 += RB) {
+          const int64_t rb = std::min(RB, B - r0);
+          bool block_valid = false;
+          for (int64_t r = 0; r < rb; ++r) block_valid = block_valid || rows[r0 + r].valid;
+          if (!block_valid) continue;
+          const Tensor xb = xh.narrow(0, r0, rb);
+          Tensor s = tile(sbuf, rb, cc);
+          at::mm_out(s, xb, rc.t());
+          for (int64_t r = 0; r < rb; ++r)
+            (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp);
+          grc.addmm_(s.t(), xb);
+        }
+      }
+    });
   }
 
   auto norm_backward = [](const Tensor& g, const Tensor& xhat, const Tensor& nrm) {

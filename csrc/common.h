@@ -50,10 +50,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 #define FASTCDML_SIMD_CLONES
 #endif
 
+// Small helpers called from the cloned loops: always inlined into each clone, so the loops vectorise.
+#if defined(__GNUC__)
+#define FASTCDML_INLINE inline __attribute__((always_inline))
+#define FASTCDML_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define FASTCDML_INLINE inline
+#define FASTCDML_INLINE_LAMBDA
+#endif
+
 // exp(v) for v <= 88.3 with ~1 ulp error (Cephes polynomial); v below -87.3 gives ~1e-38 instead of 0, which
 // never matters here (the callers add it to sums of terms >= 1 or multiply it into tiny gradients). Written
 // branch-free so the compiler vectorises loops that call it.
-inline float fast_exp(float v) {
+FASTCDML_INLINE float fast_exp(float v) {
   v = std::min(std::max(v, -87.3365447f), 88.3762626f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (v * 1.44269504088896341f + shifter) - shifter;
@@ -88,14 +97,13 @@ inline at::Tensor check_labels(const at::Tensor& y, int64_t rows, const char* na
   return y.to(at::kLong).contiguous();
 }
 
-// (x̂, ‖x‖): rows of x normalised in fp32 (B, D) contiguous, and their fp32 norms (B,).
-inline std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+// Rows of x normalised in fp32 into out (rows, D) contiguous fp32 (e.g. a slice of a larger buffer), and their fp32
+// norms into norm (rows,).
+inline void normalize_rows_into(const at::Tensor& x, at::Tensor out, at::Tensor norm) {
   at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t n = xf.size(0), d = xf.size(1);
-  at::Tensor xh = at::empty({n, d}, xf.options());
-  at::Tensor norm = at::empty({n}, xf.options());
   const float* src = xf.data_ptr<float>();
-  float* dst = xh.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
   float* nrm = norm.data_ptr<float>();
   parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -107,6 +115,13 @@ inline std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
       for (int64_t k = 0; k < d; ++k) dst[r * d + k] = a[k] * inv;
     }
   });
+}
+
+// (x̂, ‖x‖): rows of x normalised in fp32 (B, D) contiguous, and their fp32 norms (B,).
+inline std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor xh = at::empty({x.size(0), x.size(1)}, f32), norm = at::empty({x.size(0)}, f32);
+  normalize_rows_into(x, xh, norm);
   return {xh, norm};
 }
 

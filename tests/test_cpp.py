@@ -179,8 +179,9 @@ def test_cbml_dtypes(mode, dtype, ref_dtype):
     _check_cbml(x, y, r, yr, mode, dtype if dtype != torch.float32 else ref_dtype, negatives="topk", top_k=20)
 
 
-@pytest.mark.parametrize("case", [(130, 1500, 72, "memory"), (130, 0, 48, "self"), (8, 16400, 16, "ref")],
-                         ids=["multi-chunk", "multi-block-self", "no-strip-cache"])
+@pytest.mark.parametrize("case", [(130, 1500, 72, "memory"), (130, 0, 48, "self"), (8, 16400, 16, "ref"),
+                                  (1100, 0, 16, "self")],
+                         ids=["multi-chunk", "multi-block-self", "no-strip-cache", "uncached-self"])
 @pytest.mark.parametrize("kw", [dict(), dict(negatives="topk", top_k=100)], ids=["adaptive", "topk"])
 def test_cbml_large(case, kw):
     b, m, d, mode = case
