@@ -73,17 +73,23 @@ def contrastive_bayesian_loss(
         _checks.embeddings(ref_emb, "ref_emb", impl, embeddings.shape[1], check_inputs)
         _checks.same_device(ref_emb, "ref_emb", embeddings, "embeddings")
         _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs)
+    hyper = dict(pos_a=pos_a, pos_b=pos_b, neg_a=neg_a, neg_b=neg_b, margin=margin, variance_weight=variance_weight,
+                 mean_weight=mean_weight, phi=phi, negatives=negatives, top_k=top_k)
+    return _cbml(embeddings, labels, ref_emb, ref_labels, include_self, hyper, impl, namespace)
+
+
+def _cbml(embeddings, labels, ref_emb, ref_labels, include_self, hyper, impl, namespace):
+    """The loss on validated inputs (``ref_emb`` (M, D), M may be 0) with the backend already chosen."""
     if embeddings.shape[0] == 0:
         return embeddings.sum(dtype=torch.float32) * 0.0
-    k = top_k if negatives == "topk" else 0
+    h = dict(hyper)
+    h["top_k"] = h["top_k"] if h.pop("negatives") == "topk" else 0
     if impl == "reference":
-        return reference.cbml_loss(
-            embeddings, labels, ref_emb if ref_emb.shape[0] else None, ref_labels, include_self=include_self,
-            pos_a=pos_a, pos_b=pos_b, neg_a=neg_a, neg_b=neg_b, margin=margin, variance_weight=variance_weight,
-            mean_weight=mean_weight, phi=phi, top_k=k,
-        )
-    return ops.cbml_loss(embeddings, labels, ref_emb, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin,
-                         variance_weight, mean_weight, phi, k, namespace)
+        return reference.cbml_loss(embeddings, labels, ref_emb if ref_emb.shape[0] else None, ref_labels,
+                                   include_self=include_self, **h)
+    return ops.cbml_loss(embeddings, labels, ref_emb, ref_labels, include_self, h["pos_a"], h["pos_b"], h["neg_a"],
+                         h["neg_b"], h["margin"], h["variance_weight"], h["mean_weight"], h["phi"], h["top_k"],
+                         namespace)
 
 
 class ContrastiveBayesianLoss(nn.Module):
@@ -133,25 +139,28 @@ class ContrastiveBayesianLoss(nn.Module):
             self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64))
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        kwargs = dict(self.hyper, backend=self.backend, check_inputs=self.check_inputs)
         if not self.memory_size:
-            return contrastive_bayesian_loss(embeddings, labels, ref_emb, ref_labels, **kwargs)
+            return contrastive_bayesian_loss(embeddings, labels, ref_emb, ref_labels, **self.hyper,
+                                             backend=self.backend, check_inputs=self.check_inputs)
         if ref_emb is not None:
             raise ValueError("ref_emb cannot be combined with memory_size > 0: the memory is the reference set")
-        if embeddings.dim() == 2 and self.memory_emb.shape[1] != embeddings.shape[1]:
+        impl, namespace = resolve(self.backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
+        _checks.embeddings(embeddings, "embeddings", impl, check_values=self.check_inputs)
+        _checks.labels(labels, "labels", embeddings, "embeddings", check_values=self.check_inputs)
+        _checks.same_device(self.memory_emb, "the memory", embeddings, "embeddings", "; move the loss with .to(device)")
+        if self.memory_emb.shape[1] != embeddings.shape[1]:
             if self.memory_filled:
                 raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the memory holds "
                                  f"{self.memory_emb.shape[1]}-dimensional entries")
             self.memory_emb = self.memory_emb.new_zeros(self.memory_size, embeddings.shape[1])
+        # The memory holds rows this module normalised from checked batches: no need to scan it again.
         n = self.memory_filled
-        loss = contrastive_bayesian_loss(embeddings, labels, self.memory_emb[:n], self.memory_labels[:n],
-                                         include_self=True, **kwargs)
+        loss = _cbml(embeddings, labels, self.memory_emb[:n], self.memory_labels[:n], True, self.hyper, impl, namespace)
         if self.training:
             # The fused op computed its gradients in the forward, so the memory can be overwritten in place. The
             # reference's autograd graph still refers to the memory: give it a new tensor instead (an in-place
             # write would also be mis-ordered by torch.compile's partitioner).
-            in_place = resolve(self.backend, "cbml", embeddings.device)[0] != "reference"
-            self._enqueue(embeddings.detach(), labels, in_place)
+            self._enqueue(embeddings.detach(), labels, in_place=impl != "reference")
         return loss
 
     @torch.no_grad()
