@@ -26,10 +26,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) -m fastcdml bench
+	$(PY) -m bench
 
 demo: setup
-	$(PY) -m fastcdml demo
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastcdml/_C*.so

@@ -4,8 +4,8 @@ command). One training step, as ``python -m fastcdml bench`` defines it, at the 
 import pytest
 import torch
 
-from fastcdml import _bench_impls as impls
-from fastcdml.bench import PRESETS, parse_size
+from bench import impls
+from bench.run import PRESETS, parse_size
 
 TARGETS = PRESETS["cpu-targets"]
 

@@ -15,9 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from fastcdml.bench import table
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script (python bench/report.py): the bench package sits beside it
+
+from bench.run import table  # noqa: E402
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 INTRO = """\

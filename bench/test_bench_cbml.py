@@ -2,7 +2,7 @@
 reference."""
 import pytest
 
-from fastcdml.bench import PRESETS
+from bench.run import PRESETS
 
 TARGETS = PRESETS["cpu-targets"]
 

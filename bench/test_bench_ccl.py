@@ -1,7 +1,7 @@
 """CCL step (forward, backward to the queries, momentum update) at the C++ targets: C++ vs the eager reference."""
 import pytest
 
-from fastcdml.bench import PRESETS
+from bench.run import PRESETS
 
 TARGETS = PRESETS["cpu-targets"]
 

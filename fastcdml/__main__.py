@@ -1,19 +1,26 @@
-"""``python -m fastcdml {info,bench,demo}`` (also installed as the ``fastcdml`` console script)."""
+"""fastcdml's command line: ``python -m fastcdml`` (also installed as the ``fastcdml`` console script).
+
+``info`` belongs to the library. ``bench`` and ``demo`` are tools that live beside it in a source checkout
+(``bench/`` and ``examples/demo.py``); from a checkout they are delegated there, elsewhere the command says
+where to get them.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import runpy
 import sys
+from pathlib import Path
 
-COMMANDS = {
-    "info": "which backends this installation has, per loss and device",
-    "bench": "time the losses on this device and write bench/results (see `fastcdml bench --help`)",
-    "demo": "train a small retrieval model on bundled data with each loss (see `fastcdml demo --help`)",
+CHECKOUT = Path(__file__).resolve().parent.parent
+TOOLS = {
+    "bench": ("time and memory of one training step per implementation and size", CHECKOUT / "bench" / "__main__.py"),
+    "demo": ("train a small retrieval model with each loss", CHECKOUT / "examples" / "demo.py"),
 }
 
 
 def info() -> int:
+    """Print the versions and, per loss and device, which backends this installation has."""
     import torch
 
     import fastcdml
@@ -27,14 +34,42 @@ def info() -> int:
     return 0
 
 
+def _run_tool(name: str, argv: list[str]) -> int:
+    path = TOOLS[name][1]
+    if not path.exists():
+        print(f"fastcdml {name}: the {name} tool ships with the source checkout, not the installed package; "
+              f"run it from a clone of the repository", file=sys.stderr)
+        return 2
+    sys.argv = [str(path), *argv]
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    try:
+        if name == "bench":
+            runpy.run_module("bench", run_name="__main__")
+        else:
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="fastcdml", description=__doc__)
-    parser.add_argument("command", choices=COMMANDS, help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
-    args, rest = parser.parse_known_args(argv[:1])
+    from fastcdml import __version__
+
+    parser = argparse.ArgumentParser(prog="fastcdml", description="Fused deep-metric-learning losses.")
+    parser.add_argument("--version", action="version", version=f"fastcdml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    sub.add_parser("info", help="which backends this installation has, per loss and device",
+                   description=info.__doc__)
+    for name, (about, _) in TOOLS.items():
+        sub.add_parser(name, help=f"{about} (source checkout; `fastcdml {name} --help`)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
     if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
-    return importlib.import_module(f"fastcdml.{args.command}").main(argv[1:] + rest)
+    return _run_tool(args.command, rest)
 
 
 if __name__ == "__main__":

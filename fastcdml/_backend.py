@@ -9,7 +9,8 @@ from functools import lru_cache
 
 import torch
 
-from .ops._registry import INTERPRET, MAIN, has_kernel, interpreter_active
+from ._runtime import interpreter_active
+from .ops._registry import INTERPRET, MAIN, has_kernel
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 _FIRST_OP = {"ccl": "ccl_fwd", "cbml": "cbml_fwd"}

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastcdml  # noqa: E402
-from fastcdml.ops import _registry  # noqa: E402
+from fastcdml import _runtime  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -18,9 +18,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(autouse=True)
 def _seed_and_poison():
     torch.manual_seed(0)
-    _registry.POISON = True
+    _runtime.POISON = True
     yield
-    _registry.POISON = False
+    _runtime.POISON = False
 
 
 @pytest.fixture

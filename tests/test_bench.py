@@ -1,4 +1,4 @@
-"""The bench machinery (``python -m fastcdml bench`` and ``bench/report.py``) at tiny sizes."""
+"""The bench machinery (``python -m bench`` and ``bench/report.py``) at tiny sizes."""
 import importlib.util
 import json
 import subprocess
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcdml import _bench_impls as impls
-from fastcdml import bench
+from bench import impls
+from bench import run as bench
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcdml import demo
 
 from .test_datasets import make_cub
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "demo.py")
+demo = sys.modules["demo"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(demo)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_retrieval.py"
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._registry import interpreter_active, new_output
+from .._runtime import interpreter_active, new_output
 
 EPS = tl.constexpr(1e-12)
 INT64_MIN = tl.constexpr(-(2**63))  # the empty top-K slot: below every key

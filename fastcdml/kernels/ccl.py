@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..ops._registry import interpreter_active, new_output
+from .._runtime import interpreter_active, new_output
 
 INTERPRET = interpreter_active()
 AUTOTUNE = os.environ.get("FASTCDML_AUTOTUNE") == "1"

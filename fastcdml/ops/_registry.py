@@ -11,18 +11,14 @@ Two namespaces carry the same ops:
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable
 
 import torch
 
+from .._runtime import interpreter_active
+
 MAIN = "fastcdml"
 INTERPRET = "fastcdml_interpret"
-
-
-def interpreter_active() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def namespaces() -> dict[str, str]:
@@ -31,16 +27,6 @@ def namespaces() -> dict[str, str]:
 
 
 _LIBS: dict[str, torch.library.Library] = {}
-
-POISON = False  # tests set this: outputs start as NaN (int: -1) so an element a kernel forgets to write fails
-
-
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Allocate a kernel output: ``torch.empty``, or NaN / -1 filled while ``POISON`` is set."""
-    if not POISON:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-
 
 def _library(ns: str) -> torch.library.Library:
     if ns not in _LIBS:

@@ -1,7 +1,7 @@
-"""``python -m fastcdml bench``: time and memory of one training step, per implementation and size.
+"""``python -m bench`` (also ``python -m fastcdml bench`` in a source checkout): time and memory of one training step, per implementation and size.
 
 Sweeps the sizes of a preset (or ``--sizes``) for each loss and implementation (see
-:mod:`fastcdml._bench_impls` for what a step is and what each peer does), prints a table and writes
+:mod:`bench.impls` for what a step is and what each peer does), prints a table and writes
 ``<out>/<device-slug>-<date>.json`` (``{"rows": [...], "meta": {...}}``, merged with the file of the same day)
 and PNG plots (time and memory against C, one line per implementation, log scales) next to it.
 
@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-from . import _bench_impls as impls
-from ._bench_impls import Case
+from fastcdml import __version__, backends
+
+from . import impls
+from .impls import Case
 
 MODE = "step"
 ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
@@ -200,7 +202,7 @@ def measure(case: Case, device: torch.device, quick: bool, parts: str = "time,me
 
 
 def _worker(case: Case, device: torch.device, quick: bool, timeout: float, parts: str, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "fastcdml.bench", "--worker", json.dumps(asdict(case)), "--device", str(device),
+    cmd = [sys.executable, "-m", "bench", "--worker", json.dumps(asdict(case)), "--device", str(device),
            "--parts", parts]
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, timeout=timeout,
@@ -264,7 +266,6 @@ def _git() -> str | None:
 
 def environment(device: torch.device) -> dict:
     """The fields every row carries (device, versions, date)."""
-    from . import __version__
 
     return {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
             "fastcdml": __version__, "date": dt.date.today().isoformat()}
@@ -367,7 +368,7 @@ def merge(path: Path, rows: list[dict], meta: dict) -> tuple[list[dict], dict]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m fastcdml bench",
+        prog="python -m bench",
         description="Time and memory of one training step (forward + backward + bank update) per implementation.",
         epilog="presets: " + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()),
     )
@@ -398,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tqdm import tqdm
 
-    from . import backends
 
     args.preset = args.preset or ("gpu-compass" if device.type == "cuda" else "cpu")
     isolate = device.type == "cpu" if args.isolate is None else args.isolate
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**{k: env[k] for k in ("device", "torch", "triton", "fastcdml")}, "device_slug": slug(env["device"]),
             "device_type": device.type, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "git": _git(), "backends": backends(),
-            "runs": [{"command": " ".join(["python -m fastcdml bench", *argv]), "preset": args.preset,
+            "runs": [{"command": " ".join(["python -m bench", *argv]), "preset": args.preset,
                       "isolated": isolate, "quick": args.quick, "started": started, "wall_s": round(wall_s, 1),
                       "load_avg_1min": [load0, round(os.getloadavg()[0], 2)], "skipped": skipped}]}
     path = out / f"{stem}.json"

@@ -1,4 +1,4 @@
-"""``python -m fastcdml demo``: proof that the losses train, on data that ships with scikit-learn.
+"""``python examples/demo.py`` (``make demo``): proof that the losses train, on data that ships with scikit-learn.
 
 Task: scikit-learn's bundled handwritten digits (1,797 8×8 images, no download), class-disjoint as in metric
 learning benchmarks: train on digits 0–4, retrieve among the unseen digits 5–9 (every test image is a query
@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
-from ._backend import resolve, unavailable_reason
-from .datasets import MPerClassSampler
-from .evaluation import compute_embeddings, retrieval_metrics
-from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss
+from fastcdml import __version__
+from fastcdml._backend import resolve, unavailable_reason
+from fastcdml.datasets import MPerClassSampler
+from fastcdml.evaluation import compute_embeddings, retrieval_metrics
+from fastcdml.losses import CenterContrastiveLoss, ContrastiveBayesianLoss
 
 TRAIN_DIGITS, TEST_DIGITS = range(0, 5), range(5, 10)
 REPORT_KS = (1, 2, 4)
@@ -226,7 +226,7 @@ def plot(out: Path, runs: dict[str, Run], untrained: nn.Module, test_split: Spli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastcdml demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("fastcdml-demo"), help="output folder (created)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         train_split, test_split = load_digits_split()
     except ImportError as err:
-        print(f"fastcdml demo: {err}")
+        print(f"demo: {err}")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -302,7 +302,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             written += plot(args.out, runs, untrained, test_split)
         except ImportError:
-            print("fastcdml demo: matplotlib is not installed, plots skipped (pip install 'fastcdml[demo]')")
+            print("demo: matplotlib is not installed, plots skipped (pip install 'fastcdml[demo]')")
     print(table)
     print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from . import functional as F
-from ._backend import resolve
-from .reference import cbml as ref_cbml
-from .reference import ccl as ref_ccl
+from fastcdml import functional as F
+from fastcdml._backend import resolve
+from fastcdml.reference import cbml as ref_cbml
+from fastcdml.reference import ccl as ref_ccl
 
 # Hyper-parameters of every CCL step (the library defaults; τ also for the cross-entropy peers).
 TAU, MARGIN, CENTER_WEIGHT, MOMENTUM = 0.05, 0.1, 1.0, 0.9
