@@ -1,5 +1,5 @@
 // Contrastive Bayesian Metric Learning loss, CPU kernel for fastcdml::cbml_fwd (schema: fastcdml/ops/cbml.py,
-// math: shared/spec/losses.md §2 and fastcdml/reference/cbml.py).
+// math: docs/spec.md and fastcdml/reference/cbml.py).
 //
 // The reference set R = [x̂ if include_self] ++ [r̂] is normalised once, straight into one fp32 (N, D) buffer (x̂ is
 // its first B rows). Its columns are cut into chunks of chunk_size(D), the self part [0, B) and the memory part
@@ -88,16 +88,19 @@ struct RowCoef {
   float max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all;
 };
 
-// ∂loss/∂S for one element of a row with scalars k, without the minP / maxN pick terms. same: y_j = y_i; excluded:
-// the self pair; tie_ok: j <= top_i (top-K ties).
+// ∂loss/∂S for one element of a row with scalars k, without the minP / maxN pick terms. present: y_j >= 0 (a
+// negative reference label marks an empty memory slot: in no set, not in the mean, zero gradient); same: y_j = y_i
+// and present; excluded: the self pair; tie_ok: j <= top_i (top-K ties).
 template <bool kTopK>
-FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool excluded, bool tie_ok,
-                                bool is_top) {
+FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool present, bool excluded,
+                                bool tie_ok, bool is_top) {
+  const bool neg = !same & present;
   const bool hpos = same & !excluded & (v - hp.margin < k.max_n);
-  const bool hneg = !same & hard_neg<kTopK>(hp, v, k.min_p, k.top_v, tie_ok, is_top);
+  const bool hneg = neg & hard_neg<kTopK>(hp, v, k.min_p, k.top_v, tie_ok, is_top);
   const float t_pos = -(v - hp.pos_a) / hp.pos_b - k.u_pos, t_neg = (v - hp.neg_a) / hp.neg_b - k.u_neg;
   const float coef = hpos ? k.c_pos : (hneg ? k.c_neg : 0.f), var = k.c_var * (v - k.mean);
-  return k.c_all + coef * fast_exp(same ? t_pos : t_neg) + (same ? 0.f : var);
+  const float g = k.c_all + coef * fast_exp(same ? t_pos : t_neg) + (neg ? var : 0.f);
+  return present ? g : 0.f;
 }
 
 FASTCDML_INLINE RowCoef row_coef(const Coefs& c, int64_t i) {
@@ -122,15 +125,16 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
   auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    const bool same = yr[j] == yi, pos = same & !(hp.self & (j == i));
-    const double vd = same ? 0.0 : static_cast<double>(v);
-    sum[l] += v;
+    const bool present = yr[j] >= 0, same = present & (yr[j] == yi), pos = same & !(hp.self & (j == i));
+    const bool neg = present & !same;
+    const double vd = neg ? static_cast<double>(v) : 0.0;
+    sum[l] += present ? v : 0.f;
     nsum[l] += vd;
     nsq[l] += vd * vd;
     mn[l] = std::min(mn[l], pos ? v : kInf);
-    mx[l] = std::max(mx[l], same ? -kInf : v);
+    mx[l] = std::max(mx[l], neg ? v : -kInf);
     npos[l] += pos;
-    nneg[l] += !same;
+    nneg[l] += neg;
   };
   int64_t jj = 0;
   for (; jj + kLanes <= cc; jj += kLanes)
@@ -145,18 +149,18 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
   if (cmin < st.min_p) {
     st.min_p = cmin;
     for (jj = 0; jj < cc; ++jj)
-      if (s[jj] == cmin && yr[c0 + jj] == yi && !(hp.self && c0 + jj == i)) break;
+      if (s[jj] == cmin && yr[c0 + jj] == yi && yi >= 0 && !(hp.self && c0 + jj == i)) break;
     st.arg_min_p = c0 + jj;
   }
   if (cmax > st.max_n) {
     st.max_n = cmax;
     for (jj = 0; jj < cc; ++jj)
-      if (s[jj] == cmax && yr[c0 + jj] != yi) break;
+      if (s[jj] == cmax && yr[c0 + jj] != yi && yr[c0 + jj] >= 0) break;
     st.arg_max_n = c0 + jj;
   }
   if (k == 0) return;
   for (jj = 0; jj < cc; ++jj) {
-    if (yr[c0 + jj] == yi) continue;
+    if (yr[c0 + jj] == yi || yr[c0 + jj] < 0) continue;
     const std::pair<float, int64_t> e{s[jj], c0 + jj};
     if (static_cast<int64_t>(heap.size()) < k) {
       heap.push_back(e);
@@ -193,9 +197,9 @@ FASTCDML_SIMD_CLONES void pass2_row(Row& st, const Hyper hp, const float* s, int
   auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    const bool same = yr[j] == yi;
+    const bool present = yr[j] >= 0, same = present & (yr[j] == yi);
     const bool hpos = same & !(hp.self & (j == i)) & (v - hp.margin < max_n);
-    const bool hneg = !same & hard_neg<kTopK>(hp, v, min_p, top_v, j <= top_i, j == top_i);
+    const bool hneg = present & !same & hard_neg<kTopK>(hp, v, min_p, top_v, j <= top_i, j == top_i);
     const float t_pos = -(v - hp.pos_a) / hp.pos_b - pm, t_neg = (v - hp.neg_a) / hp.neg_b - nm;
     const float e = fast_exp(same ? t_pos : t_neg);
     sp[l] += hpos ? e : 0.f;
@@ -244,7 +248,9 @@ FASTCDML_SIMD_CLONES void grad_row(const Coefs& c, const Hyper hp, float* __rest
   const int64_t top_i = c.top_i[i];
   for (int64_t jj = 0; jj < cc; ++jj) {
     const int64_t j = c0 + jj;
-    s[jj] = grad_elem<kTopK>(hp, k, s[jj], yr[j] == yi, hp.self & (j == i), j <= top_i, j == top_i);
+    const bool present = yr[j] >= 0;
+    s[jj] = grad_elem<kTopK>(hp, k, s[jj], present & (yr[j] == yi), present, hp.self & (j == i), j <= top_i,
+                             j == top_i);
   }
   for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
     if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
@@ -266,11 +272,11 @@ FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* _
   const int64_t* __restrict yc = y + c0;
   for (int64_t jj = 0; jj < cc; ++jj) {
     const float v = s[jj];
-    const bool same = yc[jj] == yi, diag = c0 + jj == i;
+    const bool present_j = yc[jj] >= 0, present_i = yi >= 0, equal = yc[jj] == yi, diag = c0 + jj == i;
     const RowCoef kj{max_n[jj], min_p[jj], top_v[jj], mean[jj], u_pos[jj], u_neg[jj],
                      c_pos[jj], c_neg[jj], c_var[jj], c_all[jj]};
-    s[jj] = grad_elem<kTopK>(hp, k, v, same, diag, c0 + jj <= top_i, c0 + jj == top_i) +
-            grad_elem<kTopK>(hp, kj, v, same, diag, i <= top_j[jj], i == top_j[jj]);
+    s[jj] = grad_elem<kTopK>(hp, k, v, equal & present_j, present_j, diag, c0 + jj <= top_i, c0 + jj == top_i) +
+            grad_elem<kTopK>(hp, kj, v, equal & present_i, present_i, diag, i <= top_j[jj], i == top_j[jj]);
   }
   for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
     if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
@@ -310,6 +316,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   const int64_t K = std::min(top_k, N), RB = kRowBlock, CC = chunk_size(D);
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t* yrp = yr.data_ptr<int64_t>();
+  // references present in the row mean (a negative label marks an empty memory slot)
+  const int64_t n_present = std::max<int64_t>(1, yr.ge(0).sum().item<int64_t>());
   std::vector<Row> rows(B);
   Coefs coefs(B);
 
@@ -350,7 +358,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
           pass1_row(rows[r0 + r], hp, s.data_ptr<float>() + r * s.size(1), s.size(1), chunks[ch].first, r0 + r,
                     yp[r0 + r], yrp, K, heaps[r]);
       }
-      for (int64_t r = 0; r < rb; ++r) finish_pass1(rows[r0 + r], hp, N, K, heaps[r]);
+      for (int64_t r = 0; r < rb; ++r) finish_pass1(rows[r0 + r], hp, n_present, K, heaps[r]);
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
         const Tensor s = tile_of(ch, false);
         for (int64_t r = 0; r < rb; ++r)
@@ -359,7 +367,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
       }
       bool any_valid = false;
       for (int64_t r = 0; r < rb; ++r) {
-        finish_pass2(rows[r0 + r], coefs, r0 + r, hp, N, B);
+        finish_pass2(rows[r0 + r], coefs, r0 + r, hp, n_present, B);
         any_valid = any_valid || rows[r0 + r].valid;
       }
       if (!want_gx || !any_valid) continue;

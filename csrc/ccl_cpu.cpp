@@ -1,5 +1,5 @@
 // Center Contrastive Loss, CPU kernels for fastcdml::ccl_fwd, ccl_bwd_centers and ccl_update_ (schemas and math:
-// fastcdml/ops/ccl.py and shared/spec/losses.md §1).
+// fastcdml/ops/ccl.py and docs/spec.md).
 //
 // ccl_fwd streams the bank in chunks of chunk_size(D) classes per block of kRowBlock queries: one GEMM gives the
 // similarity tile, an online softmax (flash-attention style running max / sum in fp32) turns it into

@@ -1,24 +1,39 @@
 """fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
-everywhere; ``fastcdml.backends()`` says which this installation has.
+everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval
+metrics) and ``fastcdml.datasets`` (CUB, Cars196, SOP, In-Shop, an m-per-class sampler) load on first use.
 """
-from . import distributed, functional, ops, reference
-from ._backend import BackendUnavailable, available as backends, load_extension
-from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
+import importlib
 
-load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
+from . import distributed, functional, ops, reference
+from ._backend import BackendUnavailable, available as backends
+from ._extension import load as _load_extension
+from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
+from .params import BayesianParams, CenterParams
+
+_load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
 
 __version__ = "0.1.0"
+_LAZY = ("evaluation", "datasets")
 __all__ = [
     "CenterContrastiveLoss",
     "ContrastiveBayesianLoss",
     "ShardedCenterContrastiveLoss",
-    "distributed",
+    "CenterParams",
+    "BayesianParams",
     "BackendUnavailable",
     "backends",
+    "distributed",
     "functional",
     "ops",
     "reference",
+    *_LAZY,
     "__version__",
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastcdml' has no attribute {name!r}")

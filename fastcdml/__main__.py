@@ -24,11 +24,11 @@ def info() -> int:
     import torch
 
     import fastcdml
-    from fastcdml._backend import load_extension
+    from fastcdml import _extension
 
-    ext, reason = load_extension()
+    ext = _extension.load()
     print(f"fastcdml {fastcdml.__version__}  torch {torch.__version__}  cuda available: {torch.cuda.is_available()}")
-    print(f"C++ extension: {json.dumps(ext.build_info()) if ext else reason}")
+    print(f"C++ extension ({ext.origin}): {json.dumps(ext.module.build_info()) if ext.module else ext.reason}")
     for key, backends in fastcdml.backends().items():
         print(f"  {key:10s} " + "  ".join(f"{name}: {why}" for name, why in backends.items()))
     return 0

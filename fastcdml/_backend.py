@@ -1,18 +1,34 @@
-"""The one place that chooses a backend: ``"triton"`` on CUDA tensors, ``"cpp"`` on CPU tensors when the C++
-extension is built, ``"reference"`` (eager PyTorch) otherwise. ``backend=`` forces one and fails clearly."""
+"""The one place that chooses a backend, and the two implementations of what the modules need from one.
+
+:func:`resolve` returns a :class:`Backend`: the fused ops (``"triton"`` on CUDA tensors, ``"cpp"`` on CPU tensors
+when the C++ extension is there) or the eager PyTorch reference (``"reference"``, everywhere). ``backend="auto"``
+prefers the fused op for the tensor's device and falls back to the reference with one warning that says why;
+a forced backend that cannot run raises :class:`BackendUnavailable` with the reason.
+
+Under ``torch.compile`` the resolution is a constant of the graph: :func:`_resolve_key` is marked as such (the
+marker that ``torch.compiler.assume_constant_result`` sets, set directly so that importing fastcdml does not
+import ``torch._dynamo``; ``tests/test_compile.py`` fails if the marker stops working).
+"""
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import sys
 import warnings
 from functools import lru_cache
 
 import torch
 
+from . import _extension
 from ._runtime import interpreter_active
+from .ops import cbml as cbml_ops
+from .ops import ccl as ccl_ops
 from .ops._registry import INTERPRET, MAIN, has_kernel
+from .params import BayesianParams, CenterParams
+from .reference import cbml as cbml_reference
+from .reference import ccl as ccl_reference
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FIRST_OP = {"ccl": "ccl_fwd", "cbml": "cbml_fwd"}
 
 
@@ -20,24 +36,88 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run here; the message says why."""
 
 
-@lru_cache(maxsize=None)
-def load_extension():
-    """``(fastcdml._C, None)`` or ``(None, reason)``; checks the extension was built for this torch."""
-    try:
-        ext = importlib.import_module("fastcdml._C")
-    except ImportError as err:
-        return None, f"the C++ extension fastcdml._C is not built ({err})"
-    built = ext.build_info().get("torch")
-    if built != torch.__version__:
-        return None, f"fastcdml._C was built for torch {built} but torch {torch.__version__} is running; reinstall"
-    return ext, None
+class Backend:
+    """What a loss module needs from a backend.
+
+    ``name``: ``"triton"``, ``"cpp"`` or ``"reference"``. ``dtypes``: the embedding dtypes it takes.
+    ``updates_in_place``: whether :meth:`ccl_update` writes into the bank it is given (the fused ops, whose
+    query gradient was computed in the forward) or returns a new bank (the reference: autograd still holds the
+    old one, so the module must swap its buffer instead of writing into it).
+    """
+
+    name: str
+    dtypes: tuple
+    updates_in_place: bool
+
+    def ccl_rows(self, x, labels, centers, params: CenterParams) -> torch.Tensor:
+        """Per-row CCL losses (B,) float32 (float64 for float64 reference inputs), differentiable in ``x`` and
+        ``centers`` (the proxy gradient of the learnable-proxy mode flows through ``centers``)."""
+        raise NotImplementedError
+
+    def ccl_update(self, centers, x, labels, momentum: float) -> torch.Tensor:
+        """The bank after one momentum step (``centers`` itself when ``updates_in_place``)."""
+        raise NotImplementedError
+
+    def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams) -> torch.Tensor:
+        """The CBML loss ``Σ_i L_i / B`` (0-d) of ``x`` against ``[x if include_self] ++ ref`` (``ref`` (M, D),
+        M may be 0), differentiable in ``x`` and ``ref``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<fastcdml backend {self.name!r}>"
+
+
+class ReferenceBackend(Backend):
+    """The eager PyTorch specification (``fastcdml.reference``): any device, float64 too."""
+
+    name, dtypes, updates_in_place = "reference", KERNEL_DTYPES + (torch.float64,), False
+
+    def ccl_rows(self, x, labels, centers, params):
+        return ccl_reference.ccl_loss_rows(x, labels, centers, params.temperature, params.margin,
+                                           params.center_weight)
+
+    def ccl_update(self, centers, x, labels, momentum):
+        return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum)
+
+    def cbml(self, x, labels, ref, ref_labels, include_self, params):
+        return cbml_reference.cbml_loss(
+            x, labels, ref if ref.shape[0] else None, ref_labels, include_self=include_self, pos_a=params.pos_a,
+            pos_b=params.pos_b, neg_a=params.neg_a, neg_b=params.neg_b, margin=params.margin,
+            variance_weight=params.variance_weight, mean_weight=params.mean_weight, phi=params.phi,
+            top_k=params.hard_negatives)
+
+
+class FusedBackend(Backend):
+    """The ``torch.library`` ops of one namespace: Triton kernels (CUDA, or the CPU under the interpreter) or
+    the C++ kernels (CPU)."""
+
+    dtypes, updates_in_place = KERNEL_DTYPES, True
+
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+
+    def ccl_rows(self, x, labels, centers, params):
+        return ccl_ops.ccl_loss_rows(x, labels, centers, params, self.namespace)
+
+    def ccl_update(self, centers, x, labels, momentum):
+        ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace)
+        return centers
+
+    def cbml(self, x, labels, ref, ref_labels, include_self, params):
+        return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, self.namespace)
+
+
+_INSTANCES = {
+    ("reference", None): ReferenceBackend(),
+    ("cpp", MAIN): FusedBackend("cpp", MAIN),
+    ("triton", MAIN): FusedBackend("triton", MAIN),
+    ("triton", INTERPRET): FusedBackend("triton", INTERPRET),
+}
 
 
 def _triton_reason(loss: str, device_type: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if importlib.util.find_spec(f"fastcdml.kernels.{loss}") is None:
-        return f"fastcdml has no Triton kernels for {loss} yet"
     if device_type == "cpu" and not interpreter_active():
         return "Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 to interpret them on the CPU)"
     if device_type not in ("cuda", "cpu"):
@@ -50,9 +130,9 @@ def _triton_reason(loss: str, device_type: str) -> str | None:
 def _cpp_reason(loss: str, device_type: str) -> str | None:
     if device_type != "cpu":
         return f"the C++ backend runs on CPU tensors, got a {device_type} tensor"
-    _, reason = load_extension()
-    if reason is not None:
-        return reason
+    ext = _extension.load()
+    if ext.module is None:
+        return ext.reason
     if not has_kernel(MAIN, _FIRST_OP[loss], "CPU"):
         return f"fastcdml._C has no CPU kernel for {loss}"
     return None
@@ -65,13 +145,8 @@ def unavailable_reason(backend: str, loss: str, device_type: str) -> str | None:
     return (_triton_reason if backend == "triton" else _cpp_reason)(loss, device_type)
 
 
-@torch.compiler.assume_constant_result
-def _resolve_cached(backend: str, loss: str, device_type: str) -> str:
-    return _resolve(backend, loss, device_type)
-
-
 @lru_cache(maxsize=None)
-def _resolve(backend: str, loss: str, device_type: str) -> str:
+def _resolve_name(backend: str, loss: str, device_type: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -85,16 +160,34 @@ def _resolve(backend: str, loss: str, device_type: str) -> str:
     reason = unavailable_reason(preferred, loss, device_type)
     if reason is None:
         return preferred
-    warnings.warn(f"fastcdml: {loss} on {device_type} falls back to the PyTorch reference: {reason}", stacklevel=3)
+    warnings.warn(f"fastcdml: {loss} on {device_type} tensors runs on the PyTorch reference (slower, more memory): "
+                  f"{reason}", stacklevel=_user_stacklevel())
     return "reference"
 
 
-def resolve(backend: str, loss: str, device: torch.device) -> tuple[str, str | None]:
-    """``(backend name, op namespace or None for the reference)`` for ``loss`` on ``device``."""
-    name = _resolve_cached(backend, loss, device.type)
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside fastcdml (and torch's module call machinery), so that a
+    warning points at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] in ("fastcdml", "torch",
+                                                                                      "functools")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _resolve_key(backend: str, loss: str, device_type: str) -> tuple[str, str | None]:
+    name = _resolve_name(backend, loss, device_type)
     if name == "reference":
         return name, None
-    return name, INTERPRET if device.type == "cpu" and name == "triton" else MAIN
+    return name, INTERPRET if device_type == "cpu" and name == "triton" else MAIN
+
+
+_resolve_key._dynamo_marked_constant = True  # what torch.compiler.assume_constant_result does, without importing dynamo
+
+
+def resolve(backend: str, loss: str, device: torch.device) -> Backend:
+    """The :class:`Backend` that computes ``loss`` (``"ccl"`` or ``"cbml"``) on ``device``'s tensors."""
+    return _INSTANCES[_resolve_key(backend, loss, device.type)]
 
 
 def available() -> dict[str, dict[str, str]]:

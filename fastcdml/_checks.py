@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LABEL_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -23,13 +22,15 @@ def tensor(x, name: str) -> torch.Tensor:
     return x
 
 
-def embeddings(x, name: str, backend: str, dim: int | None = None, check_values: bool = True) -> None:
-    """2-D float tensor (B, D); float64 only for the reference; finite values when ``check_values``."""
+def embeddings(x, name: str, backend, dim: int | None = None, check_values: bool = True) -> None:
+    """2-D float tensor (B, D) of a dtype ``backend`` takes (float64 only on the reference); finite values when
+    ``check_values``."""
+    tensor(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
-    allowed = KERNEL_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    if x.dtype not in allowed:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]} for backend {backend!r}, got {x.dtype}")
+    if x.dtype not in backend.dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in backend.dtypes]} for backend "
+                        f"{backend.name!r}, got {x.dtype}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} has dimension {x.shape[1]} but the loss was built with embedding_dim={dim}")
     if check_values and x.numel():
@@ -37,8 +38,9 @@ def embeddings(x, name: str, backend: str, dim: int | None = None, check_values:
 
 
 def labels(y, name: str, x: torch.Tensor, x_name: str, num_classes: int | None = None,
-           check_values: bool = True) -> None:
-    """1-D int32/int64 tensor with one label per row of ``x``, on its device, in ``[0, num_classes)``."""
+           check_values: bool = True, non_negative: bool = False) -> None:
+    """1-D int32/int64 tensor with one label per row of ``x``, on its device, in ``[0, num_classes)`` (or ≥ 0
+    with ``non_negative``: CBML reserves negative labels for empty memory slots)."""
     tensor(y, name)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"{name} must have shape ({x.shape[0]},) to match {x_name}, got {tuple(y.shape)}")
@@ -49,6 +51,9 @@ def labels(y, name: str, x: torch.Tensor, x_name: str, num_classes: int | None =
     if check_values and num_classes is not None and y.numel():
         _assert(((y >= 0) & (y < num_classes)).all(), f"{name} must lie in [0, {num_classes})",
                 lambda: f"; got values from {int(y.min())} to {int(y.max())}")
+    elif check_values and non_negative and y.numel():
+        _assert((y >= 0).all(), f"{name} must be >= 0 (negative labels mark empty memory slots)",
+                lambda: f"; got {int(y.min())}")
 
 
 def same_device(t: torch.Tensor, name: str, x: torch.Tensor, x_name: str, hint: str = "") -> None:
@@ -68,7 +73,3 @@ def choice(value, name: str, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
-
-def positive(value: float, name: str, strict: bool = True) -> None:
-    if not (value > 0 if strict else value >= 0):
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value}")

@@ -145,11 +145,10 @@ def test_memory_not_filled_in_eval_and_state_round_trip():
     assert restored.memory_filled == 0
 
 
-def test_empty_batch_and_single_class():
+def test_empty_batch():
     loss_fn = fastcdml.ContrastiveBayesianLoss()
     empty = loss_fn(torch.zeros(0, 4, requires_grad=True), torch.zeros(0, dtype=torch.long))
     assert empty.item() == 0.0 and empty.requires_grad
-    assert loss_fn(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)).item() == 0.0
 
 
 BAD = [
@@ -184,3 +183,72 @@ def test_bad_hyper_parameters_and_memory_misuse():
         loss_fn(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="include_self=False needs ref_emb"):
         contrastive_bayesian_loss(torch.randn(2, 3), torch.tensor([0, 1]), include_self=False)
+
+
+# --- unchecked inputs, labels, batches without pairs ----------------------------------------------------------------
+
+ALL_BACKENDS = ["reference"] + BACKENDS
+
+
+def test_unchecked_nonfinite_rows_never_enter_the_memory_and_backends_agree():
+    x = torch.randn(12, 8)
+    x[3, 2] = float("nan")
+    x[7] = float("inf")
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    clean = [(torch.randn(12, 8), clustered_labels(12, 2, 3)) for _ in range(2)]
+    results = {}
+    for backend in ALL_BACKENDS:
+        loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=16, check_inputs=False, backend=backend, **LIVELY)
+        first = loss_fn(x, y)
+        assert torch.isnan(first), f"{backend}: a non-finite batch must give a NaN loss"
+        assert loss_fn.memory_filled == 10 and torch.isfinite(loss_fn.memory_emb).all()
+        assert set(loss_fn.memory_labels[:12].tolist()) == set(y.tolist()) | {-1}
+        results[backend] = torch.stack([loss_fn(a, b) for a, b in clean])
+        assert torch.isfinite(results[backend]).all(), f"{backend}: the memory was poisoned"
+    for backend, losses in results.items():
+        torch.testing.assert_close(losses, results["reference"].float(), atol=1e-5, rtol=1e-5, msg=backend)
+    functional = [contrastive_bayesian_loss(x, y, backend=b, check_inputs=False) for b in ALL_BACKENDS]
+    assert all(torch.isnan(v) for v in functional)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_partly_filled_memory_equals_its_filled_entries(backend):
+    """Empty slots (label −1) are in no set and not in the row mean: the loss equals the one against the filled
+    entries alone, in every backend."""
+    x, y = torch.randn(10, 8), clustered_labels(10, 2, 3)
+    mem, mem_y = torch.randn(7, 8), torch.randint(0, 5, (7,))
+    padded = torch.cat([mem, torch.randn(5, 8)])
+    padded_y = torch.cat([mem_y, torch.full((5,), -1)])
+    for negatives in ("adaptive", "topk"):
+        hyper = dict(LIVELY, negatives=negatives, top_k=4, backend=backend, check_inputs=False)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = contrastive_bayesian_loss(xa, y, mem, mem_y, include_self=True, **hyper)
+        got = contrastive_bayesian_loss(xb, y, padded, padded_y, include_self=True, **hyper)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_negative_labels_are_rejected():
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        contrastive_bayesian_loss(torch.randn(4, 3), torch.tensor([0, 0, -1, 1]))
+    with pytest.raises(ValueError, match="ref_labels must be >= 0"):
+        contrastive_bayesian_loss(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), torch.randn(2, 3),
+                                  torch.tensor([-2, 0]))
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0, 0], [0, 1, 2, 3]], ids=["one-class", "no-positives"])
+def test_batch_without_pairs_warns(labels):
+    with pytest.warns(UserWarning, match="no row of this CBML batch has both a positive and a negative"):
+        loss = contrastive_bayesian_loss(torch.randn(4, 3), torch.tensor(labels))
+    assert loss.item() == 0.0
+
+
+def test_legacy_memory_checkpoint_loads():
+    new = fastcdml.ContrastiveBayesianLoss(memory_size=8, embedding_dim=4)
+    legacy = {"memory_emb": torch.randn(8, 4), "memory_labels": torch.tensor([3, 1, 2, 0, 0, 0, 0, 0]),
+              "_extra_state": {"memory_ptr": 3, "memory_filled": 3}}
+    new.load_state_dict(legacy)
+    assert new.memory_filled == 3 and int(new.memory_ptr) == 3
+    assert new.memory_labels.tolist() == [3, 1, 2, -1, -1, -1, -1, -1]

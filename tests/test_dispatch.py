@@ -13,9 +13,9 @@ from fastcdml.functional import center_contrastive_loss, contrastive_bayesian_lo
 
 @pytest.fixture
 def fresh_cache():
-    _backend._resolve.cache_clear()
+    _backend._resolve_name.cache_clear()
     yield
-    _backend._resolve.cache_clear()
+    _backend._resolve_name.cache_clear()
 
 
 @pytest.mark.parametrize("loss", ["ccl", "cbml"])
@@ -23,12 +23,13 @@ def test_auto_on_cpu_prefers_cpp_and_otherwise_warns(loss, fresh_cache):
     reason = _backend.unavailable_reason("cpp", loss, "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        name, namespace = _backend.resolve("auto", loss, torch.device("cpu"))
+        backend = _backend.resolve("auto", loss, torch.device("cpu"))
     if reason is None:
-        assert (name, namespace) == ("cpp", "fastcdml") and not caught
+        assert (backend.name, backend.namespace) == ("cpp", "fastcdml") and not caught
     else:
-        assert (name, namespace) == ("reference", None)
+        assert backend.name == "reference"
         assert len(caught) == 1 and reason in str(caught[0].message)
+        assert caught[0].filename == __file__  # attributed to the caller's line, not to fastcdml
 
 
 def test_forced_backends_fail_clearly_when_unavailable(monkeypatch, fresh_cache):
@@ -44,9 +45,10 @@ def test_forced_backends_fail_clearly_when_unavailable(monkeypatch, fresh_cache)
 
 
 def test_reference_is_always_available_and_interpreter_maps_to_its_namespace(fresh_cache):
-    assert _backend.resolve("reference", "cbml", torch.device("cpu")) == ("reference", None)
+    assert _backend.resolve("reference", "cbml", torch.device("cpu")).name == "reference"
     if _backend.unavailable_reason("triton", "ccl", "cpu") is None:
-        assert _backend.resolve("triton", "ccl", torch.device("cpu")) == ("triton", "fastcdml_interpret")
+        backend = _backend.resolve("triton", "ccl", torch.device("cpu"))
+        assert (backend.name, backend.namespace) == ("triton", "fastcdml_interpret")
 
 
 def test_backends_report_covers_every_loss_and_device():

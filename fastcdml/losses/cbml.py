@@ -1,31 +1,48 @@
-"""Contrastive Bayesian Metric Learning loss: user API (module + functional), the cross-batch memory, validation;
-the backend is chosen here, before any op runs."""
+"""Contrastive Bayesian Metric Learning loss: user API (module + functional), the cross-batch memory and
+validation. The backend is resolved once per call, before any op runs; the math is in ``docs/spec.md``."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from .. import _checks
-from .._backend import BACKENDS, resolve
-from ..ops import cbml as ops
-from ..reference import cbml as reference
+from .._backend import BACKENDS, Backend, resolve
+from ..params import BayesianParams
 from ..reference.ccl import normalize_rows
 
-NEGATIVES = ("adaptive", "topk")
+
+def _check_batch(embeddings, labels, backend: Backend, check_values: bool) -> None:
+    _checks.embeddings(embeddings, "embeddings", backend, check_values=check_values)
+    _checks.labels(labels, "labels", embeddings, "embeddings", check_values=check_values, non_negative=True)
 
 
-def _check_hyper(pos_b, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k, backend):
-    _checks.positive(pos_b, "pos_b")
-    _checks.positive(neg_b, "neg_b")
-    _checks.positive(margin, "margin", strict=False)
-    _checks.positive(variance_weight, "variance_weight", strict=False)
-    if not 0.0 <= mean_weight <= 1.0:
-        raise ValueError(f"mean_weight must be in [0, 1], got {mean_weight}")
-    _checks.choice(phi, "phi", reference.PHIS)
-    _checks.choice(negatives, "negatives", NEGATIVES)
-    if negatives == "topk" and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 with negatives='topk', got {top_k}")
-    _checks.choice(backend, "backend", BACKENDS)
+def _warn_if_no_pairs(labels, ref_labels, include_self: bool) -> None:
+    """One warning (per call site) when no row of the batch can have both a positive and a negative: the loss is
+    then 0 with a zero gradient, which is almost always a sampling mistake (CBML needs m > 1 samples per class)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    refs = torch.cat([labels, ref_labels.to(labels.dtype)]) if include_self else ref_labels.to(labels.dtype)
+    refs = refs[refs >= 0]
+    if refs.numel() == 0:
+        has_pair = False
+    else:
+        classes, counts = refs.unique(return_counts=True)  # sorted
+        at = torch.searchsorted(classes, labels).clamp_max(classes.numel() - 1)
+        same = torch.where(classes[at] == labels, counts[at], 0)  # references sharing row i's label (self included)
+        has_pair = bool(((same - int(include_self) > 0) & (refs.numel() - same > 0)).any())
+    if not has_pair:
+        warnings.warn("fastcdml: no row of this CBML batch has both a positive and a negative pair, so the loss is 0 "
+                      "with no gradient; sample several classes with at least two samples each "
+                      "(e.g. fastcdml.datasets.MPerClassSampler)", stacklevel=3)
+
+
+def _nan_unless_finite(loss, *tensors):
+    """``loss``, or NaN when any of ``tensors`` holds a non-finite value: the defined result of an unchecked
+    non-finite input on every backend (a device-side test, no synchronisation)."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    return torch.where(finite, loss, torch.full_like(loss, float("nan")))
 
 
 def contrastive_bayesian_loss(
@@ -48,18 +65,20 @@ def contrastive_bayesian_loss(
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor:
-    """CBML loss (Kan et al., arXiv 2210.04402) of ``embeddings`` (B, D) with ``labels`` (B,): a float32 scalar
-    ``Σ_i L_i / B`` (float64 for float64 reference inputs; 0 for an empty batch).
+    """CBML loss (Kan et al., arXiv 2210.04402) of ``embeddings`` (B, D) with ``labels`` (B,) int64/int32 ≥ 0:
+    a float32 scalar ``Σ_i L_i / B`` (float64 for float64 reference inputs; 0 for an empty batch).
 
     Reference set: the batch itself when ``ref_emb`` is None (self pairs excluded by index); ``ref_emb`` (M, D)
     with ``ref_labels`` (M,) otherwise, used as given (gradient flows to it if it requires one). With
     ``include_self=True`` and a ``ref_emb``, the reference set is the batch followed by ``ref_emb`` (the
-    cross-batch-memory layout). The formula is in :mod:`fastcdml.reference.cbml`.
+    cross-batch-memory layout). The formula is in ``docs/spec.md``. ``check_inputs=True`` validates shapes,
+    dtypes, devices, labels ≥ 0 and finiteness (synchronising with the device) and warns when no row has both a
+    positive and a negative (the loss is then 0); with ``False`` a non-finite input gives a NaN loss.
     """
-    _check_hyper(pos_b, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k, backend)
-    impl, namespace = resolve(backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
-    _checks.embeddings(embeddings, "embeddings", impl, check_values=check_inputs)
-    _checks.labels(labels, "labels", embeddings, "embeddings", check_values=check_inputs)
+    params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k)
+    _checks.choice(backend, "backend", BACKENDS)
+    impl = resolve(backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
+    _check_batch(embeddings, labels, impl, check_inputs)
     if include_self is None:
         include_self = ref_emb is None
     if (ref_emb is None) != (ref_labels is None):
@@ -69,27 +88,15 @@ def contrastive_bayesian_loss(
             raise ValueError("include_self=False needs ref_emb: the reference set would be empty")
         ref_emb, ref_labels = embeddings.new_empty(0, embeddings.shape[1]), labels.new_empty(0)
     else:
-        _checks.tensor(ref_emb, "ref_emb")
         _checks.embeddings(ref_emb, "ref_emb", impl, embeddings.shape[1], check_inputs)
         _checks.same_device(ref_emb, "ref_emb", embeddings, "embeddings")
-        _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs)
-    hyper = dict(pos_a=pos_a, pos_b=pos_b, neg_a=neg_a, neg_b=neg_b, margin=margin, variance_weight=variance_weight,
-                 mean_weight=mean_weight, phi=phi, negatives=negatives, top_k=top_k)
-    return _cbml(embeddings, labels, ref_emb, ref_labels, include_self, hyper, impl, namespace)
-
-
-def _cbml(embeddings, labels, ref_emb, ref_labels, include_self, hyper, impl, namespace):
-    """The loss on validated inputs (``ref_emb`` (M, D), M may be 0) with the backend already chosen."""
+        _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs, non_negative=True)
+    if check_inputs:
+        _warn_if_no_pairs(labels, ref_labels, include_self)
     if embeddings.shape[0] == 0:
         return embeddings.sum(dtype=torch.float32) * 0.0
-    h = dict(hyper)
-    h["top_k"] = h["top_k"] if h.pop("negatives") == "topk" else 0
-    if impl == "reference":
-        return reference.cbml_loss(embeddings, labels, ref_emb if ref_emb.shape[0] else None, ref_labels,
-                                   include_self=include_self, **h)
-    return ops.cbml_loss(embeddings, labels, ref_emb, ref_labels, include_self, h["pos_a"], h["pos_b"], h["neg_a"],
-                         h["neg_b"], h["margin"], h["variance_weight"], h["mean_weight"], h["phi"], h["top_k"],
-                         namespace)
+    loss = impl.cbml(embeddings, labels, ref_emb, ref_labels, include_self, params)
+    return loss if check_inputs else _nan_unless_finite(loss, embeddings, ref_emb)
 
 
 class ContrastiveBayesianLoss(nn.Module):
@@ -97,14 +104,19 @@ class ContrastiveBayesianLoss(nn.Module):
     cross-batch memory.
 
     ``loss_fn(embeddings, labels, ref_emb=None, ref_labels=None)`` with embeddings (B, D) fp32/bf16/fp16 and
-    labels (B,) int64/int32 returns the float32 scalar ``Σ_i L_i / B``; see :func:`contrastive_bayesian_loss`
-    and :mod:`fastcdml.reference.cbml` for the formula. Defaults are the paper's reference code's.
+    labels (B,) int64/int32 ≥ 0 returns the float32 scalar ``Σ_i L_i / B``; see :func:`contrastive_bayesian_loss`
+    and ``docs/spec.md`` for the formula. Defaults are the paper's reference code's.
 
     ``memory_size > 0`` keeps a FIFO of the last ``memory_size`` L2-normalised, detached embeddings and their
-    labels (buffers ``memory_emb`` float32 and ``memory_labels``; allocated at the first call, when D is known,
-    or at construction if ``embedding_dim`` is given). The reference set is then the batch (self excluded,
-    gradient flows) followed by the filled memory entries (no gradient); in training mode the batch is enqueued
-    after the loss is computed. ``ref_emb`` cannot be combined with a memory.
+    labels (buffers ``memory_emb`` (M, D) float32, ``memory_labels`` (M,) int64 with −1 in empty slots, and
+    ``memory_ptr``, the next slot; ``memory_emb`` is allocated at the first call, when D is known, or at
+    construction if ``embedding_dim`` is given). The reference set is then the batch (self excluded, gradient
+    flows) followed by the filled memory entries (no gradient); in training mode the batch is enqueued after the
+    loss is computed. The memory always has its full shape (empty slots are ignored by their label), so a
+    compiled training step compiles once (give ``embedding_dim``: a memory allocated at the first call changes
+    shape once, which costs one more compilation). Rows that are not finite are never enqueued (with
+    ``check_inputs=False`` they reach the loss, which is then NaN on every backend). ``ref_emb`` cannot be
+    combined with a memory.
     """
 
     def __init__(
@@ -125,42 +137,49 @@ class ContrastiveBayesianLoss(nn.Module):
         embedding_dim: int | None = None,
     ):
         super().__init__()
-        _check_hyper(pos_b, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k, backend)
+        self.params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi,
+                                     negatives, top_k)
+        _checks.choice(backend, "backend", BACKENDS)
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
-        self.hyper = dict(pos_a=pos_a, pos_b=pos_b, neg_a=neg_a, neg_b=neg_b, margin=margin,
-                          variance_weight=variance_weight, mean_weight=mean_weight, phi=phi, negatives=negatives,
-                          top_k=top_k)
         self.memory_size, self.backend, self.check_inputs = memory_size, backend, check_inputs
-        self.memory_ptr = 0  # next slot to write; saved through get_extra_state
-        self.memory_filled = 0
         if memory_size:
             self.register_buffer("memory_emb", torch.zeros(memory_size, embedding_dim or 0))
-            self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64))
+            self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.int64))
+            self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.int64))
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         if not self.memory_size:
-            return contrastive_bayesian_loss(embeddings, labels, ref_emb, ref_labels, **self.hyper,
-                                             backend=self.backend, check_inputs=self.check_inputs)
+            p = self.params
+            return contrastive_bayesian_loss(
+                embeddings, labels, ref_emb, ref_labels, pos_a=p.pos_a, pos_b=p.pos_b, neg_a=p.neg_a,
+                neg_b=p.neg_b, margin=p.margin, variance_weight=p.variance_weight, mean_weight=p.mean_weight,
+                phi=p.phi, negatives=p.negatives, top_k=p.top_k, backend=self.backend,
+                check_inputs=self.check_inputs)
         if ref_emb is not None:
             raise ValueError("ref_emb cannot be combined with memory_size > 0: the memory is the reference set")
-        impl, namespace = resolve(self.backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
-        _checks.embeddings(embeddings, "embeddings", impl, check_values=self.check_inputs)
-        _checks.labels(labels, "labels", embeddings, "embeddings", check_values=self.check_inputs)
+        backend = resolve(self.backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
+        _check_batch(embeddings, labels, backend, self.check_inputs)
         _checks.same_device(self.memory_emb, "the memory", embeddings, "embeddings", "; move the loss with .to(device)")
         if self.memory_emb.shape[1] != embeddings.shape[1]:
-            if self.memory_filled:
+            if self.memory_emb.shape[1]:
                 raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the memory holds "
                                  f"{self.memory_emb.shape[1]}-dimensional entries")
             self.memory_emb = self.memory_emb.new_zeros(self.memory_size, embeddings.shape[1])
+        if self.check_inputs:
+            _warn_if_no_pairs(labels, self.memory_labels, True)
         # The memory holds rows this module normalised from checked batches: no need to scan it again.
-        n = self.memory_filled
-        loss = _cbml(embeddings, labels, self.memory_emb[:n], self.memory_labels[:n], True, self.hyper, impl, namespace)
+        if embeddings.shape[0] == 0:
+            loss = embeddings.sum(dtype=torch.float32) * 0.0
+        else:
+            loss = backend.cbml(embeddings, labels, self.memory_emb, self.memory_labels, True, self.params)
+            if not self.check_inputs:
+                loss = _nan_unless_finite(loss, embeddings)
         if self.training:
-            # The fused op computed its gradients in the forward, so the memory can be overwritten in place. The
-            # reference's autograd graph still refers to the memory: give it a new tensor instead (an in-place
-            # write would also be mis-ordered by torch.compile's partitioner).
-            self._enqueue(embeddings.detach(), labels, in_place=impl != "reference")
+            # A backend that updates in place computed its gradients in the forward, so the memory can be
+            # overwritten now. The other's autograd graph still refers to the memory: give it new tensors
+            # instead (an in-place write would also be mis-ordered by torch.compile's partitioner).
+            self._enqueue(embeddings.detach(), labels, in_place=backend.updates_in_place)
         return loss
 
     @torch.no_grad()
@@ -169,30 +188,39 @@ class ContrastiveBayesianLoss(nn.Module):
         if b == 0:
             return
         slots = (torch.arange(b, device=embeddings.device) + self.memory_ptr) % self.memory_size
-        rows = normalize_rows(embeddings[-b:]).to(self.memory_emb.dtype)
-        for name, new in (("memory_emb", rows), ("memory_labels", labels[-b:].to(torch.int64))):
+        rows = normalize_rows(embeddings[-b:])
+        finite = torch.isfinite(rows).all(dim=1)
+        rows = torch.where(finite[:, None], rows, torch.zeros_like(rows)).to(self.memory_emb.dtype)
+        new_labels = torch.where(finite, labels[-b:].to(torch.int64), -1)
+        for name, new in (("memory_emb", rows), ("memory_labels", new_labels)):
             if in_place:
                 getattr(self, name).index_copy_(0, slots, new)
             else:
                 setattr(self, name, getattr(self, name).index_copy(0, slots, new))
-        self.memory_ptr = (self.memory_ptr + b) % self.memory_size
-        self.memory_filled = min(self.memory_filled + b, self.memory_size)
+        self.memory_ptr.copy_((self.memory_ptr + b) % self.memory_size)
+
+    @property
+    def memory_filled(self) -> int:
+        """How many memory slots hold an entry (reads the labels: synchronises with the device)."""
+        return int((self.memory_labels >= 0).sum()) if self.memory_size else 0
 
     def reset_memory(self) -> None:
         """Forget every stored embedding."""
-        self.memory_ptr = self.memory_filled = 0
-
-    def get_extra_state(self):
-        return {"memory_ptr": self.memory_ptr, "memory_filled": self.memory_filled}
-
-    def set_extra_state(self, state):
-        self.memory_ptr, self.memory_filled = state["memory_ptr"], state["memory_filled"]
+        self.memory_labels.fill_(-1)
+        self.memory_ptr.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "memory_emb"
         if self.memory_size and key in state_dict:  # D is fixed by the checkpoint, not by construction
             self.memory_emb = self.memory_emb.new_empty(state_dict[key].shape)
+        legacy = state_dict.pop(prefix + "_extra_state", None)
+        if legacy is not None and prefix + "memory_labels" in state_dict:
+            # fastcdml 0.1.0 kept the write position and fill count as extra state; slots past the fill are empty
+            labels = state_dict[prefix + "memory_labels"].clone()
+            labels[legacy["memory_filled"]:] = -1
+            state_dict[prefix + "memory_labels"] = labels
+            state_dict[prefix + "memory_ptr"] = torch.tensor(legacy["memory_ptr"], dtype=torch.int64)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.hyper.items()) + f", memory_size={self.memory_size}"
+        return f"{self.params}, memory_size={self.memory_size}, backend={self.backend!r}"

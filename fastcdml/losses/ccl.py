@@ -1,50 +1,45 @@
-"""Center Contrastive Loss: user API (module + functional), state and validation; the backend is chosen here,
-before any op runs."""
+"""Center Contrastive Loss: user API (module + functional), state and validation. The backend is resolved once
+per call, before any op runs; the math is in ``docs/spec.md``."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from .. import _checks, distributed as _distributed
-from .._backend import BACKENDS, resolve
-from ..ops import ccl as ops
-from ..reference import ccl as reference
+from .._backend import BACKENDS, Backend, resolve
+from ..params import CenterParams
+from ..reference.ccl import EPS, normalize_rows
 
 UPDATES = ("momentum", "gradient")
+_ONE_CLASS = "with a single class the softmax term is constant and only the center pull trains"
 BANK_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _check_hyper(temperature, margin, center_weight, reduction, backend):
-    _checks.positive(temperature, "temperature")
-    _checks.positive(margin, "margin", strict=False)
-    _checks.positive(center_weight, "center_weight", strict=False)
+def _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype):
+    """The constructor checks shared by the CCL modules (the loss parameters check themselves)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}: {_ONE_CLASS}")
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    _check_call_args(momentum, reduction, backend)
+    _checks.choice(dtype, "dtype", BANK_DTYPES)
+
+
+def _check_call_args(momentum, reduction, backend):
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     _checks.choice(reduction, "reduction", _checks.REDUCTIONS)
     _checks.choice(backend, "backend", BACKENDS)
 
 
-def _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction, backend,
-                       dtype):
-    """The constructor checks shared by the CCL modules."""
-    if num_classes < 1 or embedding_dim < 1:
-        raise ValueError(f"num_classes and embedding_dim must be >= 1, got {num_classes}, {embedding_dim}")
-    _check_hyper(temperature, margin, center_weight, reduction, backend)
-    _checks.choice(dtype, "dtype", BANK_DTYPES)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-
-
-def _check_inputs(embeddings, labels, centers, impl, check_inputs, embedding_dim=None):
-    _checks.embeddings(embeddings, "embeddings", impl, embedding_dim, check_inputs)
+def _check_inputs(embeddings, labels, centers, backend: Backend, check_inputs, embedding_dim=None):
+    _checks.embeddings(embeddings, "embeddings", backend, embedding_dim, check_inputs)
     if centers.dim() != 2 or centers.shape[1] != embeddings.shape[1]:
         raise ValueError(f"centers must have shape (num_classes, {embeddings.shape[1]}), got {tuple(centers.shape)}")
     _checks.same_device(centers, "centers", embeddings, "embeddings", "; move the loss with .to(device)")
     _checks.labels(labels, "labels", embeddings, "embeddings", centers.shape[0], check_inputs)
-
-
-def _loss_rows(embeddings, labels, centers, temperature, margin, center_weight, impl, namespace):
-    if impl == "reference":
-        return reference.ccl_loss_rows(embeddings, labels, centers, temperature, margin, center_weight)
-    return ops.ccl_loss_rows(embeddings, labels, centers, temperature, margin, center_weight, namespace)
 
 
 def _empty(embeddings, centers, reduction):
@@ -52,6 +47,10 @@ def _empty(embeddings, centers, reduction):
     if centers.requires_grad:
         zero = zero + centers.sum(dtype=torch.float32) * 0.0
     return zero if reduction != "none" else zero.expand(0)
+
+
+def _device(embeddings) -> torch.device:
+    return _checks.tensor(embeddings, "embeddings").device
 
 
 def center_contrastive_loss(
@@ -72,13 +71,15 @@ def center_contrastive_loss(
     them. Returns a float32 scalar (``mean``/``sum``; float64 for float64 reference inputs) or the (B,) vector
     (``none``). An empty batch gives 0 (``mean`` and ``sum``) or an empty vector.
     """
-    _check_hyper(temperature, margin, center_weight, reduction, backend)
-    impl, namespace = resolve(backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
+    params = CenterParams(temperature, margin, center_weight)
+    _check_call_args(0.0, reduction, backend)
+    impl = resolve(backend, "ccl", _device(embeddings))
     _check_inputs(embeddings, labels, centers, impl, check_inputs)
+    if centers.shape[0] == 1:
+        warnings.warn(f"fastcdml: center_contrastive_loss got one center: {_ONE_CLASS}", stacklevel=2)
     if embeddings.shape[0] == 0:
         return _empty(embeddings, centers, reduction)
-    rows = _loss_rows(embeddings, labels, centers, temperature, margin, center_weight, impl, namespace)
-    return _checks.reduce(rows, reduction)
+    return _checks.reduce(impl.ccl_rows(embeddings, labels, centers, params), reduction)
 
 
 def center_momentum_update_(
@@ -92,18 +93,15 @@ def center_momentum_update_(
     """In place, no gradient: ``W_k ← normalize(μ·W_k + (1 − μ)·mean_{i: y_i = k} x̂_i)`` for each class k in the
     batch. Absent classes are untouched; an invalid batch raises before anything is written. Returns ``centers``.
     """
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    impl, namespace = resolve(backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
+    _check_call_args(momentum, "mean", backend)
+    impl = resolve(backend, "ccl", _device(embeddings))
     _check_inputs(embeddings, labels, centers, impl, check_inputs)
     if not centers.is_contiguous():
         raise ValueError("centers must be contiguous to be updated in place")
     if embeddings.shape[0] == 0:
         return centers
-    if impl == "reference":
-        return reference.ccl_momentum_update_(centers, embeddings.detach(), labels, momentum)
-    ops.ccl_update_(centers, embeddings, labels, momentum, namespace)
-    return centers
+    new = impl.ccl_update(centers, embeddings.detach(), labels, momentum)
+    return new if new is centers else centers.copy_(new)
 
 
 class CenterContrastiveLoss(nn.Module):
@@ -153,30 +151,29 @@ class CenterContrastiveLoss(nn.Module):
         process_group=None,
     ):
         super().__init__()
-        _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction,
-                           backend, dtype)
+        self.params = CenterParams(temperature, margin, center_weight)
+        _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
         _checks.choice(update, "update", UPDATES)
         _checks.choice(distributed, "distributed", ("auto", True, False))
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.temperature, self.margin, self.center_weight, self.momentum = temperature, margin, center_weight, momentum
+        self.num_classes, self.embedding_dim, self.momentum = num_classes, embedding_dim, momentum
         self.update, self.reduction, self.backend, self.check_inputs = update, reduction, backend, check_inputs
         self.distributed, self.process_group = distributed, process_group
         if centers is None:
             centers = torch.randn(num_classes, embedding_dim, generator=generator)
         elif tuple(centers.shape) != (num_classes, embedding_dim):
             raise ValueError(f"centers must have shape ({num_classes}, {embedding_dim}), got {tuple(centers.shape)}")
-        bank = reference.normalize_rows(centers.detach()).to(dtype).contiguous()
+        bank = normalize_rows(centers.detach()).to(dtype).contiguous()
         if update == "gradient":
             self.centers = nn.Parameter(bank)
         else:
             self.register_buffer("centers", bank)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        backend = resolve(self.backend, "ccl", _device(embeddings))
         momentum_step = self.training and self.update == "momentum"
 
         def check():
-            impl, _ = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-            _check_inputs(embeddings, labels, self.centers, impl, self.check_inputs, self.embedding_dim)
+            _check_inputs(embeddings, labels, self.centers, backend, self.check_inputs, self.embedding_dim)
 
         if momentum_step and _distributed.enabled(self.distributed, self.process_group):
             # the global batch in rank order; a bad input on any rank raises the same error on every rank
@@ -184,32 +181,33 @@ class CenterContrastiveLoss(nn.Module):
         else:
             check()
             batch = (embeddings, labels)
-        impl, namespace = resolve(self.backend, "ccl", embeddings.device)
         if embeddings.shape[0] == 0:
-            if momentum_step:
-                self._momentum_update(self.centers, *batch, impl, namespace)
-            return _empty(embeddings, self.centers, self.reduction)
-        centers = self.centers
-        if self.update == "gradient":
-            centers = centers / centers.float().norm(dim=1, keepdim=True).clamp_min(reference.EPS)
-        rows = _loss_rows(embeddings, labels, centers, self.temperature, self.margin, self.center_weight, impl,
-                          namespace)
-        if momentum_step:
-            self._momentum_update(centers, *batch, impl, namespace)
-        return _checks.reduce(rows, self.reduction)
+            loss = _empty(embeddings, self.centers, self.reduction)
+        else:
+            centers = self.centers
+            if self.update == "gradient":
+                centers = centers / centers.float().norm(dim=1, keepdim=True).clamp_min(EPS)
+            loss = _checks.reduce(backend.ccl_rows(embeddings, labels, centers, self.params), self.reduction)
+        if momentum_step and batch[0].shape[0]:
+            # The loss was computed from the bank before this step. A backend that updates in place computed the
+            # query gradient already; the other one's autograd graph holds the old bank, so swap the buffer
+            # instead of writing into it (an in-place write would also be mis-ordered by torch.compile).
+            self.centers = backend.ccl_update(self.centers, batch[0].detach(), batch[1], self.momentum)
+        return loss
 
-    def _momentum_update(self, centers, embeddings, labels, impl, namespace):
-        """Move the bank toward the class means of ``embeddings``; ``centers`` is the bank the loss read."""
-        if embeddings.shape[0] == 0:
-            return
-        if impl == "reference":
-            # Autograd saved the old bank for the query gradient: replace the buffer instead of writing into
-            # it (an in-place write would also be mis-ordered by torch.compile's partitioner).
-            self.centers = reference.ccl_momentum_update(centers, embeddings.detach(), labels, self.momentum)
-        else:  # the fused op computed the query gradient already; update the bank in place
-            ops.ccl_update_(self.centers, embeddings, labels, self.momentum, namespace)
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
+    @property
+    def margin(self) -> float:
+        return self.params.margin
+
+    @property
+    def center_weight(self) -> float:
+        return self.params.center_weight
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, temperature={self.temperature}, "
-                f"margin={self.margin}, center_weight={self.center_weight}, momentum={self.momentum}, "
-                f"update={self.update!r}, reduction={self.reduction!r}, backend={self.backend!r}")
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, {self.params}, "
+                f"momentum={self.momentum}, update={self.update!r}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")

@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import _checks
 from .._backend import resolve
+from ..params import CenterParams
 from ..distributed import gather_batch, gather_rows, shard_range
 from ..reference.ccl import EPS, compute_dtype, normalize_rows
 from .ccl import _check_module_args, _empty, center_momentum_update_
@@ -179,12 +180,11 @@ class ShardedCenterContrastiveLoss(nn.Module):
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedCenterContrastiveLoss needs torch.distributed.init_process_group() first")
-        _check_module_args(num_classes, embedding_dim, temperature, margin, center_weight, momentum, reduction,
-                           backend, dtype)
+        self.params = CenterParams(temperature, margin, center_weight)
+        _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.temperature, self.margin, self.center_weight, self.momentum = temperature, margin, center_weight, momentum
+        self.num_classes, self.embedding_dim, self.momentum = num_classes, embedding_dim, momentum
         self.reduction, self.backend, self.check_inputs = reduction, backend, check_inputs
         self.sample_rate, self.process_group = sample_rate, process_group
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
@@ -202,8 +202,8 @@ class ShardedCenterContrastiveLoss(nn.Module):
         self.register_buffer("centers", normalize_rows(centers.detach()).to(dtype).contiguous())
 
     def _check(self, embeddings, labels):
-        impl, _ = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-        _checks.embeddings(embeddings, "embeddings", impl, self.embedding_dim, self.check_inputs)
+        backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
+        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_dim, self.check_inputs)
         _checks.same_device(self.centers, "centers", embeddings, "embeddings", "; move the loss with .to(device)")
         _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
 
@@ -226,8 +226,9 @@ class ShardedCenterContrastiveLoss(nn.Module):
         centers, local_labels = self.centers, torch.where(own, local_labels, -1)
         if self.training and self.sample_rate < 1.0 and centers.shape[0]:
             centers, local_labels = self._sampled(local_labels, own)
-        rows = _ShardedRows.apply(embeddings, xg, local_labels, centers, sum(sizes[: self.rank]), self.temperature,
-                                  self.margin, self.center_weight, self.process_group)
+        p = self.params
+        rows = _ShardedRows.apply(embeddings, xg, local_labels, centers, sum(sizes[: self.rank]), p.temperature,
+                                  p.margin, p.center_weight, self.process_group)
         if not self.check_inputs:  # as CenterContrastiveLoss: an out-of-range label gives a NaN row
             mine = _part_of(yg, sizes, self.rank)
             rows = torch.where((mine >= 0) & (mine < self.num_classes), rows, torch.full_like(rows, math.nan))
@@ -266,6 +267,5 @@ class ShardedCenterContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, classes=[{self.start}, "
-                f"{self.stop}) on rank {self.rank}/{self.world_size}, temperature={self.temperature}, "
-                f"margin={self.margin}, center_weight={self.center_weight}, momentum={self.momentum}, "
+                f"{self.stop}) on rank {self.rank}/{self.world_size}, {self.params}, momentum={self.momentum}, "
                 f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}")

@@ -10,7 +10,6 @@ Two namespaces carry the same ops:
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -32,16 +31,6 @@ def _library(ns: str) -> torch.library.Library:
     if ns not in _LIBS:
         _LIBS[ns] = torch.library.Library(ns, "DEF")
     return _LIBS[ns]
-
-
-def triton_kernel(module: str, name: str) -> Callable:
-    """A launcher from ``fastcdml.kernels.<module>``, imported on first call (kernels need triton)."""
-
-    def launch(*args):
-        return getattr(importlib.import_module(f"fastcdml.kernels.{module}"), name)(*args)
-
-    launch.__name__ = f"{module}_{name}_triton"
-    return launch
 
 
 def define(

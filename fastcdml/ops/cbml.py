@@ -1,4 +1,4 @@
-"""Contrastive Bayesian loss op: ``fastcdml::cbml_fwd`` (math: ``shared/spec/losses.md`` §2).
+"""Contrastive Bayesian loss op: ``fastcdml::cbml_fwd`` (math: ``docs/spec.md``, "Contrastive Bayesian loss").
 
 ``cbml_fwd(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
 mean_weight, phi_sqrt, top_k, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import define, namespaces, triton_kernel
+from ..params import BayesianParams
+from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, bool include_self, float pos_a, float pos_b, " \
       "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, bool phi_sqrt, " \
@@ -56,17 +57,23 @@ def _backward(ctx, grad_loss, _g1, _g2):
     return (gx, None, gr) + (None,) * 13
 
 
+def _fwd_triton(*args):
+    from ..kernels import cbml as kernels  # imported on first call: it needs triton
+
+    return kernels.cbml_fwd(*args)
+
+
 for _ns in namespaces():
-    define(_ns, "cbml_fwd", FWD, _fwd_fake, triton_kernel("cbml", "cbml_fwd"), _backward, _setup_context)
+    define(_ns, "cbml_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
-def cbml_loss(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-              mean_weight, phi, top_k, namespace="fastcdml"):
+def cbml_loss(x, labels, ref, ref_labels, include_self, params: BayesianParams, namespace="fastcdml"):
     """Scalar fp32 loss through ``namespace``'s ops; differentiable in ``x`` and ``ref``."""
     grad_on = torch.is_grad_enabled()
     loss, _, _ = getattr(torch.ops, namespace).cbml_fwd(
         x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(), include_self,
-        pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi == "sqrt", top_k,
+        params.pos_a, params.pos_b, params.neg_a, params.neg_b, params.margin, params.variance_weight,
+        params.mean_weight, params.phi == "sqrt", params.hard_negatives,
         grad_on and x.requires_grad, grad_on and ref.requires_grad,
     )
     return loss

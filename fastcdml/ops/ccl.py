@@ -1,6 +1,6 @@
 """Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``fastcdml::ccl_bwd_centers``, ``fastcdml::ccl_update_``.
 
-Schemas (every backend implements exactly these; see ``shared/spec/losses.md`` §1 for the math):
+Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
 ``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad) -> (loss_rows, grad_x, lse)``
     x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C, D) fp32/bf16 contiguous.
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import define, namespaces, triton_kernel
+from ..params import CenterParams
+from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
       "bool compute_grad) -> (Tensor, Tensor, Tensor)"
@@ -68,17 +69,37 @@ def _make_backward(ns: str):
     return backward
 
 
+# The Triton launchers; the kernel module is imported on first call (it needs triton).
+def _fwd_triton(*args):
+    from ..kernels import ccl as kernels
+
+    return kernels.ccl_fwd(*args)
+
+
+def _bwd_centers_triton(*args):
+    from ..kernels import ccl as kernels
+
+    return kernels.ccl_bwd_centers(*args)
+
+
+def _update_triton(*args):
+    from ..kernels import ccl as kernels
+
+    return kernels.ccl_update_(*args)
+
+
 for _ns in namespaces():
-    define(_ns, "ccl_fwd", FWD, _fwd_fake, triton_kernel("ccl", "ccl_fwd"), _make_backward(_ns), _setup_context)
-    define(_ns, "ccl_bwd_centers", BWD_CENTERS, _bwd_centers_fake, triton_kernel("ccl", "ccl_bwd_centers"))
-    define(_ns, "ccl_update_", UPDATE, _update_fake, triton_kernel("ccl", "ccl_update_"))
+    define(_ns, "ccl_fwd", FWD, _fwd_fake, _fwd_triton, _make_backward(_ns), _setup_context)
+    define(_ns, "ccl_bwd_centers", BWD_CENTERS, _bwd_centers_fake, _bwd_centers_triton)
+    define(_ns, "ccl_update_", UPDATE, _update_fake, _update_triton)
 
 
-def ccl_loss_rows(x, labels, centers, temperature, margin, center_weight, namespace="fastcdml"):
+def ccl_loss_rows(x, labels, centers, params: CenterParams, namespace="fastcdml"):
     """Per-row losses (B,) fp32 through ``namespace``'s ops; differentiable in ``x`` and ``centers``."""
     compute_grad = torch.is_grad_enabled() and x.requires_grad
     loss_rows, _, _ = getattr(torch.ops, namespace).ccl_fwd(
-        x.contiguous(), labels.contiguous(), centers.contiguous(), temperature, margin, center_weight, compute_grad
+        x.contiguous(), labels.contiguous(), centers.contiguous(), params.temperature, params.margin,
+        params.center_weight, compute_grad
     )
     return loss_rows
 

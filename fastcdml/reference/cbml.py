@@ -6,6 +6,9 @@ is given], with labels ``y_r``. ``S_ij = x̂_i · R_j`` in fp32 (fp64 for fp64 i
     P_i = {j : y_r[j] = y_i, j ≠ i (by index, self part only)}     N_i = {j : y_r[j] ≠ y_i}
     minP_i = min_{P_i} S_ij,  maxN_i = max_{N_i} S_ij               (ties: lowest index)
     mean_i = (1 − h)·mean_j S_ij + h·(minP_i + maxN_i)/2             (over the whole row, diagonal included)
+
+A reference entry with a negative label (an empty slot of a cross-batch memory) is in no set and not in the row
+mean: the loss is that of the reference set without it.
     σ_i    = Σ_{N_i} (S_ij − mean_i)²
     P̃_i = {j ∈ P_i : S_ij − margin < maxN_i}
     Ñ_i = {j ∈ N_i : S_ij + margin > minP_i}   (adaptive)   or the top_k largest S_ij of N_i (ties: lowest index)
@@ -74,15 +77,17 @@ def cbml_loss_rows(
     self_mask = torch.zeros_like(same)
     if include_self:
         self_mask[:, :b] = torch.eye(b, dtype=torch.bool, device=x.device)
-    pos = same & ~self_mask
-    neg = ~same
+    present = (y_r >= 0)[None, :]  # a negative reference label marks an empty slot: in no set, not in the mean
+    pos = same & ~self_mask & present
+    neg = ~same & present
 
     inf = torch.tensor(float("inf"), dtype=dtype, device=x.device)
     arg_min_p = torch.where(pos, sd, inf).argmin(dim=1, keepdim=True)  # first minimum: lowest index
     arg_max_n = torch.where(neg, sd, -inf).argmax(dim=1, keepdim=True)
     min_p = s.gather(1, arg_min_p)
     max_n = s.gather(1, arg_max_n)
-    mean = (1.0 - mean_weight) * s.mean(dim=1, keepdim=True) + mean_weight * (min_p + max_n) / 2
+    row_mean = (s * present).sum(dim=1, keepdim=True) / present.sum().clamp_min(1)
+    mean = (1.0 - mean_weight) * row_mean + mean_weight * (min_p + max_n) / 2
     sigma = ((s - mean) ** 2 * neg).sum(dim=1)
 
     hard_pos = pos & (sd - margin < max_n.detach())

@@ -1,0 +1,73 @@
+"""The hyper-parameters of each loss family, named once: the modules, the functional API, the backends and the
+tests all pass these frozen dataclasses around. Each validates itself on construction, and its error names the
+argument. The math they parametrise is in ``docs/spec.md``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._checks import choice
+
+PHIS = ("log", "sqrt")
+NEGATIVES = ("adaptive", "topk")
+
+
+def _at_least(value: float, name: str, bound: float = 0.0, strict: bool = False) -> None:
+    if not (value > bound if strict else value >= bound):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {bound}, got {value}")
+
+
+@dataclass(frozen=True)
+class CenterParams:
+    """Center Contrastive Loss: ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·s_{i,y_i}`` with
+    ``z_ij = (s_ij − m·[j = y_i]) / τ``.
+
+    ``temperature`` τ > 0 (the scale is 1/τ), ``margin`` m ≥ 0 (additive, on the cosine of the label column),
+    ``center_weight`` λ ≥ 0 (pull of the query toward its own center)."""
+
+    temperature: float = 0.05
+    margin: float = 0.1
+    center_weight: float = 1.0
+
+    def __post_init__(self):
+        _at_least(self.temperature, "temperature", strict=True)
+        _at_least(self.margin, "margin")
+        _at_least(self.center_weight, "center_weight")
+
+
+@dataclass(frozen=True)
+class BayesianParams:
+    """Contrastive Bayesian loss: the posterior-style terms ``φ(1 + Σ exp(∓(S − a)/b))`` over the hard positives
+    and negatives plus ``variance_weight ·`` the metric-variance term (``docs/spec.md``).
+
+    ``pos_a``, ``pos_b`` > 0, ``neg_a``, ``neg_b`` > 0: the positive/negative centres and widths; ``margin`` ≥ 0:
+    the hard-pair margin; ``variance_weight`` w ≥ 0; ``mean_weight`` h ∈ [0, 1]: the weight of
+    ``(minP + maxN)/2`` in the row mean; ``phi`` ``"log"`` or ``"sqrt"``; ``negatives`` ``"adaptive"`` (margin
+    rule) or ``"topk"`` (the ``top_k`` ≥ 1 hardest)."""
+
+    pos_a: float = 0.5
+    pos_b: float = 0.5
+    neg_a: float = 1.0
+    neg_b: float = 0.01
+    margin: float = 0.1
+    variance_weight: float = 1.0
+    mean_weight: float = 0.1
+    phi: str = "log"
+    negatives: str = "adaptive"
+    top_k: int = 100
+
+    def __post_init__(self):
+        _at_least(self.pos_b, "pos_b", strict=True)
+        _at_least(self.neg_b, "neg_b", strict=True)
+        _at_least(self.margin, "margin")
+        _at_least(self.variance_weight, "variance_weight")
+        if not 0.0 <= self.mean_weight <= 1.0:
+            raise ValueError(f"mean_weight must be in [0, 1], got {self.mean_weight}")
+        choice(self.phi, "phi", PHIS)
+        choice(self.negatives, "negatives", NEGATIVES)
+        if self.negatives == "topk" and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 with negatives='topk', got {self.top_k}")
+
+    @property
+    def hard_negatives(self) -> int:
+        """The op-level encoding of the negative rule: 0 = adaptive, K > 0 = the K hardest."""
+        return self.top_k if self.negatives == "topk" else 0
