@@ -137,7 +137,7 @@ def build(case: Case, inputs: dict[str, torch.Tensor]) -> Step:
 
 def _ccl_own(case, x, y, bank):
     backend = {"fastcdml": "auto", "reference": "reference"}[case.impl]
-    resolved = resolve(backend, "ccl", x.device)[0]
+    resolved = resolve(backend, "ccl", x.device).name
 
     def run():
         x.grad = None
@@ -241,7 +241,7 @@ def _cbml_step(x, y, bank, bank_labels, loss_fn):
 
 def _cbml_own(case, x, y, bank=None, bank_labels=None):
     backend = {"fastcdml": "auto", "reference": "reference"}[case.impl]
-    resolved = resolve(backend, "cbml", x.device)[0]
+    resolved = resolve(backend, "cbml", x.device).name
     loss_fn = functools.partial(F.contrastive_bayesian_loss, include_self=True, backend=backend, check_inputs=False,
                                 **_CBML_HYPER)
     return Step(_cbml_step(x, y, bank, bank_labels, loss_fn), resolved)

@@ -69,13 +69,13 @@ PRESETS = {
          "cbml": ("256xselfx128", "256x2048x128", "256x16384x128")},
     ),
     "cpu-targets": Preset(
-        "the C++ backend's targets (issue 5): C++ vs the eager reference",
+        "the C++ backend's targets: C++ vs the eager reference",
         "float32",
         {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128")},
         ("fastcdml", "reference"),
     ),
-    "gpu-compass": Preset(
-        "the compass sizes of the Triton issues (3, 4) plus a C sweep at fixed B, D (default on CUDA)",
+    "gpu": Preset(
+        "the Triton kernels' target sizes plus a C sweep at fixed B, D (default on CUDA)",
         "bfloat16",
         {"ccl": ("256x100x128", "512x11318x512", "1024x10000x512", "1024x100000x512", "1024x1000000x512",
                  "4096x1000000x512"),
@@ -372,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Time and memory of one training step (forward + backward + bank update) per implementation.",
         epilog="presets: " + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()),
     )
-    p.add_argument("--preset", choices=PRESETS, help="size set (default: gpu-compass on CUDA, cpu otherwise)")
+    p.add_argument("--preset", choices=PRESETS, help="size set (default: gpu on CUDA, cpu otherwise)")
     p.add_argument("--sizes", help="comma-separated BxCxD (C = classes, or M memory entries / 'self' for CBML)")
     p.add_argument("--loss", choices=tuple(impls.IMPLS), help="one loss only (default: both)")
     p.add_argument("--impl", help="comma-separated implementations (default: the preset's, or every importable one)")
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
 
-    args.preset = args.preset or ("gpu-compass" if device.type == "cuda" else "cpu")
+    args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     isolate = device.type == "cpu" if args.isolate is None else args.isolate
     cases, skipped = plan(args, device)
     env = environment(device)

@@ -137,7 +137,7 @@ def _row(name: str, metrics: dict, seconds: float | None = None) -> dict:
 def _backend_note(loss: str) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        name, _ = resolve("auto", loss, torch.device("cpu"))
+        name = resolve("auto", loss, torch.device("cpu")).name
     if name != "reference":
         return name
     return f"reference ({unavailable_reason('cpp', loss, 'cpu')})"

@@ -5,7 +5,7 @@ import torch
 
 from fastcdml._backend import unavailable_reason
 
-# Pass rule (architecture.md): error of the backend <= 2 x error of the reference run in that dtype + a floor.
+# Pass rule: error of the backend <= 2 x error of the reference run in that dtype + a floor.
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,4 +1,4 @@
-"""Independent, deliberately naive per-row implementations of shared/spec/losses.md (float64, Python loops).
+"""Independent, deliberately naive per-row implementations of docs/spec.md (float64, Python loops).
 
 Written from the spec text without looking at fastcdml.reference, so that the two can disagree."""
 from __future__ import annotations

@@ -17,7 +17,7 @@ Per step (B_global = the sum of the ranks' batch sizes, C_r = the classes of ran
    fall in it (through the backend's fused ``ccl_update_`` op when available).
 
 Step 2 is a chunked PyTorch computation (at most ``B_global × chunk`` logits at a time, ``chunk`` chosen so a
-tile holds ≤ 2²² elements), not the fused ``ccl_fwd`` op: the frozen op schema returns the slice's lse and a
+tile holds ≤ 2²² elements), not the fused ``ccl_fwd`` op: that op's schema returns the slice's lse and a
 gradient already projected through the row normalisation, and it rejects rows whose label lies outside the slice
 (NaN), so it cannot produce the separate sum-exp and softmax-weighted center sum partials. A ``ccl_fwd_partials``
 op would let the Triton kernel do this step. Memory per rank: the C_r × D slice plus O(B_global · D).

@@ -1,4 +1,4 @@
-"""Contrastive Bayesian Metric Learning loss: the eager PyTorch specification (``shared/spec/losses.md`` §2).
+"""Contrastive Bayesian Metric Learning loss: the eager PyTorch specification (``docs/spec.md``).
 
 Shapes: queries ``x`` (B, D) with ``labels`` (B,); reference set R = [x̂ if ``include_self``] ++ [r̂ if ``ref``
 is given], with labels ``y_r``. ``S_ij = x̂_i · R_j`` in fp32 (fp64 for fp64 input). For row i::

@@ -1,4 +1,4 @@
-"""Center Contrastive Loss: the eager PyTorch specification (``shared/spec/losses.md`` §1).
+"""Center Contrastive Loss: the eager PyTorch specification (``docs/spec.md``).
 
 This module is the correctness oracle for every backend and the fallback on any device. It imports only torch.
 
