@@ -49,6 +49,18 @@ struct Hyper {
   bool self;  // the first B references are the queries themselves
 };
 
+// Mined pairs: bit j % 8 of byte [i, j / 8] allows pair (i, j) to be a positive or a negative. Without a mask
+// every pair is allowed: the rows point at one all-ones byte with zero strides, so the lookups stay branch-free.
+struct PairMask {
+  const uint8_t* p;
+  int64_t stride, step;  // bytes per row; 1, or 0 when unmasked
+  const uint8_t* row(int64_t i) const { return p + i * stride; }
+};
+inline const uint8_t kAllPairs = 0xFF;
+FASTCDML_INLINE bool allowed(const uint8_t* mrow, int64_t step, int64_t j) {
+  return (mrow[(j >> 3) * step] >> (j & 7)) & 1;
+}
+
 struct Row {
   // pass 1
   double sum = 0, neg_sum = 0, neg_sq = 0;
@@ -90,12 +102,12 @@ struct RowCoef {
 
 // ∂loss/∂S for one element of a row with scalars k, without the minP / maxN pick terms. present: y_j >= 0 (a
 // negative reference label marks an empty memory slot: in no set, not in the mean, zero gradient); same: y_j = y_i
-// and present; excluded: the self pair; tie_ok: j <= top_i (top-K ties).
+// and present; ok: the pair is allowed by the mined-pair mask; excluded: the self pair; tie_ok: j <= top_i.
 template <bool kTopK>
-FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool present, bool excluded,
-                                bool tie_ok, bool is_top) {
-  const bool neg = !same & present;
-  const bool hpos = same & !excluded & (v - hp.margin < k.max_n);
+FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool present, bool ok,
+                                bool excluded, bool tie_ok, bool is_top) {
+  const bool neg = !same & present & ok;
+  const bool hpos = same & ok & !excluded & (v - hp.margin < k.max_n);
   const bool hneg = neg & hard_neg<kTopK>(hp, v, k.min_p, k.top_v, tie_ok, is_top);
   const float t_pos = -(v - hp.pos_a) / hp.pos_b - k.u_pos, t_neg = (v - hp.neg_a) / hp.neg_b - k.u_neg;
   const float coef = hpos ? k.c_pos : (hneg ? k.c_neg : 0.f), var = k.c_var * (v - k.mean);
@@ -116,7 +128,8 @@ inline bool ranks_before(const std::pair<float, int64_t>& a, const std::pair<flo
 
 FASTCDML_SIMD_CLONES
 void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
-               const int64_t* yr, int64_t k, std::vector<std::pair<float, int64_t>>& heap) {
+               const int64_t* yr, const uint8_t* mrow, int64_t mstep, int64_t k,
+               std::vector<std::pair<float, int64_t>>& heap) {
   double sum[kLanes] = {}, nsum[kLanes] = {}, nsq[kLanes] = {};
   float mn[kLanes], mx[kLanes];
   int64_t npos[kLanes] = {}, nneg[kLanes] = {};
@@ -125,8 +138,8 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
   auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    const bool present = yr[j] >= 0, same = present & (yr[j] == yi), pos = same & !(hp.self & (j == i));
-    const bool neg = present & !same;
+    const bool present = yr[j] >= 0, same = present & (yr[j] == yi), ok = allowed(mrow, mstep, j);
+    const bool pos = same & ok & !(hp.self & (j == i)), neg = present & !same & ok;
     const double vd = neg ? static_cast<double>(v) : 0.0;
     sum[l] += present ? v : 0.f;
     nsum[l] += vd;
@@ -149,18 +162,20 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
   if (cmin < st.min_p) {
     st.min_p = cmin;
     for (jj = 0; jj < cc; ++jj)
-      if (s[jj] == cmin && yr[c0 + jj] == yi && yi >= 0 && !(hp.self && c0 + jj == i)) break;
+      if (s[jj] == cmin && yr[c0 + jj] == yi && yi >= 0 && !(hp.self && c0 + jj == i) &&
+          allowed(mrow, mstep, c0 + jj))
+        break;
     st.arg_min_p = c0 + jj;
   }
   if (cmax > st.max_n) {
     st.max_n = cmax;
     for (jj = 0; jj < cc; ++jj)
-      if (s[jj] == cmax && yr[c0 + jj] != yi && yr[c0 + jj] >= 0) break;
+      if (s[jj] == cmax && yr[c0 + jj] != yi && yr[c0 + jj] >= 0 && allowed(mrow, mstep, c0 + jj)) break;
     st.arg_max_n = c0 + jj;
   }
   if (k == 0) return;
   for (jj = 0; jj < cc; ++jj) {
-    if (yr[c0 + jj] == yi || yr[c0 + jj] < 0) continue;
+    if (yr[c0 + jj] == yi || yr[c0 + jj] < 0 || !allowed(mrow, mstep, c0 + jj)) continue;
     const std::pair<float, int64_t> e{s[jj], c0 + jj};
     if (static_cast<int64_t>(heap.size()) < k) {
       heap.push_back(e);
@@ -189,7 +204,7 @@ void finish_pass1(Row& st, const Hyper& hp, int64_t n_ref, int64_t k, const std:
 
 template <bool kTopK>
 FASTCDML_SIMD_CLONES void pass2_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
-               const int64_t* yr) {
+               const int64_t* yr, const uint8_t* mrow, int64_t mstep) {
   float sp[kLanes] = {}, sn[kLanes] = {};
   int64_t nhp[kLanes] = {}, nhn[kLanes] = {};
   const float max_n = st.max_n, min_p = st.min_p, top_v = st.top_v, pm = st.pm, nm = st.nm;
@@ -197,9 +212,9 @@ FASTCDML_SIMD_CLONES void pass2_row(Row& st, const Hyper hp, const float* s, int
   auto lane = [&](int l, int64_t jj) FASTCDML_INLINE_LAMBDA {
     const float v = s[jj];
     const int64_t j = c0 + jj;
-    const bool present = yr[j] >= 0, same = present & (yr[j] == yi);
-    const bool hpos = same & !(hp.self & (j == i)) & (v - hp.margin < max_n);
-    const bool hneg = present & !same & hard_neg<kTopK>(hp, v, min_p, top_v, j <= top_i, j == top_i);
+    const bool present = yr[j] >= 0, same = present & (yr[j] == yi), ok = allowed(mrow, mstep, j);
+    const bool hpos = same & ok & !(hp.self & (j == i)) & (v - hp.margin < max_n);
+    const bool hneg = present & !same & ok & hard_neg<kTopK>(hp, v, min_p, top_v, j <= top_i, j == top_i);
     const float t_pos = -(v - hp.pos_a) / hp.pos_b - pm, t_neg = (v - hp.neg_a) / hp.neg_b - nm;
     const float e = fast_exp(same ? t_pos : t_neg);
     sp[l] += hpos ? e : 0.f;
@@ -243,14 +258,14 @@ void finish_pass2(Row& st, Coefs& c, int64_t i, const Hyper& hp, int64_t n_ref, 
 // One row of a tile, S → G = ∂loss/∂S in place, from row i's scalars.
 template <bool kTopK>
 FASTCDML_SIMD_CLONES void grad_row(const Coefs& c, const Hyper hp, float* __restrict s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
-              const int64_t* __restrict yr) {
+              const int64_t* __restrict yr, const uint8_t* mrow, int64_t mstep) {
   const RowCoef k = row_coef(c, i);
   const int64_t top_i = c.top_i[i];
   for (int64_t jj = 0; jj < cc; ++jj) {
     const int64_t j = c0 + jj;
     const bool present = yr[j] >= 0;
-    s[jj] = grad_elem<kTopK>(hp, k, s[jj], present & (yr[j] == yi), present, hp.self & (j == i), j <= top_i,
-                             j == top_i);
+    s[jj] = grad_elem<kTopK>(hp, k, s[jj], present & (yr[j] == yi), present, allowed(mrow, mstep, j),
+                             hp.self & (j == i), j <= top_i, j == top_i);
   }
   for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
     if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
@@ -260,7 +275,7 @@ FASTCDML_SIMD_CLONES void grad_row(const Coefs& c, const Hyper hp, float* __rest
 // second from row j's scalars with column i (S_ji = S_ij). picked_by: the rows j whose minP / maxN is column i.
 template <bool kTopK>
 FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* __restrict s, int64_t cc, int64_t c0, int64_t i,
-                   const int64_t* __restrict y, const int64_t* picked_by, int64_t n_picked) {
+                   const int64_t* __restrict y, const PairMask& mask, const int64_t* picked_by, int64_t n_picked) {
   const int64_t yi = y[i], top_i = c.top_i[i];
   const RowCoef k = row_coef(c, i);
   const float *__restrict max_n = c.max_n.data() + c0, *__restrict min_p = c.min_p.data() + c0,
@@ -275,8 +290,10 @@ FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* _
     const bool present_j = yc[jj] >= 0, present_i = yi >= 0, equal = yc[jj] == yi, diag = c0 + jj == i;
     const RowCoef kj{max_n[jj], min_p[jj], top_v[jj], mean[jj], u_pos[jj], u_neg[jj],
                      c_pos[jj], c_neg[jj], c_var[jj], c_all[jj]};
-    s[jj] = grad_elem<kTopK>(hp, k, v, equal & present_j, present_j, diag, c0 + jj <= top_i, c0 + jj == top_i) +
-            grad_elem<kTopK>(hp, kj, v, equal & present_i, present_i, diag, i <= top_j[jj], i == top_j[jj]);
+    const bool ok_ij = allowed(mask.row(i), mask.step, c0 + jj), ok_ji = allowed(mask.row(c0 + jj), mask.step, i);
+    s[jj] = grad_elem<kTopK>(hp, k, v, equal & present_j, present_j, ok_ij, diag, c0 + jj <= top_i,
+                             c0 + jj == top_i) +
+            grad_elem<kTopK>(hp, kj, v, equal & present_i, present_i, ok_ji, diag, i <= top_j[jj], i == top_j[jj]);
   }
   for (const int64_t a : {c.arg_min[i], c.arg_max[i]})
     if (a >= c0 && a < c0 + cc) s[a - c0] += c.c_pick[i];
@@ -285,7 +302,8 @@ FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* _
 }
 
 std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& labels, const Tensor& ref_in,
-                                            const Tensor& ref_labels, bool include_self, double pos_a, double pos_b,
+                                            const Tensor& ref_labels, const std::optional<Tensor>& pair_mask,
+                                            bool include_self, double pos_a, double pos_b,
                                             double neg_a, double neg_b, double margin, double variance_weight,
                                             double mean_weight, bool phi_sqrt, int64_t top_k, bool want_gx,
                                             bool want_gref) {
@@ -316,6 +334,17 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   const int64_t K = std::min(top_k, N), RB = kRowBlock, CC = chunk_size(D);
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t* yrp = yr.data_ptr<int64_t>();
+  PairMask mask{&kAllPairs, 0, 0};
+  Tensor mask_t;
+  if (pair_mask.has_value()) {
+    mask_t = *pair_mask;
+    TORCH_CHECK_VALUE(mask_t.scalar_type() == at::kByte && mask_t.dim() == 2 && mask_t.size(0) == B &&
+                          mask_t.size(1) == ceil_div(N, 8),
+                      "pair_mask must be a (", B, ", ", ceil_div(N, 8), ") uint8 tensor, got ", mask_t.sizes(), " ",
+                      mask_t.scalar_type());
+    mask_t = mask_t.contiguous();
+    mask = PairMask{mask_t.data_ptr<uint8_t>(), mask_t.size(1), 1};
+  }
   // references present in the row mean (a negative label marks an empty memory slot)
   const int64_t n_present = std::max<int64_t>(1, yr.ge(0).sum().item<int64_t>());
   std::vector<Row> rows(B);
@@ -356,14 +385,14 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
         const Tensor s = tile_of(ch, true);
         for (int64_t r = 0; r < rb; ++r)
           pass1_row(rows[r0 + r], hp, s.data_ptr<float>() + r * s.size(1), s.size(1), chunks[ch].first, r0 + r,
-                    yp[r0 + r], yrp, K, heaps[r]);
+                    yp[r0 + r], yrp, mask.row(r0 + r), mask.step, K, heaps[r]);
       }
       for (int64_t r = 0; r < rb; ++r) finish_pass1(rows[r0 + r], hp, n_present, K, heaps[r]);
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
         const Tensor s = tile_of(ch, false);
         for (int64_t r = 0; r < rb; ++r)
           (K > 0 ? pass2_row<true> : pass2_row<false>)(rows[r0 + r], hp, s.data_ptr<float>() + r * s.size(1), s.size(1), chunks[ch].first, r0 + r,
-                    yp[r0 + r], yrp);
+                    yp[r0 + r], yrp, mask.row(r0 + r), mask.step);
       }
       bool any_valid = false;
       for (int64_t r = 0; r < rb; ++r) {
@@ -375,7 +404,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
         Tensor s = tile_of(ch, false);
         const auto [c0, cc] = chunks[ch];
         for (int64_t r = 0; r < rb; ++r)
-          (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp);
+          (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp,
+                                                        mask.row(r0 + r), mask.step);
         gx.narrow(0, r0, rb).addmm_(s, R.narrow(0, c0, cc));
       }
     }
@@ -409,7 +439,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
           if (!cache_self) at::mm_out(s, xh.narrow(0, r0, rb), xh.narrow(0, c0, cc).t());
           for (int64_t r = 0; r < rb; ++r) {
             const int64_t i = r0 + r;
-            (K > 0 ? grad_row_self<true> : grad_row_self<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, i, yp, picked_by.data() + pick_start[i],
+            (K > 0 ? grad_row_self<true> : grad_row_self<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, i, yp, mask, picked_by.data() + pick_start[i],
                           pick_start[i + 1] - pick_start[i]);
           }
           gx.narrow(0, r0, rb).addmm_(s, xh.narrow(0, c0, cc));
@@ -435,7 +465,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
           Tensor s = tile(sbuf, rb, cc);
           at::mm_out(s, xb, rc.t());
           for (int64_t r = 0; r < rb; ++r)
-            (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp);
+            (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp,
+                                                        mask.row(r0 + r), mask.step);
           grc.addmm_(s.t(), xb);
         }
       }

@@ -58,9 +58,11 @@ class Backend:
         """The bank after one momentum step (``centers`` itself when ``updates_in_place``)."""
         raise NotImplementedError
 
-    def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams) -> torch.Tensor:
+    def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
+             pair_mask=None) -> torch.Tensor:
         """The CBML loss ``Σ_i L_i / B`` (0-d) of ``x`` against ``[x if include_self] ++ ref`` (``ref`` (M, D),
-        M may be 0), differentiable in ``x`` and ``ref``."""
+        M may be 0), differentiable in ``x`` and ``ref``; ``pair_mask`` restricts the positive and negative sets
+        to mined pairs (``fastcdml.reference.cbml.pack_pairs``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -79,9 +81,10 @@ class ReferenceBackend(Backend):
     def ccl_update(self, centers, x, labels, momentum):
         return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum)
 
-    def cbml(self, x, labels, ref, ref_labels, include_self, params):
+    def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_reference.cbml_loss(
-            x, labels, ref if ref.shape[0] else None, ref_labels, include_self=include_self, pos_a=params.pos_a,
+            x, labels, ref if ref.shape[0] else None, ref_labels, pair_mask=pair_mask, include_self=include_self,
+            pos_a=params.pos_a,
             pos_b=params.pos_b, neg_a=params.neg_a, neg_b=params.neg_b, margin=params.margin,
             variance_weight=params.variance_weight, mean_weight=params.mean_weight, phi=params.phi,
             top_k=params.hard_negatives)
@@ -103,8 +106,8 @@ class FusedBackend(Backend):
         ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace)
         return centers
 
-    def cbml(self, x, labels, ref, ref_labels, include_self, params):
-        return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, self.namespace)
+    def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
+        return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, pair_mask, self.namespace)
 
 
 _INSTANCES = {

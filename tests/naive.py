@@ -34,8 +34,9 @@ def ccl_update(centers, x, labels, mu):
     return w
 
 
-def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, margin, w, h, phi, top_k):
-    """Per-row L_i as python floats (top_k = 0: adaptive)."""
+def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, margin, w, h, phi, top_k, allowed=None):
+    """Per-row L_i as python floats (top_k = 0: adaptive). A reference with a negative label is absent;
+    ``allowed``: a set of (row, column) pairs that may be positives or negatives (None: every pair)."""
     refs = ([(_unit(x[j].double()), int(labels[j]), j) for j in range(x.shape[0])] if include_self else [])
     if ref is not None:
         refs += [(_unit(ref[j].double()), int(ref_labels[j]), None) for j in range(ref.shape[0])]
@@ -44,14 +45,16 @@ def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, marg
     for i in range(x.shape[0]):
         xh, y = _unit(x[i].double()), int(labels[i])
         row = [float(xh @ r) for r, _, _ in refs]
-        pos = [j for j, (_, ly, idx) in enumerate(refs) if ly == y and idx != i]
-        neg = [j for j, (_, ly, _) in enumerate(refs) if ly != y]
+        present = [j for j, (_, ly, _) in enumerate(refs) if ly >= 0]
+        ok = [j for j in present if allowed is None or (i, j) in allowed]
+        pos = [j for j in ok if refs[j][1] == y and refs[j][2] != i]
+        neg = [j for j in ok if refs[j][1] != y]
         if not pos or not neg:
             out.append(0.0)
             continue
         min_p = min(row[j] for j in pos)
         max_n = max(row[j] for j in neg)
-        mean = (1 - h) * sum(row) / len(row) + h * (min_p + max_n) / 2
+        mean = (1 - h) * sum(row[j] for j in present) / len(present) + h * (min_p + max_n) / 2
         sigma = sum((row[j] - mean) ** 2 for j in neg)
         hp = [j for j in pos if row[j] - margin < max_n]
         if top_k:

@@ -6,8 +6,9 @@ import torch
 import fastcdml
 from fastcdml.functional import contrastive_bayesian_loss
 from fastcdml.reference import cbml_loss, cbml_loss_rows
+from fastcdml.reference.cbml import pack_pairs
 
-from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends
+from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends, rel_err
 from .naive import cbml_rows
 
 DEFAULTS = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.1)
@@ -252,3 +253,67 @@ def test_legacy_memory_checkpoint_loads():
     new.load_state_dict(legacy)
     assert new.memory_filled == 3 and int(new.memory_ptr) == 3
     assert new.memory_labels.tolist() == [3, 1, 2, -1, -1, -1, -1, -1]
+
+
+# --- mined pairs (PML's indices_tuple) ------------------------------------------------------------------------------
+
+def _mined(b, r, n_pairs=60):
+    rows, cols = torch.randint(0, b, (n_pairs,)), torch.randint(0, r, (n_pairs,))
+    return rows, cols, {(int(i), int(j)) for i, j in zip(rows, cols)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_reference_with_mined_pairs_matches_naive_spec(mode, top_k):
+    x, y, ref, ref_y = make(17, 23, 9, mode)
+    if ref_y is not None:
+        ref_y[::5] = -1  # empty slots too
+    width = (17 if mode != "explicit" else 0) + (0 if ref is None else 23)
+    rows, cols, allowed = _mined(17, width, 150)
+    mask = pack_pairs(rows, cols, 17, width)
+    got = cbml_loss_rows(x, y, ref, ref_y, pair_mask=mask, include_self=mode != "explicit", top_k=top_k, **LIVELY)
+    expected = cbml_rows(x, y, ref, ref_y, mode != "explicit", LIVELY["pos_a"], LIVELY["pos_b"], LIVELY["neg_a"],
+                         LIVELY["neg_b"], LIVELY["margin"], LIVELY["variance_weight"], LIVELY["mean_weight"], "log",
+                         top_k, allowed)
+    torch.testing.assert_close(got, expected)
+    assert (got == 0).any() and (got != 0).any()  # the mask removes rows' sets, not everything
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("negatives", ["adaptive", "topk"])
+def test_backend_with_mined_pairs_matches_reference(backend, mode, negatives):
+    if backend == "triton":
+        pytest.skip("the Triton kernel takes no pair mask")
+    x, y, ref, ref_y = make(37, 61, 24, mode, dtype=torch.float32)
+    width = (37 if mode != "explicit" else 0) + (0 if ref is None else 61)
+    rows, cols, _ = _mined(37, width, 600)
+    triplets = (rows[:300], cols[:300], cols[300:])  # (anchor, positive, negative): both pairs count
+    hyper = dict(LIVELY, negatives=negatives, top_k=5, include_self=mode != "explicit")
+    x64, xk = x.double().requires_grad_(), x.clone().requires_grad_()
+    ref64 = None if ref is None else ref.double().requires_grad_()
+    refk = None if ref is None else ref.clone().requires_grad_()
+    expected = contrastive_bayesian_loss(x64, y, ref64, ref_y, indices_tuple=triplets, backend="reference", **hyper)
+    got = contrastive_bayesian_loss(xk, y, refk, ref_y, indices_tuple=triplets, backend=backend, **hyper)
+    unmasked = contrastive_bayesian_loss(x64, y, ref64, ref_y, backend="reference", **hyper)
+    assert abs(unmasked.item() - expected.item()) > 1e-3  # the mined pairs change the loss
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(expected, [t for t in (x64, ref64) if t is not None])
+    got_grads = torch.autograd.grad(got, [t for t in (xk, refk) if t is not None])
+    for g, e in zip(got_grads, grads):
+        assert rel_err(g, e) < 1e-4
+
+
+def test_pml_pairs_and_triplets_restrict_the_sets():
+    pml = pytest.importorskip("pytorch_metric_learning")  # noqa: F841
+    from pytorch_metric_learning.miners import MultiSimilarityMiner, TripletMarginMiner
+
+    x, y = torch.randn(24, 8), clustered_labels(24, 3, 4)
+    loss_fn = fastcdml.ContrastiveBayesianLoss(backend="reference", **LIVELY)
+    for miner in (MultiSimilarityMiner(epsilon=0.3), TripletMarginMiner(margin=0.5)):
+        mined = miner(x, y)
+        rows, cols = fastcdml.losses._pml.mined_pairs(mined, x.device)
+        expected = cbml_loss(x, y, pair_mask=pack_pairs(rows, cols, 24, 24), **LIVELY)
+        torch.testing.assert_close(loss_fn(x, y, mined), expected.float())
+    with pytest.raises(ValueError, match="indices_tuple must be a miner's output"):
+        loss_fn(x, y, (torch.tensor([0]),))

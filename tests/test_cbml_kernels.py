@@ -217,7 +217,7 @@ def test_op_gradients_fp32_accurate_for_16bit_inputs(dtype):
     kw = dict(HYPER, include_self=True, top_k=0)
     expected = run_reference(x.double(), y, r.double().requires_grad_(), yr, kw, torch.tensor(1.0, dtype=torch.float64))
     hyper = [HYPER[k] for k in ("pos_a", "pos_b", "neg_a", "neg_b", "margin", "variance_weight", "mean_weight")]
-    loss, gx, gr = NS.cbml_fwd(x.to(DEV), y.to(DEV), r.to(DEV), yr.to(DEV), True, *hyper, False, 0, True, True)
+    loss, gx, gr = NS.cbml_fwd(x.to(DEV), y.to(DEV), r.to(DEV), yr.to(DEV), None, True, *hyper, False, 0, True, True)
     for what, a, e in (("loss", loss, expected[0]), ("grad x", gx, expected[1]), ("grad ref", gr, expected[2])):
         assert rel_err(a, e) < 2e-6, what
 
@@ -226,7 +226,7 @@ def test_deterministic():
     y = clustered_labels(37)
     x = clustered(y, 40).float().to(DEV)
     r, yr = bank(50, int(y.max()) + 1, 40)
-    outs = [NS.cbml_fwd(x, y.to(DEV), r.float().to(DEV), yr.to(DEV), True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2,
+    outs = [NS.cbml_fwd(x, y.to(DEV), r.float().to(DEV), yr.to(DEV), None, True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2,
                         False, 5, True, True) for _ in range(2)]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -266,7 +266,7 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
                       fullgraph=True)
     eager = contrastive_bayesian_loss(x, y, r, yr, include_self=True, backend="triton")
     assert torch.equal(f(x), eager)
-    args = (x.detach(), y, r, yr, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 100, True, False)
+    args = (x.detach(), y, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 100, True, False)
     torch.ops.fastcdml.cbml_fwd(*args)  # compile / warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -11,6 +11,7 @@ import torch
 
 import fastcdml
 from fastcdml.functional import center_contrastive_loss, center_momentum_update_, contrastive_bayesian_loss
+from fastcdml.reference.cbml import pack_pairs
 from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends, unit_rows
 
 CPU = torch.device("cpu")
@@ -223,7 +224,7 @@ def _all_outputs():
     out.append(bank)
     xb, yb, r, yr = _cbml_inputs(200, 3000, 40, torch.float32, torch.float32)
     for k in (0, 50):
-        out += ops.cbml_fwd(xb, yb, r, yr, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, k, True, True)
+        out += ops.cbml_fwd(xb, yb, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, k, True, True)
     return out
 
 
@@ -251,8 +252,10 @@ def test_opcheck():
     torch.library.opcheck(ops.ccl_update_.default, (w.clone(), x.detach(), y, 0.9))
     xb, yb, r, yr = _cbml_inputs(45, 60, 24, torch.float32, torch.float32)
     r.requires_grad_()
-    torch.library.opcheck(ops.cbml_fwd.default,
-                          (xb.requires_grad_(), yb, r, yr, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 5, True, True))
+    hyper = (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 5, True, True)
+    torch.library.opcheck(ops.cbml_fwd.default, (xb.requires_grad_(), yb, r, yr, None, True, *hyper))
+    mask = pack_pairs(torch.randint(0, 45, (400,)), torch.randint(0, 105, (400,)), 45, 105)
+    torch.library.opcheck(ops.cbml_fwd.default, (xb, yb, r, yr, mask, True, *hyper))
 
 
 def test_compile_ccl_module():
@@ -285,4 +288,4 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):  # the op's own checks
         ops.ccl_fwd(x.double(), y, w, *HYPER, True)
     with pytest.raises(ValueError, match="reference set is empty"):
-        ops.cbml_fwd(x, y, x[:0], y[:0], False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 0, False, False)
+        ops.cbml_fwd(x, y, x[:0], y[:0], None, False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 0, False, False)

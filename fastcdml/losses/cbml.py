@@ -10,7 +10,9 @@ from torch import nn
 from .. import _checks
 from .._backend import BACKENDS, Backend, resolve
 from ..params import BayesianParams
+from ..reference.cbml import pack_pairs
 from ..reference.ccl import normalize_rows
+from . import _pml
 
 
 def _check_batch(embeddings, labels, backend: Backend, check_values: bool) -> None:
@@ -62,6 +64,7 @@ def contrastive_bayesian_loss(
     phi: str = "log",
     negatives: str = "adaptive",
     top_k: int = 100,
+    indices_tuple=None,
     backend: str = "auto",
     check_inputs: bool = True,
 ) -> torch.Tensor:
@@ -71,7 +74,9 @@ def contrastive_bayesian_loss(
     Reference set: the batch itself when ``ref_emb`` is None (self pairs excluded by index); ``ref_emb`` (M, D)
     with ``ref_labels`` (M,) otherwise, used as given (gradient flows to it if it requires one). With
     ``include_self=True`` and a ``ref_emb``, the reference set is the batch followed by ``ref_emb`` (the
-    cross-batch-memory layout). The formula is in ``docs/spec.md``. ``check_inputs=True`` validates shapes,
+    cross-batch-memory layout). ``indices_tuple`` (a PML miner's pairs or triplets; anchors index the batch,
+    positives and negatives the reference set) restricts the positive and negative sets to the mined pairs, through
+    a B×R/8-byte bit mask. The formula is in ``docs/spec.md``. ``check_inputs=True`` validates shapes,
     dtypes, devices, labels ≥ 0 and finiteness (synchronising with the device) and warns when no row has both a
     positive and a negative (the loss is then 0); with ``False`` a non-finite input gives a NaN loss.
     """
@@ -95,7 +100,12 @@ def contrastive_bayesian_loss(
         _warn_if_no_pairs(labels, ref_labels, include_self)
     if embeddings.shape[0] == 0:
         return embeddings.sum(dtype=torch.float32) * 0.0
-    loss = impl.cbml(embeddings, labels, ref_emb, ref_labels, include_self, params)
+    mask = None
+    if indices_tuple is not None:
+        rows, cols = _pml.mined_pairs(indices_tuple, embeddings.device)
+        width = ref_emb.shape[0] + (embeddings.shape[0] if include_self else 0)
+        mask = pack_pairs(rows, cols, embeddings.shape[0], width)
+    loss = impl.cbml(embeddings, labels, ref_emb, ref_labels, include_self, params, mask)
     return loss if check_inputs else _nan_unless_finite(loss, embeddings, ref_emb)
 
 
@@ -112,7 +122,10 @@ class ContrastiveBayesianLoss(nn.Module):
     ``memory_ptr``, the next slot; ``memory_emb`` is allocated at the first call, when D is known, or at
     construction if ``embedding_dim`` is given). The reference set is then the batch (self excluded, gradient
     flows) followed by the filled memory entries (no gradient); in training mode the batch is enqueued after the
-    loss is computed. The memory always has its full shape (empty slots are ignored by their label), so a
+    loss is computed. As PML's ``CrossBatchMemory``: ``miner`` (a PML miner) mines the pairs of each step's
+    queries against the whole reference set, ``indices_tuple`` adds pairs whose references index the batch, and
+    ``enqueue_mask`` (B,) bool marks rows that are only enqueued (the others are the queries, compared with the
+    memory and the enqueued rows). The memory always has its full shape (empty slots are ignored by their label), so a
     compiled training step compiles once (give ``embedding_dim``: a memory allocated at the first call changes
     shape once, which costs one more compilation). Rows that are not finite are never enqueued (with
     ``check_inputs=False`` they reach the loss, which is then NaN on every backend). ``ref_emb`` cannot be
@@ -135,29 +148,42 @@ class ContrastiveBayesianLoss(nn.Module):
         backend: str = "auto",
         check_inputs: bool = True,
         embedding_dim: int | None = None,
+        miner=None,
+        **pml_options,
     ):
         super().__init__()
+        _pml.reject_options(type(self).__name__, pml_options)
         self.params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi,
                                      negatives, top_k)
         _checks.choice(backend, "backend", BACKENDS)
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
-        self.memory_size, self.backend, self.check_inputs = memory_size, backend, check_inputs
+        if miner is not None and not memory_size:
+            raise ValueError("miner= is the cross-batch memory's miner (memory_size > 0); without a memory pass the "
+                             "miner's output as indices_tuple")
+        self.memory_size, self.backend, self.check_inputs, self.miner = memory_size, backend, check_inputs, miner
         if memory_size:
             self.register_buffer("memory_emb", torch.zeros(memory_size, embedding_dim or 0))
             self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.int64))
             self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.int64))
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None,
+                enqueue_mask=None):
+        """The loss in PML's call order (``enqueue_mask`` as in PML's ``CrossBatchMemory``)."""
+        labels = _pml.require_labels(type(self).__name__, labels)
         if not self.memory_size:
+            if enqueue_mask is not None:
+                raise ValueError("enqueue_mask needs a cross-batch memory (memory_size > 0)")
             p = self.params
             return contrastive_bayesian_loss(
                 embeddings, labels, ref_emb, ref_labels, pos_a=p.pos_a, pos_b=p.pos_b, neg_a=p.neg_a,
                 neg_b=p.neg_b, margin=p.margin, variance_weight=p.variance_weight, mean_weight=p.mean_weight,
-                phi=p.phi, negatives=p.negatives, top_k=p.top_k, backend=self.backend,
+                phi=p.phi, negatives=p.negatives, top_k=p.top_k, indices_tuple=indices_tuple, backend=self.backend,
                 check_inputs=self.check_inputs)
-        if ref_emb is not None:
+        if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb cannot be combined with memory_size > 0: the memory is the reference set")
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive (as in PML's CrossBatchMemory)")
         backend = resolve(self.backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
         _check_batch(embeddings, labels, backend, self.check_inputs)
         _checks.same_device(self.memory_emb, "the memory", embeddings, "embeddings", "; move the loss with .to(device)")
@@ -166,21 +192,51 @@ class ContrastiveBayesianLoss(nn.Module):
                 raise ValueError(f"embeddings have dimension {embeddings.shape[1]} but the memory holds "
                                  f"{self.memory_emb.shape[1]}-dimensional entries")
             self.memory_emb = self.memory_emb.new_zeros(self.memory_size, embeddings.shape[1])
-        if self.check_inputs:
-            _warn_if_no_pairs(labels, self.memory_labels, True)
         # The memory holds rows this module normalised from checked batches: no need to scan it again.
-        if embeddings.shape[0] == 0:
+        queries, query_labels, new = embeddings, labels, (embeddings, labels)
+        ref, ref_labels, include_self = self.memory_emb, self.memory_labels, True
+        if enqueue_mask is not None:
+            if enqueue_mask.dtype != torch.bool or tuple(enqueue_mask.shape) != (embeddings.shape[0],):
+                raise ValueError(f"enqueue_mask must be a ({embeddings.shape[0]},) bool tensor, got "
+                                 f"{tuple(enqueue_mask.shape)} {enqueue_mask.dtype}")
+            enqueue_mask = enqueue_mask.to(embeddings.device)
+            queries, query_labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+            new = (embeddings[enqueue_mask], labels[enqueue_mask])
+            ref = torch.cat([normalize_rows(new[0].detach()).to(ref.dtype), ref])
+            ref_labels = torch.cat([new[1].to(ref_labels.dtype), ref_labels])
+            include_self = False
+        if self.check_inputs:
+            _warn_if_no_pairs(query_labels, ref_labels, include_self)
+        if queries.shape[0] == 0:
             loss = embeddings.sum(dtype=torch.float32) * 0.0
         else:
-            loss = backend.cbml(embeddings, labels, self.memory_emb, self.memory_labels, True, self.params)
+            mask = self._mined(queries, query_labels, ref, ref_labels, include_self, indices_tuple)
+            loss = backend.cbml(queries, query_labels, ref, ref_labels, include_self, self.params, mask)
             if not self.check_inputs:
                 loss = _nan_unless_finite(loss, embeddings)
         if self.training:
             # A backend that updates in place computed its gradients in the forward, so the memory can be
             # overwritten now. The other's autograd graph still refers to the memory: give it new tensors
             # instead (an in-place write would also be mis-ordered by torch.compile's partitioner).
-            self._enqueue(embeddings.detach(), labels, in_place=backend.updates_in_place)
+            self._enqueue(new[0].detach(), new[1], in_place=backend.updates_in_place)
         return loss
+
+    @torch.no_grad()
+    def _mined(self, queries, query_labels, ref, ref_labels, include_self, indices_tuple):
+        """This step's pair mask, or None for every pair: the miner's pairs over the filled reference set (as PML's
+        CrossBatchMemory mines them) plus those of ``indices_tuple``."""
+        if self.miner is None:
+            return None  # every pair, as PML's CrossBatchMemory without a miner (given tuples add nothing then)
+        refs = torch.cat([queries.detach().to(ref.dtype), ref]) if include_self else ref
+        refs_labels = torch.cat([query_labels.to(ref_labels.dtype), ref_labels]) if include_self else ref_labels
+        filled = torch.nonzero(refs_labels >= 0).squeeze(1)
+        mined = self.miner(queries.detach(), query_labels, refs[filled], refs_labels[filled])
+        rows, cols = _pml.mined_pairs(mined, queries.device)
+        cols = filled[cols]
+        if indices_tuple is not None:
+            extra_rows, extra_cols = _pml.mined_pairs(indices_tuple, queries.device)
+            rows, cols = torch.cat([rows, extra_rows]), torch.cat([cols, extra_cols])
+        return pack_pairs(rows, cols, queries.shape[0], refs.shape[0])
 
     @torch.no_grad()
     def _enqueue(self, embeddings, labels, in_place: bool):

@@ -11,6 +11,7 @@ from .. import _checks, distributed as _distributed
 from .._backend import BACKENDS, Backend, resolve
 from ..params import CenterParams
 from ..reference.ccl import EPS, normalize_rows
+from . import _pml
 
 UPDATES = ("momentum", "gradient")
 _ONE_CLASS = "with a single class the softmax term is constant and only the center pull trains"
@@ -125,6 +126,10 @@ class CenterContrastiveLoss(nn.Module):
     is ignored by the update, and non-finite embeddings give NaN without touching the bank rows they would spoil.
     The defaults τ=0.05, m=0.1, λ=1, μ=0.9 are provisional (see the README's training notes).
 
+    It follows pytorch-metric-learning's call contract (``forward(embeddings, labels, indices_tuple, ref_emb,
+    ref_labels)``, mined tuples as per-sample weights); PML options it cannot honour (``reducer``, a distance
+    other than cosine, regularizers) raise an error that names them.
+
     ``distributed="auto"`` (default): when torch.distributed is initialised with world size > 1, each momentum
     step all-gathers the batch of every rank of ``process_group`` (sizes may differ) and updates the bank with the
     global batch in rank order, so all ranks keep the bank of a single process trained on the concatenated
@@ -149,8 +154,10 @@ class CenterContrastiveLoss(nn.Module):
         generator: torch.Generator | None = None,
         distributed: bool | str = "auto",
         process_group=None,
+        **pml_options,
     ):
         super().__init__()
+        _pml.reject_options(type(self).__name__, pml_options)
         self.params = CenterParams(temperature, margin, center_weight)
         _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
         _checks.choice(update, "update", UPDATES)
@@ -168,7 +175,14 @@ class CenterContrastiveLoss(nn.Module):
         else:
             self.register_buffer("centers", bank)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None, indices_tuple=None,
+                ref_emb=None, ref_labels=None) -> torch.Tensor:
+        """The loss of ``embeddings`` (B, D) with ``labels`` (B,), in PML's call order: a mined ``indices_tuple``
+        (pairs or triplets) weights each row by how often it was mined, as PML's proxy losses do (the bank update
+        still uses every row); ``ref_emb`` / ``ref_labels`` are not supported."""
+        name = type(self).__name__
+        labels = _pml.require_labels(name, labels)
+        _pml.no_reference(name, ref_emb, ref_labels)
         backend = resolve(self.backend, "ccl", _device(embeddings))
         momentum_step = self.training and self.update == "momentum"
 
@@ -187,7 +201,9 @@ class CenterContrastiveLoss(nn.Module):
             centers = self.centers
             if self.update == "gradient":
                 centers = centers / centers.float().norm(dim=1, keepdim=True).clamp_min(EPS)
-            loss = _checks.reduce(backend.ccl_rows(embeddings, labels, centers, self.params), self.reduction)
+            rows = backend.ccl_rows(embeddings, labels, centers, self.params)
+            weights = _pml.miner_weights(indices_tuple, rows.shape[0], rows.device)
+            loss = _checks.reduce(rows if weights is None else rows * weights, self.reduction)
         if momentum_step and batch[0].shape[0]:
             # The loss was computed from the bank before this step. A backend that updates in place computed the
             # query gradient already; the other one's autograd graph holds the old bank, so swap the buffer

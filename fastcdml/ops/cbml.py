@@ -1,9 +1,12 @@
 """Contrastive Bayesian loss op: ``fastcdml::cbml_fwd`` (math: ``docs/spec.md``, "Contrastive Bayesian loss").
 
-``cbml_fwd(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-mean_weight, phi_sqrt, top_k, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
+``cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
+variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
     x (B, D) fp32/bf16/fp16 contiguous, labels (B,) int32/int64; ref (M, D) contiguous (M may be 0) with
-    ref_labels (M,). Reference set = [x̂ if include_self] ++ [r̂]; self pairs are excluded by index.
+    ref_labels (M,). Reference set = [x̂ if include_self] ++ [r̂] (R columns); self pairs are excluded by index;
+    a reference with a negative label is absent (in no set, not in the row mean). ``pair_mask``: None, or a
+    (B, ceil(R/8)) uint8 bit mask of the pairs allowed as positives or negatives (mined pairs; bit j % 8 of byte
+    [i, j // 8]; B·R/8 bytes, see ``fastcdml.reference.cbml.pack_pairs``).
     ``top_k = 0``: adaptive hard negatives; ``top_k > 0``: the top_k hardest negatives. ``phi_sqrt``: φ = sqrt
     instead of log.
     loss () fp32 = Σ_i L_i / B (0 for B = 0).
@@ -21,12 +24,13 @@ import torch
 from ..params import BayesianParams
 from ._registry import define, namespaces
 
-FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, bool include_self, float pos_a, float pos_b, " \
+FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mask, bool include_self, " \
+      "float pos_a, float pos_b, " \
       "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, bool phi_sqrt, " \
       "int top_k, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
 
 
-def _fwd_fake(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
+def _fwd_fake(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
               mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
     f32 = torch.float32
     return (
@@ -54,24 +58,27 @@ def _backward(ctx, grad_loss, _g1, _g2):
         gx = (grad_loss * grad_x).to(ctx.dtypes[0])
     if ctx.needs_input_grad[2]:
         gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
-    return (gx, None, gr) + (None,) * 13
+    return (gx, None, gr) + (None,) * 14
 
 
-def _fwd_triton(*args):
+def _fwd_triton(x, labels, ref, ref_labels, pair_mask, *args):
     from ..kernels import cbml as kernels  # imported on first call: it needs triton
 
-    return kernels.cbml_fwd(*args)
+    if pair_mask is not None:
+        raise NotImplementedError("the Triton CBML kernel does not take a pair mask yet")
+    return kernels.cbml_fwd(x, labels, ref, ref_labels, *args)
 
 
 for _ns in namespaces():
     define(_ns, "cbml_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
-def cbml_loss(x, labels, ref, ref_labels, include_self, params: BayesianParams, namespace="fastcdml"):
+def cbml_loss(x, labels, ref, ref_labels, include_self, params: BayesianParams, pair_mask=None, namespace="fastcdml"):
     """Scalar fp32 loss through ``namespace``'s ops; differentiable in ``x`` and ``ref``."""
     grad_on = torch.is_grad_enabled()
     loss, _, _ = getattr(torch.ops, namespace).cbml_fwd(
-        x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(), include_self,
+        x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(),
+        None if pair_mask is None else pair_mask.contiguous(), include_self,
         params.pos_a, params.pos_b, params.neg_a, params.neg_b, params.margin, params.variance_weight,
         params.mean_weight, params.phi == "sqrt", params.hard_negatives,
         grad_on and x.requires_grad, grad_on and ref.requires_grad,

@@ -8,7 +8,8 @@ is given], with labels ``y_r``. ``S_ij = x̂_i · R_j`` in fp32 (fp64 for fp64 i
     mean_i = (1 − h)·mean_j S_ij + h·(minP_i + maxN_i)/2             (over the whole row, diagonal included)
 
 A reference entry with a negative label (an empty slot of a cross-batch memory) is in no set and not in the row
-mean: the loss is that of the reference set without it.
+mean: the loss is that of the reference set without it. A pair mask (mined pairs) restricts P_i and N_i to the
+listed pairs; the row mean is unchanged.
     σ_i    = Σ_{N_i} (S_ij − mean_i)²
     P̃_i = {j ∈ P_i : S_ij − margin < maxN_i}
     Ñ_i = {j ∈ N_i : S_ij + margin > minP_i}   (adaptive)   or the top_k largest S_ij of N_i (ties: lowest index)
@@ -35,12 +36,32 @@ def _log1p_sum_exp(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.cat([torch.zeros_like(t[:, :1]), t], dim=1), dim=1)
 
 
+def pack_pairs(rows: torch.Tensor, cols: torch.Tensor, num_rows: int, num_cols: int) -> torch.Tensor:
+    """The pair mask of the pairs ``(rows[k], cols[k])``: a (num_rows, ceil(num_cols / 8)) uint8 tensor whose bit
+    ``j % 8`` of byte ``[i, j // 8]`` is set when pair (i, j) is listed (duplicates allowed). Built on the pairs'
+    device from the pair list, without a dense (num_rows, num_cols) matrix."""
+    words = -(-num_cols // 8)
+    flat = torch.unique(rows.long() * num_cols + cols.long())  # each pair once, so that adding bits is an OR
+    mask = torch.zeros(num_rows * words, dtype=torch.int32, device=rows.device)
+    if flat.numel():
+        i, j = flat // num_cols, flat % num_cols
+        mask.index_put_((i * words + j // 8,), (1 << (j % 8)).int(), accumulate=True)
+    return mask.view(num_rows, words).to(torch.uint8)
+
+
+def unpack_pairs(mask: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """The (num_rows, num_cols) bool matrix of a :func:`pack_pairs` mask."""
+    j = torch.arange(num_cols, device=mask.device)
+    return ((mask[:, j // 8] >> (j % 8).to(torch.uint8)) & 1).bool()
+
+
 def cbml_loss_rows(
     x: torch.Tensor,
     labels: torch.Tensor,
     ref: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
     *,
+    pair_mask: torch.Tensor | None = None,
     include_self: bool = True,
     pos_a: float = 0.5,
     pos_b: float = 0.5,
@@ -52,7 +73,10 @@ def cbml_loss_rows(
     phi: str = "log",
     top_k: int = 0,
 ) -> torch.Tensor:
-    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives."""
+    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives.
+
+    ``pair_mask`` (:func:`pack_pairs` of mined pairs, over the reference set's columns): only the listed pairs can
+    be positives or negatives; the row mean stays over every present reference."""
     if phi not in PHIS:
         raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
     dtype = compute_dtype(x, *([ref] if ref is not None else []))
@@ -80,6 +104,9 @@ def cbml_loss_rows(
     present = (y_r >= 0)[None, :]  # a negative reference label marks an empty slot: in no set, not in the mean
     pos = same & ~self_mask & present
     neg = ~same & present
+    if pair_mask is not None:
+        allowed = unpack_pairs(pair_mask, n)
+        pos, neg = pos & allowed, neg & allowed
 
     inf = torch.tensor(float("inf"), dtype=dtype, device=x.device)
     arg_min_p = torch.where(pos, sd, inf).argmin(dim=1, keepdim=True)  # first minimum: lowest index
