@@ -81,6 +81,11 @@ def contrastive_bayesian_loss(
     positive and a negative (the loss is then 0); with ``False`` a non-finite input gives a NaN loss.
     """
     params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k)
+    return _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs)
+
+
+def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs):
+    """:func:`contrastive_bayesian_loss` with its parameters already gathered in ``params``."""
     _checks.choice(backend, "backend", BACKENDS)
     impl = resolve(backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
     _check_batch(embeddings, labels, impl, check_inputs)
@@ -174,12 +179,8 @@ class ContrastiveBayesianLoss(nn.Module):
         if not self.memory_size:
             if enqueue_mask is not None:
                 raise ValueError("enqueue_mask needs a cross-batch memory (memory_size > 0)")
-            p = self.params
-            return contrastive_bayesian_loss(
-                embeddings, labels, ref_emb, ref_labels, pos_a=p.pos_a, pos_b=p.pos_b, neg_a=p.neg_a,
-                neg_b=p.neg_b, margin=p.margin, variance_weight=p.variance_weight, mean_weight=p.mean_weight,
-                phi=p.phi, negatives=p.negatives, top_k=p.top_k, indices_tuple=indices_tuple, backend=self.backend,
-                check_inputs=self.check_inputs)
+            return _loss(embeddings, labels, ref_emb, ref_labels, None, indices_tuple, self.params, self.backend,
+                         self.check_inputs)
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb cannot be combined with memory_size > 0: the memory is the reference set")
         if indices_tuple is not None and enqueue_mask is not None:
