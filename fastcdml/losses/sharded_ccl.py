@@ -10,7 +10,7 @@ Per step (B_global = the sum of the ranks' batch sizes, C_r = the classes of ran
 3. An all-reduce MAX of ``m`` (B_global floats) and one all-reduce SUM of the rescaled
    ``[v·e^{m−M}, W_y, s·e^{m−M}, s_y]`` (B_global × (2D + 2)) give the exact global
    ``lse_i = M_i + log S_i`` and ``Σ_j p_ij W_j = V_i / S_i``, hence the loss rows and the query gradient
-   ``g_x̂_i = (V_i/S_i − W_{y_i})/τ − 2λ·W_{y_i}`` (spec §1), computed in forward like the fused op does.
+   ``g_x̂_i = (V_i/S_i − W_{y_i})/τ − 2λ·W_{y_i}`` (``docs/spec.md``), computed in forward like the fused op does.
 4. Each rank returns the loss of its own rows (reduced over its own batch, as under DDP); backward multiplies
    the saved gradient rows by grad_output and needs no communication.
 5. In training mode each rank applies the momentum update to its own slice with the global rows whose labels
