@@ -458,3 +458,19 @@ def test_shard_range_tiles_the_classes(num_classes, world):
     assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
     with pytest.raises(ValueError, match="summing to"):
         shard_range(num_classes, world, 0, [num_classes] + [1] * (world - 1))
+
+
+def test_scaling_model_uses_the_tested_formula(capsys):
+    """bench/scaling_model.py: its communication column is step_bytes, and its grid is complete."""
+    from bench import scaling_model
+    from fastcdml.distributed import step_bytes
+
+    s = scaling_model.sharded_step(10**6, 512, 1024, 8)
+    assert s.comm == step_bytes([128] * 8, 512, 2, sharded=True)
+    assert s.bank_bytes == 125_000 * 512 * 4 and s.flops == 4 * 1024 * 125_000 * 512
+    assert s.ring_bytes == pytest.approx(7 / 8 * (s.comm["all_gather:status"] + s.comm["all_gather:embeddings"]
+                                                  + s.comm["all_gather:labels"])
+                                         + 2 * 7 / 8 * (s.comm["all_reduce:max"] + s.comm["all_reduce:sum"]))
+    assert scaling_model.main([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1e+06 |", "| 1e+07 |"))]
+    assert len(rows) == 2 * 2 * 2 * 3
