@@ -205,8 +205,8 @@ def anchor(reps: int = 5, threads: int = 1) -> str:
         e, e2 = torch.randn(1 << 16), torch.empty(1 << 16)
         return e.numel() / _median_s(lambda: torch.exp(e, out=e2), reps)
 
-    out = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend "
-           f"{resolve('auto', 'ccl', torch.device('cpu')).name}",
+    out = [f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), backend "
+           f"{resolve('auto', 'ccl', torch.device('cpu')).name}:", "",
            "| B, C, D | model bound | GFLOP | bank MB | GEMM GFLOP/s: 1024³, op's tile | copy GB/s | exp G/s | "
            "predicted ms: roofline | + exps | at the tile GEMM rate | measured ms | measured / roofline | "
            "measured / (tile rate + exps) | achieved GFLOP/s |", "|" + "---|" * 14]

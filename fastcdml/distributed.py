@@ -75,10 +75,11 @@ class CommStats:
         counts = self.last_step if counts is None else counts
         return sum(RING_FACTORS[key.split(":")[0]](self.world_size) * n for key, n in counts.items())
 
-    def log_step(self, owner: str, rank: int) -> None:
+    def log_step(self, owner: str, group=None) -> None:
+        """One DEBUG line on the ``"fastcdml.distributed"`` logger with ``last_step``, if that level is on."""
         if log.isEnabledFor(logging.DEBUG):
             parts = ", ".join(f"{k}={v}" for k, v in self.last_step.items())
-            log.debug("%s rank %d/%d step %d: %s; %d B logical, %.0f B sent by a ring", owner, rank,
+            log.debug("%s rank %d/%d step %d: %s; %d B logical, %.0f B sent by a ring", owner, dist.get_rank(group),
                       self.world_size, self.steps, parts, self.last_step_bytes, self.ring_bytes())
 
     def reset(self) -> None:

@@ -182,7 +182,7 @@ class CenterContrastiveLoss(nn.Module):
             # the global batch in rank order; a bad input on any rank raises the same error on every rank
             self.stats.start_step(self.process_group)
             batch = _distributed.gather_batch(embeddings, labels, check, self.process_group, self.stats)[:2]
-            self.stats.log_step(type(self).__name__, _distributed.dist.get_rank(self.process_group))
+            self.stats.log_step(type(self).__name__, self.process_group)
         else:
             check()
             batch = (embeddings, labels)

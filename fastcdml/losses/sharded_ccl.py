@@ -234,7 +234,7 @@ class ShardedCenterContrastiveLoss(nn.Module):
         try:
             return self._step(embeddings, labels)
         finally:
-            self.stats.log_step(type(self).__name__, self.rank)
+            self.stats.log_step(type(self).__name__, self.process_group)
 
     def _step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
