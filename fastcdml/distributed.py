@@ -14,15 +14,110 @@ Two modes (the README shows how to launch each with ``torchrun``):
 Every collective entry point first runs the caller's input checks on every rank and exchanges a small
 status table: a bad input on one rank raises the same error on every rank (naming the rank) instead of
 leaving the others blocked in a collective.
+
+**Communication counters.** Both losses keep a :class:`CommStats` in their ``stats`` attribute: the bytes each
+collective of a training step carried on this rank, computed from the shapes and dtypes at the call sites (no
+extra synchronisation), and logged at DEBUG level on the ``"fastcdml.distributed"`` logger. The closed form
+is :func:`step_bytes`; ``docs/scaling.md`` turns it into time.
 """
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_STATUS_FIELDS = 4  # [failed, B, D, dtype] as int64: the preflight table row of one rank
+_LABEL_ITEMSIZE = 8  # labels travel as int64
+
+log = logging.getLogger("fastcdml.distributed")
+
+#: bytes a rank sends per byte of logical payload under the ring algorithm (NCCL's choice for large messages),
+#: as a function of the world size W: the "bus bandwidth" factors of nccl-tests.
+RING_FACTORS = {"all_gather": lambda w: (w - 1) / w, "all_reduce": lambda w: 2 * (w - 1) / w}
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank moved through ``torch.distributed`` collectives in the loss's training steps.
+
+    ``last_step`` maps ``"<collective>:<what>"`` to the **logical payload** of that collective in the most recent
+    step, the nccl-tests convention: an all-gather counts its whole output (``W`` × the per-rank tensor, this
+    rank's own part included), an all-reduce its buffer. ``total`` sums ``last_step`` over ``steps``. The bytes
+    actually sent by a rank depend on the algorithm; :meth:`ring_bytes` gives the ring algorithm's
+    ``(W−1)/W`` × all-gather + ``2(W−1)/W`` × all-reduce. Every rank records the same numbers (all-gathers are
+    padded to the largest batch; all-reduces have the global size). The error path of the preflight (an
+    ``all_gather_object`` of the exception, only when a step raises) is not counted.
+    """
+
+    world_size: int = 1
+    steps: int = 0
+    last_step: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+
+    def start_step(self, group=None) -> None:
+        self.world_size, self.steps, self.last_step = dist.get_world_size(group), self.steps + 1, {}
+
+    def record(self, key: str, nbytes: int) -> None:
+        self.last_step[key] = self.last_step.get(key, 0) + nbytes
+        self.total[key] = self.total.get(key, 0) + nbytes
+
+    @property
+    def last_step_bytes(self) -> int:
+        return sum(self.last_step.values())
+
+    def ring_bytes(self, counts: dict[str, int] | None = None) -> float:
+        """Bytes one rank sends for ``counts`` (default ``last_step``) under the ring algorithm."""
+        counts = self.last_step if counts is None else counts
+        return sum(RING_FACTORS[key.split(":")[0]](self.world_size) * n for key, n in counts.items())
+
+    def log_step(self, owner: str, group=None) -> None:
+        """One DEBUG line on the ``"fastcdml.distributed"`` logger with ``last_step``, if that level is on."""
+        if log.isEnabledFor(logging.DEBUG):
+            parts = ", ".join(f"{k}={v}" for k, v in self.last_step.items())
+            log.debug("%s rank %d/%d step %d: %s; %d B logical, %.0f B sent by a ring", owner, dist.get_rank(group),
+                      self.world_size, self.steps, parts, self.last_step_bytes, self.ring_bytes())
+
+    def reset(self) -> None:
+        self.steps, self.last_step, self.total = 0, {}, {}
+
+
+def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, compute_itemsize: int = 4
+               ) -> dict[str, int]:
+    """The closed form of :attr:`CommStats.last_step` for one training step with per-rank batch sizes ``sizes``
+    (W = len(sizes), B = Σ sizes, B_max = max sizes), embeddings of ``dim`` columns and ``itemsize`` bytes::
+
+        all_gather:status      32·W                  preflight: [failed, B_r, D, dtype] as int64 per rank
+        all_gather:embeddings  W·B_max·D·itemsize    the global batch, rows padded to B_max       (B > 0)
+        all_gather:labels      W·B_max·8             int64                                        (B > 0)
+        all_reduce:max         B·c                   sharded only: the row maxima                  (B > 0)
+        all_reduce:sum         B·(2D + 2)·c          sharded only: [V·e^(m−M), W_y, S·e^(m−M), s_y] (B > 0)
+
+    with ``c = compute_itemsize`` (4: float32 accumulation; 8 for float64 embeddings). No gradient travels: the
+    sharded loss computes the query gradient in forward from the SUM all-reduce, and backward is local. The data
+    parallel ``CenterContrastiveLoss`` has only the first three (and none in evaluation mode).
+    """
+    w, b = len(sizes), sum(sizes)
+    out = {"all_gather:status": _STATUS_FIELDS * 8 * w}
+    if b == 0:
+        return out
+    out["all_gather:embeddings"] = w * max(sizes) * dim * itemsize
+    out["all_gather:labels"] = w * max(sizes) * _LABEL_ITEMSIZE
+    if sharded:
+        out["all_reduce:max"] = b * compute_itemsize
+        out["all_reduce:sum"] = b * (2 * dim + 2) * compute_itemsize
+    return out
+
+
+def all_reduce(t: torch.Tensor, op=None, group=None, stats: CommStats | None = None, name: str = "sum") -> None:
+    """``dist.all_reduce(t, op)`` in place (``op`` default SUM), counted in ``stats`` as ``"all_reduce:<name>"``."""
+    if stats is not None:
+        stats.record(f"all_reduce:{name}", t.numel() * t.element_size())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
 
 
 def enabled(distributed: bool | str, group=None) -> bool:
@@ -55,7 +150,7 @@ def _basic_check(embeddings, labels) -> None:
         raise ValueError(f"labels must have shape ({embeddings.shape[0]},), got {getattr(labels, 'shape', labels)}")
 
 
-def preflight(check: Callable[[], None], embeddings, group=None) -> list[int]:
+def preflight(check: Callable[[], None], embeddings, group=None, stats: CommStats | None = None) -> list[int]:
     """Run ``check()`` on every rank, then agree: returns the batch size of every rank, or raises on every rank.
 
     One all-gather of ``[failed, B, D, dtype]`` per rank; only when some rank failed, a second
@@ -73,6 +168,8 @@ def preflight(check: Callable[[], None], embeddings, group=None) -> list[int]:
     world = dist.get_world_size(group)
     mine = torch.tensor(info, dtype=torch.int64, device=comm_device(group))
     table = [torch.empty_like(mine) for _ in range(world)]
+    if stats is not None:
+        stats.record("all_gather:status", world * mine.numel() * mine.element_size())
     dist.all_gather(table, mine, group=group)
     table = torch.stack(table).cpu().tolist()
     failed = [r for r, row in enumerate(table) if row[0]]
@@ -92,37 +189,45 @@ def preflight(check: Callable[[], None], embeddings, group=None) -> list[int]:
     return [row[1] for row in table]
 
 
-def gather_rows(t: torch.Tensor, sizes: Sequence[int], dst: int | None = None, group=None) -> torch.Tensor | None:
+def gather_rows(t: torch.Tensor, sizes: Sequence[int], dst: int | None = None, group=None,
+                stats: CommStats | None = None, name: str = "rows") -> torch.Tensor | None:
     """Concatenate ``t`` (sizes[rank], ...) of every rank in rank order, detached, on every rank (``dst=None``,
     all-gather) or only on group rank ``dst`` (gather; the others get None). Rows are padded to the largest
-    size for the collective; 2-byte floats travel as int16 bits (gloo has no bfloat16)."""
-    wire = t.detach().to(comm_device(group))
-    if wire.dtype in (torch.bfloat16, torch.float16):
-        wire = wire.view(torch.int16)
+    size for the collective; 2-byte floats travel as their raw bytes (gloo gathers neither bfloat16 nor int16).
+    ``stats`` counts the all-gather's output, ``len(sizes) × max(sizes)`` rows, as ``"all_gather:<name>"``."""
+    wire, rest = t.detach().to(comm_device(group)).contiguous(), tuple(t.shape[1:])
+    raw = wire.dtype in (torch.bfloat16, torch.float16)
+    if raw:
+        wire = wire.reshape(wire.shape[0], math.prod(rest)).view(torch.uint8)
     padded = wire.new_zeros((max(sizes),) + tuple(wire.shape[1:]))
     padded[: wire.shape[0]] = wire
     receive = dst is None or dist.get_rank(group) == dst
     parts = [torch.empty_like(padded) for _ in sizes] if receive else None
     if dst is None:
+        if stats is not None:
+            stats.record(f"all_gather:{name}", len(sizes) * padded.numel() * padded.element_size())
         dist.all_gather(parts, padded, group=group)
     else:
         dist.gather(padded, parts, dst=dst if group is None else dist.get_global_rank(group, dst), group=group)
     if not receive:
         return None
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).view(t.dtype).to(t.device)
+    out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    return (out.view(t.dtype).reshape((-1,) + rest) if raw else out).to(t.device)
 
 
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, check: Callable[[], None] | None = None,
-                 group=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                 group=None, stats: CommStats | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The global batch: ``(embeddings (B_global, D) in their dtype, labels (B_global,) int64, sizes)``, rows in
     rank order, detached; ``sizes[r]`` is rank r's batch size (rank r's rows start at ``sum(sizes[:r])``).
 
     ``check`` (default: shapes only) runs first on every rank through :func:`preflight`, so an invalid batch on
-    any rank raises the same error everywhere and nothing is gathered."""
-    sizes = preflight(check or (lambda: _basic_check(embeddings, labels)), embeddings, group)
+    any rank raises the same error everywhere and nothing is gathered. ``stats`` counts the three all-gathers
+    (:func:`step_bytes`)."""
+    sizes = preflight(check or (lambda: _basic_check(embeddings, labels)), embeddings, group, stats)
     if sum(sizes) == 0:
         return embeddings.detach(), labels.long(), sizes
-    return gather_rows(embeddings, sizes, group=group), gather_rows(labels.long(), sizes, group=group), sizes
+    return (gather_rows(embeddings, sizes, group=group, stats=stats, name="embeddings"),
+            gather_rows(labels.long(), sizes, group=group, stats=stats, name="labels"), sizes)
 
 
 def gather_references(embeddings: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:

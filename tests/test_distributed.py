@@ -7,6 +7,8 @@ size (started once: importing torch costs seconds per process); every wait has a
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import socket
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastcdml
-from fastcdml.distributed import enabled, gather_references, shard_range
+from fastcdml.distributed import enabled, gather_batch, gather_references, shard_range
 from fastcdml.functional import contrastive_bayesian_loss
 from fastcdml.losses.sharded_ccl import merge_shards
 from fastcdml.reference import cbml_loss_rows
@@ -283,6 +285,103 @@ def _checkpoint_load_three(rank, world, directory):
     _close(unsharded.centers, ref.centers, torch.float32, "gathered bank")
 
 
+@contextlib.contextmanager
+def _traffic():
+    """Intercept the torch.distributed collectives: yields a list that fills with ``(collective, bytes)``, the
+    logical payload of each call measured on the tensors actually passed (an all-gather's output list, an
+    all-reduce's buffer); any other collective is recorded with -1 bytes so that it shows up."""
+    seen, originals = [], {}
+
+    def counting(name, size):
+        original = originals[name] = getattr(dist, name)
+
+        def call(*args, **kwargs):
+            seen.append((name, size(*args, **kwargs)))
+            return original(*args, **kwargs)
+        return call
+
+    sizes = {"all_gather": lambda outs, t, **kw: sum(o.numel() * o.element_size() for o in outs),
+             "all_reduce": lambda t, **kw: t.numel() * t.element_size()}
+    others = ("all_gather_into_tensor", "all_gather_object", "broadcast", "gather", "reduce", "reduce_scatter",
+              "reduce_scatter_tensor", "scatter", "all_to_all", "all_to_all_single", "send", "recv", "barrier")
+    for name in sizes.keys() | set(others):
+        setattr(dist, name, counting(name, sizes.get(name, lambda *a, **kw: -1)))
+    try:
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _comm_stats_match_formula(rank, world, dtype, backend):
+    from fastcdml.distributed import RING_FACTORS, step_bytes
+    e = torch.empty((), dtype=dtype).element_size()
+    c = 8 if dtype == torch.float64 else 4  # the accumulation dtype's size
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend=backend)
+    dp = fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), backend=backend)
+    logger, handler = logging.getLogger("fastcdml.distributed"), _Records()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    totals = {id(sharded): {}, id(dp): {}}
+    try:
+        # uneven sizes with an empty rank at steps 1 (world 3) and 3, then a step where every rank is empty
+        for step in range(5):
+            sizes = _sizes(world, step) if step < 4 else [0] * world
+            if step < 4:
+                x_all, y_all = _batch(world, step, dtype)
+                x, y = _part(x_all, world, step, rank), _part(y_all, world, step, rank)
+            else:
+                x, y = torch.empty(0, D, dtype=dtype), torch.empty(0, dtype=torch.long)
+            w, b, b_max = world, sum(sizes), max(sizes)
+            if b:  # the gathered batch is bit-exact in every dtype (2-byte floats travel as raw bytes)
+                xg, yg, got_sizes = gather_batch(x, y)
+                assert got_sizes == sizes and torch.equal(xg, x_all) and torch.equal(yg, y_all)
+            for loss_fn, is_sharded in ((sharded, True), (dp, False)):
+                # the formula of step_bytes' docstring, written out
+                expected = {"all_gather:status": 32 * w}
+                if b:
+                    expected.update({"all_gather:embeddings": w * b_max * D * e, "all_gather:labels": w * b_max * 8})
+                    if is_sharded:
+                        expected.update({"all_reduce:max": b * c, "all_reduce:sum": b * (2 * D + 2) * c})
+                with _traffic() as seen:
+                    loss_fn(x.clone().requires_grad_(), y).backward()  # backward moves nothing
+                name = type(loss_fn).__name__
+                assert loss_fn.stats.last_step == expected, f"{name} step {step}: {loss_fn.stats.last_step}"
+                assert step_bytes(sizes, D, e, is_sharded, c) == expected
+                # the counters saw every collective that ran, with its real size
+                measured = {}
+                for collective, nbytes in seen:
+                    measured[collective] = measured.get(collective, 0) + nbytes
+                counted = {}
+                for key, nbytes in expected.items():
+                    counted[key.split(":")[0]] = counted.get(key.split(":")[0], 0) + nbytes
+                assert measured == counted and len(seen) == len(expected), f"{name} step {step}: {seen}"
+                ring = sum(RING_FACTORS[k.split(":")[0]](w) * n for k, n in expected.items())
+                assert loss_fn.stats.ring_bytes() == pytest.approx(ring)
+                assert handler.messages[-1].startswith(f"{name} rank {rank}/{world} step {step + 1}:")
+                assert f"{sum(expected.values())} B logical" in handler.messages[-1]
+                for key, nbytes in expected.items():
+                    totals[id(loss_fn)][key] = totals[id(loss_fn)].get(key, 0) + nbytes
+        for loss_fn in (sharded, dp):
+            assert loss_fn.stats.steps == 5 and loss_fn.stats.total == totals[id(loss_fn)]
+        dp.eval()
+        with _traffic() as seen:
+            dp(x, y)  # evaluation mode: no momentum update, nothing gathered, nothing counted
+        assert seen == [] and dp.stats.steps == 5
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
 def _nccl_world_one(rank, world):
     for loss_fn in (fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), distributed=True),
                     fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank())):
@@ -316,6 +415,13 @@ def test_cbml_cross_rank_references(ranks):
 @pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=["float64", "float32"])
 def test_sharded_matches_unsharded(ranks, world, shard_sizes, dtype, backend):
     ranks(world, "_sharded_matches_unsharded", dtype, backend, shard_sizes)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "reference"), (torch.bfloat16, "auto")],
+                         ids=["float64", "bfloat16"])
+def test_communication_counters_match_formula(ranks, world, dtype, backend):
+    ranks(world, "_comm_stats_match_formula", dtype, backend)
 
 
 def test_sharded_partial_fc_sampling(ranks):
@@ -352,3 +458,19 @@ def test_shard_range_tiles_the_classes(num_classes, world):
     assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
     with pytest.raises(ValueError, match="summing to"):
         shard_range(num_classes, world, 0, [num_classes] + [1] * (world - 1))
+
+
+def test_scaling_model_uses_the_tested_formula(capsys):
+    """bench/scaling_model.py: its communication column is step_bytes, and its grid is complete."""
+    from bench import scaling_model
+    from fastcdml.distributed import step_bytes
+
+    s = scaling_model.sharded_step(10**6, 512, 1024, 8)
+    assert s.comm == step_bytes([128] * 8, 512, 2, sharded=True)
+    assert s.bank_bytes == 125_000 * 512 * 4 and s.flops == 4 * 1024 * 125_000 * 512
+    assert s.ring_bytes == pytest.approx(7 / 8 * (s.comm["all_gather:status"] + s.comm["all_gather:embeddings"]
+                                                  + s.comm["all_gather:labels"])
+                                         + 2 * 7 / 8 * (s.comm["all_reduce:max"] + s.comm["all_reduce:sum"]))
+    assert scaling_model.main([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1e+06 |", "| 1e+07 |"))]
+    assert len(rows) == 2 * 2 * 2 * 3

@@ -135,6 +135,8 @@ class CenterContrastiveLoss(nn.Module):
     global batch in rank order, so all ranks keep the bank of a single process trained on the concatenated
     batches; the loss stays the rank's own. All ranks must then call the loss together; a bad input on one rank
     raises the same error on every rank. ``True`` forces this (even at world size 1), ``False`` turns it off.
+    ``stats`` (:class:`fastcdml.distributed.CommStats`) counts the bytes of those all-gathers per step and rank
+    (:func:`fastcdml.distributed.step_bytes`) and logs them at DEBUG level on ``"fastcdml.distributed"``.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class CenterContrastiveLoss(nn.Module):
         self.num_classes, self.embedding_dim, self.momentum = num_classes, embedding_dim, momentum
         self.update, self.reduction, self.backend, self.check_inputs = update, reduction, backend, check_inputs
         self.distributed, self.process_group = distributed, process_group
+        self.stats = _distributed.CommStats()
         if centers is None:
             centers = torch.randn(num_classes, embedding_dim, generator=generator)
         elif tuple(centers.shape) != (num_classes, embedding_dim):
@@ -191,7 +194,9 @@ class CenterContrastiveLoss(nn.Module):
 
         if momentum_step and _distributed.enabled(self.distributed, self.process_group):
             # the global batch in rank order; a bad input on any rank raises the same error on every rank
-            batch = _distributed.gather_batch(embeddings, labels, check, self.process_group)[:2]
+            self.stats.start_step(self.process_group)
+            batch = _distributed.gather_batch(embeddings, labels, check, self.process_group, self.stats)[:2]
+            self.stats.log_step(type(self).__name__, self.process_group)
         else:
             check()
             batch = (embeddings, labels)

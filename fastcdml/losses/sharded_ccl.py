@@ -16,6 +16,13 @@ Per step (B_global = the sum of the ranks' batch sizes, C_r = the classes of ran
 5. In training mode each rank applies the momentum update to its own slice with the global rows whose labels
    fall in it (through the backend's fused ``ccl_update_`` op when available).
 
+Communication per step and rank (logical payload, counted in the module's ``stats``, formula in
+:func:`fastcdml.distributed.step_bytes`): the preflight status table (32·W bytes), the all-gather of the
+embeddings (W·B_max·D·itemsize, rows padded to the largest batch B_max) and labels (W·B_max·8), the MAX
+all-reduce (B_global·4) and the SUM all-reduce (B_global·(2D + 2)·4; 8-byte floats for float64 embeddings). No
+gradient is returned: backward is local. A ring sends (W−1)/W of each all-gather and 2(W−1)/W of each
+all-reduce per rank.
+
 Step 2 is a chunked PyTorch computation (at most ``B_global × chunk`` logits at a time, ``chunk`` chosen so a
 tile holds ≤ 2²² elements), not the fused ``ccl_fwd`` op: that op's schema returns the slice's lse and a
 gradient already projected through the row normalisation, and it rejects rows whose label lies outside the slice
@@ -34,7 +41,7 @@ from torch import nn
 from .. import _checks
 from .._backend import resolve
 from ..params import CenterParams
-from ..distributed import gather_batch, gather_rows, shard_range
+from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, shard_range
 from ..reference.ccl import EPS, compute_dtype, normalize_rows
 from .ccl import _check_module_args, _empty, center_momentum_update_
 
@@ -88,7 +95,7 @@ class _ShardedRows(torch.autograd.Function):
     """Loss rows of this rank's queries against the sharded bank; the query gradient is computed in forward."""
 
     @staticmethod
-    def forward(ctx, x, xg, local_labels, centers, offset, temperature, margin, center_weight, group):
+    def forward(ctx, x, xg, local_labels, centers, offset, temperature, margin, center_weight, group, stats):
         dtype = compute_dtype(xg, centers)
         xh = normalize_rows(xg, dtype)
         m, s, v = _slice_partials(xh, local_labels, centers, temperature, margin)
@@ -97,10 +104,10 @@ class _ShardedRows(torch.autograd.Function):
         w_y[own] = centers[local_labels[own]].to(dtype)
         s_y = (xh * w_y).sum(dim=1)
         m_all = m.clone()
-        dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
+        all_reduce(m_all, dist.ReduceOp.MAX, group, stats, "max")
         scale = torch.exp(m - m_all)  # 0 on a rank without classes (m = −inf)
         packed = torch.cat([v * scale[:, None], w_y, (s * scale)[:, None], s_y[:, None]], dim=1)
-        dist.all_reduce(packed, group=group)
+        all_reduce(packed, dist.ReduceOp.SUM, group, stats, "sum")
         d = xh.shape[1]
         rows = slice(offset, offset + x.shape[0])
         v, w_y, s, s_y = packed[rows, :d], packed[rows, d: 2 * d], packed[rows, 2 * d], packed[rows, 2 * d + 1]
@@ -115,7 +122,7 @@ class _ShardedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (grad_x,) = ctx.saved_tensors
-        return (grad_rows[:, None] * grad_x).to(ctx.x_dtype), None, None, None, None, None, None, None, None
+        return (grad_rows[:, None] * grad_x).to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
 
 
 def merge_shards(state_dicts: Sequence[dict]) -> dict:
@@ -157,6 +164,10 @@ class ShardedCenterContrastiveLoss(nn.Module):
     Checkpoints: ``state_dict()`` holds the rank's slice and its class range; ``load_state_dict`` takes a
     state dict of the same slice or a full bank (``{"centers": (C, D)}``: from :meth:`full_state_dict`,
     :func:`merge_shards` or ``CenterContrastiveLoss``), which re-shards to any world size.
+
+    ``stats`` (:class:`fastcdml.distributed.CommStats`): the bytes of each collective of the last step and in
+    total, per rank, also logged at DEBUG level on the ``"fastcdml.distributed"`` logger; the formula is in the
+    module docstring.
     """
 
     def __init__(
@@ -200,6 +211,7 @@ class ShardedCenterContrastiveLoss(nn.Module):
             raise ValueError(f"centers must have shape ({num_classes}, {embedding_dim}) or this rank's slice "
                              f"({local}, {embedding_dim}), got {tuple(centers.shape)}")
         self.register_buffer("centers", normalize_rows(centers.detach()).to(dtype).contiguous())
+        self.stats = CommStats(self.world_size)
 
     def _check(self, embeddings, labels):
         backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
@@ -218,7 +230,15 @@ class ShardedCenterContrastiveLoss(nn.Module):
         return self.centers[keep], torch.where(own, remap[local_labels.clamp(0, max(c - 1, 0))], -1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group)
+        self.stats.start_step(self.process_group)
+        try:
+            return self._step(embeddings, labels)
+        finally:
+            self.stats.log_step(type(self).__name__, self.process_group)
+
+    def _step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
+                                     self.stats)
         if sum(sizes) == 0:
             return _empty(embeddings, self.centers, self.reduction)
         local_labels = yg.to(self.centers.device) - self.start
@@ -228,7 +248,7 @@ class ShardedCenterContrastiveLoss(nn.Module):
             centers, local_labels = self._sampled(local_labels, own)
         p = self.params
         rows = _ShardedRows.apply(embeddings, xg, local_labels, centers, sum(sizes[: self.rank]), p.temperature,
-                                  p.margin, p.center_weight, self.process_group)
+                                  p.margin, p.center_weight, self.process_group, self.stats)
         if not self.check_inputs:  # as CenterContrastiveLoss: an out-of-range label gives a NaN row
             mine = _part_of(yg, sizes, self.rank)
             rows = torch.where((mine >= 0) & (mine < self.num_classes), rows, torch.full_like(rows, math.nan))
