@@ -73,9 +73,9 @@ on a GPU).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -84,6 +84,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .._runtime import interpreter_active, new_output
+from . import _device
 
 INTERPRET = interpreter_active()
 AUTOTUNE = os.environ.get("FASTCDML_AUTOTUNE") == "1"
@@ -98,18 +99,24 @@ class Config(NamedTuple):
     dv_split: int  # programs sharing a row block, each owning D/dv_split accumulator columns
     num_warps: int
     num_stages: int
-    occupancy: int  # programs expected to fit on one SM (for the split heuristic)
 
 
-# (BLOCK_D, bank element size) -> Config.  See the module docstring for the reasoning; not measured yet.
+# (BLOCK_D, bank element size, tl.dot operand kind) -> Config; operand kinds: "16" (bf16/fp16 operands), "tf32",
+# "tf32x3" (fp32 operands split into hi + lo parts: twice the shared memory). See the module docstring.
 FWD_CONFIGS = {
-    (64, 2): Config(64, 128, 1, 4, 3, 2), (64, 4): Config(64, 64, 1, 4, 3, 2),
-    (128, 2): Config(64, 64, 1, 8, 3, 2), (128, 4): Config(64, 64, 1, 8, 2, 2),
-    (256, 2): Config(64, 64, 1, 8, 2, 1), (256, 4): Config(64, 32, 1, 8, 2, 1),
-    (512, 2): Config(64, 32, 1, 8, 2, 1), (512, 4): Config(64, 32, 1, 8, 1, 1),
-    (1024, 2): Config(32, 32, 1, 8, 1, 1), (1024, 4): Config(32, 16, 1, 8, 1, 1),
+    (64, 2, "16"): Config(64, 128, 1, 4, 3), (64, 4, "16"): Config(64, 64, 1, 4, 3),
+    (128, 2, "16"): Config(64, 64, 1, 8, 3), (128, 4, "16"): Config(64, 64, 1, 8, 2),
+    (256, 2, "16"): Config(64, 64, 1, 8, 2), (256, 4, "16"): Config(64, 32, 1, 8, 2),
+    (512, 2, "16"): Config(64, 32, 1, 8, 2), (512, 4, "16"): Config(64, 32, 1, 8, 1),
+    (1024, 2, "16"): Config(64, 16, 2, 8, 1), (1024, 4, "16"): Config(64, 16, 2, 8, 1),
+    (64, 4, "tf32"): Config(64, 64, 1, 4, 3), (128, 4, "tf32"): Config(64, 64, 1, 8, 2),
+    (256, 4, "tf32"): Config(64, 32, 1, 8, 2), (512, 4, "tf32"): Config(64, 32, 2, 8, 1),
+    (1024, 4, "tf32"): Config(64, 16, 2, 8, 1),
+    (64, 4, "tf32x3"): Config(64, 64, 1, 4, 2), (128, 4, "tf32x3"): Config(64, 32, 1, 8, 2),
+    (256, 4, "tf32x3"): Config(64, 32, 1, 8, 1), (512, 4, "tf32x3"): Config(64, 16, 2, 8, 1),
+    (1024, 4, "tf32x3"): Config(64, 16, 2, 8, 1),
 }
-INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1, 1)
+INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1)
 INTERPRETER_SMS = 8  # pretend SM count under the interpreter, so small batches take the split path
 # FASTCDML_AUTOTUNE=1 searches (rows, cols, dv_split, num_warps, num_stages) over this space (one config when
 # interpreting, which still exercises the autotuner's plumbing).
@@ -121,44 +128,56 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def default_config(d: int, bank_dtype: torch.dtype) -> Config:
-    """The fixed heuristic config for embedding size ``d`` and the bank's dtype."""
+def _operand_kind(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
+    return _dot_types(x_dtype, bank_dtype)[2] if x_dtype == bank_dtype == torch.float32 else "16"
+
+
+def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> Config:
+    """The fixed heuristic config for embedding size ``d``, the query and bank dtypes and (fp32 products) the
+    precision set by ``torch.set_float32_matmul_precision``."""
     if INTERPRET:
         return INTERPRETER_CONFIG
     bd = min(max(block_d(d), 64), 1024)
-    return FWD_CONFIGS[(bd, bank_dtype.itemsize)]
+    kind = _operand_kind(x_dtype, bank_dtype)
+    return FWD_CONFIGS[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)]
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_split(b: int, c: int, d: int, cfg: Config, device: torch.device) -> int:
-    """Programs per row block along C: fill one wave of the GPU, each split streaming ≥ MIN_TILES_PER_SPLIT tiles."""
-    sms = INTERPRETER_SMS if INTERPRET else _sm_count(torch.cuda.current_device() if device.index is None
-                                                       else device.index)
+def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
+    """Programs per row block along C: fill one wave of ``sms × occupancy`` programs (occupancy: how many
+    programs of the compiled kernel fit on one SM), each split streaming ≥ MIN_TILES_PER_SPLIT tiles."""
     row_programs = triton.cdiv(b, cfg.rows) * cfg.dv_split
     cap = max(1, triton.cdiv(c, cfg.cols) // MIN_TILES_PER_SPLIT)
-    return max(1, min(sms * cfg.occupancy // row_programs, cap))
+    return max(1, min(sms * occupancy // row_programs, cap))
+
+
+# torch.get_float32_matmul_precision() -> (operand dtype, input_precision) of fp32 × fp32 products, following
+# PyTorch's convention for matmuls: "highest" fp32-accurate (tf32x3: three tf32 products of hi/lo parts),
+# "high" one tf32 product, "medium" bf16 operands.
+_FP32_PRODUCTS = {"highest": (tl.float32, "tf32x3"), "high": (tl.float32, "tf32"), "medium": (tl.bfloat16, "tf32")}
 
 
 def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
     if x_dtype == torch.float32 and bank_dtype == torch.float32:
-        return tl.float32, False, "ieee" if INTERPRET else "tf32x3"
-    dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
-    return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else "tf32"
+        dot, prec = _FP32_PRODUCTS[torch.get_float32_matmul_precision()]
+    else:
+        dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
+        prec = "tf32"
+    return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
 def _shrink(cfg: Config) -> Config | None:
-    """A smaller config to retry with after ``OutOfResources``: fewer stages, then fewer columns, then rows."""
+    """A smaller config to retry with after ``OutOfResources``: fewer stages, then the accumulator's D split
+    (halves the PV operand and accumulator), then fewer columns (down to 16), and only then fewer than 64 rows
+    (64 is the smallest M of a Hopper wgmma)."""
     if cfg.num_stages > 1:
         return cfg._replace(num_stages=cfg.num_stages - 1)
+    if cfg.dv_split < 4:
+        return cfg._replace(dv_split=cfg.dv_split * 2)
     if cfg.cols > 16:
         return cfg._replace(cols=cfg.cols // 2)
     if cfg.rows > 16:
-        return cfg._replace(rows=cfg.rows // 2, occupancy=cfg.occupancy * 2)
+        return cfg._replace(rows=cfg.rows // 2)
     return None
 
 
@@ -475,30 +494,55 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     lse = new_output((b,), f32, dev)
     if b == 0:
         return loss, grad, lse
-    cfg = config or default_config(d, centers.dtype)
-    split = split or default_split(b, c, d, cfg, dev)
+    cfg = config or default_config(d, x.dtype, centers.dtype)
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
     hyper = dict(inv_temp=1.0 / temperature, margin=margin, two_lambda=2.0 * center_weight)
-    if split > 1:
-        pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
-        pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
-    else:
-        pm = pl = pps = pacc = loss  # unused
+    key = (d, x.dtype, centers.dtype, compute_grad, prec)
+    parts = {}
+
+    def run(cfg, split, warmup=False):
+        """Launch (or, with ``warmup``, only compile) the forward kernel with ``split`` programs per row block."""
+        if split > 1 and not warmup:
+            pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
+            pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
+        else:
+            pm = pl = pps = pacc = loss  # unused (or, compiling only, stand-ins of the same type)
+        parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, split=split)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
+        kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
+        return kernel(x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split,
+                      LOG2E / temperature, **hyper, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, EPILOGUE=split == 1,
+                      DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_B", "BLOCK_C"))
 
     def launch(cfg):
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
-        _FWD[grid](x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split,
-                   LOG2E / temperature, **hyper, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, EPILOGUE=split == 1,
-                   DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_B", "BLOCK_C"))
+        run(cfg, split or default_split(b, c, cfg, *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
-    _launch("fwd", (d, x.dtype, centers.dtype, compute_grad, split == 1), cfg, launch)
-    if split > 1:
+    _launch("fwd", key, cfg, launch)
+    if parts["split"] > 1:
         rows = max(1, min(16, 2048 // bd))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
-            x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split, **hyper,
-            BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
+            x, labels, centers, loss, grad, lse, parts["pm"], parts["pl"], parts["pps"], parts["pacc"], b, c, d,
+            parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
     return loss, grad, lse
+
+
+_OCCUPANCY: dict = {}  # (device, key, config) -> programs of the split-C forward kernel per SM
+
+
+def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -> tuple[int, int]:
+    """(SMs, occupancy) for the split heuristic: the occupancy of the split-C forward kernel as compiled
+    (registers, shared memory, warps; ``compile_split_kernel()`` returns it), remembered per config. Under the
+    interpreter INTERPRETER_SMS and 1; when autotuning (the config is not known before the launch) 1."""
+    if INTERPRET:
+        return INTERPRETER_SMS, 1
+    lim = _device.limits(dev)
+    if AUTOTUNE:
+        return lim.sms, 1
+    at = (dev, key, cfg)
+    if at not in _OCCUPANCY:
+        _OCCUPANCY[at] = _device.occupancy(compile_split_kernel(), lim)
+    return lim.sms, _OCCUPANCY[at]
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, *,
@@ -511,7 +555,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
         return out
     if b == 0:
         return out.zero_()
-    cfg = config or default_config(d, centers.dtype)
+    cfg = config or default_config(d, x.dtype, centers.dtype)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
     grad_rows = grad_rows.to(torch.float32).contiguous()
 
@@ -521,7 +565,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
                    margin, 2.0 * center_weight * temperature, BLOCK_D=block_d(d), DOT=dot, UPCAST=upcast,
                    PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype), cfg, launch)
+    _launch("bwd_centers", (d, x.dtype, centers.dtype, prec), cfg, launch)
     return out
 
 
