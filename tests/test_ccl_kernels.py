@@ -123,6 +123,29 @@ def test_default_split_heuristic():
     assert k.default_split(64, 32 * 4 * 2, cfg, sms, 1) == 2  # ≥ 4 tiles per split
 
 
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_fp32_products_follow_torch_matmul_precision(precision):
+    """fp32 queries and bank: "highest" is fp32-accurate (tf32x3 on a GPU), "high" one tf32 product (the
+    interpreter computes it in fp32), "medium" rounds the operands to bf16 — and then errs like bf16 does."""
+    k = kernels()
+    x, y, w = make(37, 203, 72)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        rows, gx, _ = k.ccl_fwd(x, y, w, *HYPER.values(), True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    rows64, gx64, _ = reference_rows_and_grads(x.double(), y, w.double(), torch.ones(37, dtype=torch.float64), HYPER)
+    err = max(rel_err(rows, rows64), rel_err(gx, gx64))
+    if precision == "medium":
+        rows16, gx16, _ = reference_rows_and_grads(x.bfloat16(), y, w.bfloat16(), torch.ones(37), HYPER)
+        assert 1e-4 < err <= 2 * max(rel_err(rows16, rows64), rel_err(gx16, gx64)) + 1e-2
+    elif precision == "highest" or DEVICE.type == "cpu":
+        assert err < 1e-5
+    else:
+        assert err < 1e-2  # tf32: 10-bit mantissa products
+
+
 # --- learnable-proxy gradient ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x_dtype,bank_dtype", [(F32, F32), (F16, F32), (BF16, BF16), (F32, BF16)])

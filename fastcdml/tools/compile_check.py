@@ -66,27 +66,39 @@ MAX_COMPILE_S = 60.0
 OVER_BUDGET: dict[str, str] = {}  # kernel -> why its spills exceed SPILL_BUDGET (also in bench/NOTES.md)
 
 
-def cases(dims=DIMS, quick: bool = False) -> list[dict]:
-    """The problem matrix: B=256, C=1000 classes, CBML memory M=4096; every D, dtype pair, CCL update mode
-    (momentum: forward + update; gradient: forward + proxy gradient), CBML negatives (adaptive, top-K 100 and
-    1000), fp32 precision setting, plus the paths only some shapes take (CCL fused epilogue at a batch that fills
-    the GPU, forward without gradient, CBML without the batch in the reference set). ``quick``: one D."""
-    dims = dims[:1] if quick else dims
+def cases(dims=DIMS) -> list[dict]:
+    """The problem matrix (B=256, C=1000 classes, CBML memory M=4096), chosen so that every kernel, code path
+    and dtype branch compiles at least once per target at a moderate cost (a specialisation met twice compiles
+    once):
+
+    - CCL training step (forward + query gradient, proxy gradient, momentum update: both update modes' kernels)
+      for every (x, bank) dtype pair at D = 128 and the largest D ≤ 512, and for the main pairs (fp32 / bf16 /
+      fp16 queries with the fp32 bank, the bf16 bank) at every D; fp32 products at each
+      ``torch.set_float32_matmul_precision`` setting at D = 128 and 512; the fused-epilogue path (a batch that
+      fills the GPU, so no split of C) and the forward without gradient.
+    - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
+      K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
+      reference set without the batch.
+    """
+    mid = [d for d in dims if d in (128, 512)] or list(dims[:1])
     out = []
+    ccl = dict(loss="ccl", op="train", precision="highest", b=256, c=1000)
     for d in dims:
-        for x, w in CCL_PAIRS:
-            precs = PRECISIONS if (x, w) == ("fp32", "fp32") else ("highest",)
-            for prec in precs:
-                out.append(dict(loss="ccl", op="train", d=d, x=x, bank=w, precision=prec, b=256, c=1000))
-        for x, r in CBML_PAIRS:
-            for top_k in (0, 100, 1000):
-                out.append(dict(loss="cbml", op="train", d=d, x=x, bank=r, precision="highest", top_k=top_k,
-                                b=256, m=4096, include_self=True))
-    for x, w in CCL_PAIRS:
-        out.append(dict(loss="ccl", op="fused", d=128, x=x, bank=w, precision="highest", b=32768, c=1000))
-        out.append(dict(loss="ccl", op="eval", d=512, x=x, bank=w, precision="highest", b=256, c=1000))
-    out.append(dict(loss="cbml", op="ref-only", d=128, x="bf16", bank="bf16", precision="highest", top_k=100,
-                    b=256, m=4096, include_self=False))
+        pairs = CCL_PAIRS if d in mid else (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))
+        out += [dict(ccl, d=d, x=x, bank=w) for x, w in pairs]
+        if d in mid:
+            out += [dict(ccl, d=d, x="fp32", bank="fp32", precision=p) for p in PRECISIONS[1:]]
+    out += [dict(ccl, op="fused", d=mid[0], x=x, bank=w, b=32768) for x, w in (("bf16", "fp32"), ("fp32", "fp32"))]
+    out.append(dict(ccl, op="fused", d=mid[-1], x="bf16", bank="bf16", b=32768))
+    out.append(dict(ccl, op="eval", d=mid[-1], x="bf16", bank="fp32"))
+    cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True)
+    for d in dims:
+        pairs = CBML_PAIRS if d == mid[0] else (("fp32", "fp32"), ("bf16", "bf16"))
+        out += [dict(cbml, d=d, x=x, bank=r) for x, r in pairs]
+    for top_k in (100, 1000):
+        out += [dict(cbml, d=mid[0], x=x, bank=r, top_k=top_k)
+                for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
+    out.append(dict(cbml, op="ref-only", d=mid[0], x="bf16", bank="bf16", top_k=100, include_self=False))
     return out
 
 
@@ -248,14 +260,17 @@ class _Session:
 
 def _check_target(target_name: str, problems: list[dict]) -> dict:
     """Worker: compile the problems for one target in this (fresh) process."""
-    os.environ.pop("TRITON_INTERPRET", None)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     with tempfile.TemporaryDirectory(prefix="fastcdml-compile-check-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         session = _Session(target_name)
         t0 = time.perf_counter()
         for case in problems:
+            t = time.perf_counter()
+            n = len(session.kernels) + len(session.failures)
             session.run_case(case)
+            print(f"[{target_name}] {case_name(case)}: {len(session.kernels) + len(session.failures) - n} new "
+                  f"kernels, {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         return dict(target=target_name, kernels=list(session.kernels.values()), failures=session.failures,
                     seconds=round(time.perf_counter() - t0, 1))
 
@@ -267,13 +282,14 @@ def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int 
 
     problems = cases() if problems is None else problems
     t0 = time.perf_counter()
-    if jobs <= 1 and len(targets) == 1:
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            results = [pool.submit(_check_target, targets[0], problems).result()]
-    else:
-        with ProcessPoolExecutor(max(1, jobs), mp_context=get_context("spawn")) as pool:
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers, started now, must compile for real
+    try:
+        with ProcessPoolExecutor(max(1, min(jobs, len(targets))), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_check_target, t, problems) for t in targets]
             results = [f.result() for f in futures]
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return dict(triton=triton.__version__, problems=len(problems), targets=results,
                 seconds=round(time.perf_counter() - t0, 1))
 
