@@ -9,10 +9,15 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
    (split-N, so that B/BLOCK_B × SPLIT fills the GPU even for B = 1024 against M = 65,536); partials are
    combined in column order by one program per row block (no atomics, deterministic, ties → lowest index):
    ``_cbml_stats_kernel`` (sweep 1): row sum, |P|, |N|, minP / maxN with their lowest indices and, in top-K
-   mode, a running buffer of the row's KP ≥ K largest negative keys (``key = (monotone int32 of S) << 32 |
+   mode, the row's KP ≥ K largest negative keys of its split (``key = (monotone int32 of S) << 32 |
    (2³¹−1 − j)``: larger value first, lower index first on ties, exactly the reference's stable descending
-   sort), merged per tile by a bitonic network; ``_cbml_combine_kernel``: minP, maxN, mean and the K-th key
-   (the selection threshold ``key ≥ kth``); ``_cbml_sums_kernel`` (sweep 2): ``σ = Σ_N (S − mean)²`` and
+   sort) in a global scratch buffer ``pbuf[split, row, KP]`` kept sorted descending. Per tile, a row whose best
+   key beats its buffer's last one gets the tile's keys merged in: the tile row sorted ascending (bitonic), the
+   elementwise max with the buffer (the top KP of the union, bitonic) and one bitonic merge stage (log₂ KP
+   layers). Rows are merged one at a time, so registers hold one row's KP keys, never BLOCK_B × KP (which at
+   K = 1000 spilled 214 KB per thread and took minutes to compile); ``_cbml_combine_kernel``: minP, maxN,
+   mean and the K-th key (the selection threshold ``key ≥ kth``) from the split buffers, merged the same way;
+   ``_cbml_sums_kernel`` (sweep 2): ``σ = Σ_N (S − mean)²`` and
    ``Σ_N (S − mean)`` accumulated directly (no cancellation), the selected positive / negative exp-sums with
    an online max, and the selected-set sizes; ``_cbml_finalize_kernel``: L_i and the gradient's row scalars.
 3. ``_cbml_grad_query_kernel``: ``∂L/∂x̂ = G R̂`` per (row block, split, D chunk) into partial slices
@@ -25,14 +30,15 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
 Every stage computes S with the same block shapes, so S is bitwise the same in every stage and the set
 selections (ties, top-K threshold, minP/maxN indices) agree. With 16-bit inputs of one dtype ``tl.dot`` runs in
 that dtype (G is split into hi + lo 16-bit parts for the backward products); fp32 or mixed inputs use fp32
-operands (``tf32x3`` on the GPU). Under the interpreter S is a broadcast sum (numpy's matmul gives unequal
+operands with the precision ``torch.get_float32_matmul_precision()`` asks for: ``tf32x3`` (≈ fp32) for
+"highest", one tf32 product for "high" and "medium". Offsets that can pass 2³¹ (partial gradient slices
+``split·B·D``, top-K buffers ``split·B·KP``) are int64. Under the interpreter S is a broadcast sum (numpy's matmul gives unequal
 results for equal columns, which would break exact ties) and bf16 backward operands are upcast.
 Tuning: fixed heuristic blocks (``_config``); ``FASTCDML_AUTOTUNE=1`` times whole-pipeline candidates once per
 shape bucket (the blocks of all stages must agree, so per-kernel ``triton.autotune`` cannot be used).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch

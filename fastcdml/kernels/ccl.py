@@ -29,7 +29,9 @@ matrix. With ``compute_grad=False`` only the first product runs.
 divided among ``split`` programs per row block; each writes ``(m, l, ps, acc)`` partials (``split·B·(D+3)``
 fp32) and ``_ccl_combine_kernel`` merges them and runs the same epilogue. ``split`` =
 ``⌊SMs·occupancy / row programs⌋`` (one full wave, no ragged tail wave), capped so every split streams at
-least ``MIN_TILES_PER_SPLIT`` tiles. Row blocks vary fastest in the grid, so the programs that read the same
+least ``MIN_TILES_PER_SPLIT`` tiles; occupancy = programs of the compiled split kernel that fit on one SM by
+its registers, shared memory and warps (``_device.occupancy``; the kernel is compiled before its first launch,
+once per config). Row blocks vary fastest in the grid, so the programs that read the same
 bank slice run together and share it through L2.
 
 **Proxy gradient** (``_ccl_bwd_centers_kernel``). A program owns ``BLOCK`` centers and loops over the batch,
@@ -44,11 +46,14 @@ programs are launched and the one at each segment start sums x̂ over its segmen
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
 bit-identical across runs; a permutation of the batch changes the sums only by rounding.
 
-**Precision.** ``tl.dot`` operands: fp32 with ``input_precision="tf32x3"`` (≈fp32 accuracy) when x and the bank
-are both fp32; fp16 when x is fp16 and the bank fp32; bf16 otherwise (an fp32 bank tile is cast in
-registers — no bf16 copy of the bank is made). Under the interpreter bf16 operands are rounded to bf16 and
-then computed in fp32 (its bf16 ``tl.dot`` is wrong); the GPU path is not affected. Everything else (norms,
-exp, log, sums, epilogue, update) is fp32. Offsets are int64 where B·D, C·D or split·B·D can pass 2³¹.
+**Precision.** ``tl.dot`` operands: bf16 when either side is bf16 or x is fp32 with a bf16 bank; fp16 when x is
+fp16 and the bank fp32 (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made); fp32 × fp32
+follows ``torch.get_float32_matmul_precision()`` as PyTorch's matmuls do: "highest" (the default) fp32 operands
+with ``input_precision="tf32x3"`` (≈ fp32 accuracy: three tf32 products of hi/lo parts, twice the operand
+shared memory), "high" one tf32 product, "medium" bf16 operands. Under the interpreter bf16 operands are
+rounded to bf16 and then computed in fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU
+path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
+where B·D, C·D or split·B·D can pass 2³¹.
 
 **Configs and tuning knobs.** ``FWD_CONFIGS`` maps the padded D (``BLOCK_D``) and the bank's element size to a
 ``Config(rows, cols, dv_split, num_warps, num_stages, occupancy)``; the proxy-gradient kernel uses the same

@@ -212,6 +212,9 @@ class _Session:
                        after_shrink=False, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
                        seconds=round(seconds, 1), **_ptxas_figures(log.getvalue(), ptx, self.name))
             self.kernels[kernel.hash] = row
+            print(f"[{self.name}]   {name} {row['config']}: {row['regs']} regs, {row['spill_stores']} B spilled, "
+                  f"{row['smem'] // 1024} KB smem, {'wgmma' if row['wgmma'] else 'mma' if row['mma'] else '-'}, "
+                  f"{row['seconds']} s", file=sys.stderr, flush=True)
         row["cases"] += 1
         if name in self.pending_shrink:
             row["after_shrink"] = True
