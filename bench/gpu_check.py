@@ -168,7 +168,7 @@ def sweep_worker(path: Path, dry: bool) -> int:
             floors[(b, c, d)] = bench(lambda: x @ w.t()) + bench(lambda: p @ w)
             del p
         config = None if cfg is None else ccl.Config(*cfg)
-        used = config or ccl.default_config(d, x.dtype, w.dtype)
+        used = config or ccl.default_config(d, x.dtype, w.dtype, ccl._smem(dev))
         try:
             ms = bench(lambda: ccl.ccl_fwd(x, y, w, 0.05, 0.1, 1.0, True, config=config))
             err = None

@@ -81,6 +81,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -106,21 +107,39 @@ class Config(NamedTuple):
     num_stages: int
 
 
-# (BLOCK_D, bank element size, tl.dot operand kind) -> Config; operand kinds: "16" (bf16/fp16 operands), "tf32",
-# "tf32x3" (fp32 operands split into hi + lo parts: twice the shared memory). See the module docstring.
+SMEM_CLASSES = (227 * 1024, 163 * 1024, 99 * 1024)  # shared memory per block: sm_90 (H100), sm_80 (A100), sm_86/89
+C = Config
+# (BLOCK_D, bank element size, product kind) -> one config per SMEM_CLASSES entry, None where none fits (the
+# next cheaper product kind is used there, see _choose). Product kinds: "16" (bf16/fp16 operands; an fp32 bank is
+# staged as fp32), "tf32", "tf32x3" (fp32 operands split into hi + lo: twice the shared memory of tf32). 64 rows
+# wherever they fit (the M of a Hopper wgmma); fewer columns and stages before fewer rows. See the module docstring.
 FWD_CONFIGS = {
-    (64, 2, "16"): Config(64, 128, 1, 4, 3), (64, 4, "16"): Config(64, 64, 1, 4, 3),
-    (128, 2, "16"): Config(64, 64, 1, 8, 3), (128, 4, "16"): Config(64, 64, 1, 8, 2),
-    (256, 2, "16"): Config(64, 64, 1, 8, 2), (256, 4, "16"): Config(64, 32, 1, 8, 2),
-    (512, 2, "16"): Config(64, 32, 1, 8, 2), (512, 4, "16"): Config(64, 32, 1, 8, 1),
-    (1024, 2, "16"): Config(64, 16, 2, 8, 1), (1024, 4, "16"): Config(64, 16, 2, 8, 1),
-    (64, 4, "tf32"): Config(64, 64, 1, 4, 3), (128, 4, "tf32"): Config(64, 64, 1, 8, 2),
-    (256, 4, "tf32"): Config(64, 32, 1, 8, 2), (512, 4, "tf32"): Config(64, 32, 2, 8, 1),
-    (1024, 4, "tf32"): Config(64, 16, 2, 8, 1),
-    (64, 4, "tf32x3"): Config(64, 64, 1, 4, 2), (128, 4, "tf32x3"): Config(64, 32, 1, 8, 2),
-    (256, 4, "tf32x3"): Config(64, 32, 1, 8, 1), (512, 4, "tf32x3"): Config(64, 16, 2, 8, 1),
-    (1024, 4, "tf32x3"): Config(64, 16, 2, 8, 1),
+    (64, 2, "16"): (C(64, 128, 1, 4, 3),) * 3,
+    (64, 4, "16"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
+    (128, 2, "16"): (C(64, 64, 1, 8, 3),) * 2 + (C(64, 64, 1, 8, 2),),
+    (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 2, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1)),
+    (512, 2, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+    (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
+    (1024, 2, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
+    (1024, 4, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
+    (64, 4, "tf32"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
+    (128, 4, "tf32"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 4, "tf32"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
+    (512, 4, "tf32"): (C(64, 32, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
+    (1024, 4, "tf32"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
+    (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2),) * 2 + (C(64, 32, 1, 4, 2),),
+    (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2),) * 2 + (C(32, 32, 1, 8, 1),),
+    (256, 4, "tf32x3"): (C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
+    (512, 4, "tf32x3"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), C(16, 16, 4, 8, 1)),
+    (1024, 4, "tf32x3"): (None, None, None),
 }
+# The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
+BWD_CONFIGS = {**FWD_CONFIGS,
+               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1)),
+               (512, 4, "tf32x3"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None)}
+del C
 INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1)
 INTERPRETER_SMS = 8  # pretend SM count under the interpreter, so small batches take the split path
 # FASTCDML_AUTOTUNE=1 searches (rows, cols, dv_split, num_warps, num_stages) over this space (one config when
@@ -133,18 +152,40 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _operand_kind(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
-    return _dot_types(x_dtype, bank_dtype)[2] if x_dtype == bank_dtype == torch.float32 else "16"
+def _products(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
+    """Product kind asked for: fp32 × fp32 follows ``torch.get_float32_matmul_precision()`` ("highest" → tf32x3,
+    "high" → tf32, "medium" → bf16 operands); anything with a 16-bit side has 16-bit operands."""
+    if x_dtype == bank_dtype == torch.float32:
+        return {"highest": "tf32x3", "high": "tf32", "medium": "16"}[torch.get_float32_matmul_precision()]
+    return "16"
 
 
-def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> Config:
-    """The fixed heuristic config for embedding size ``d``, the query and bank dtypes and (fp32 products) the
-    precision set by ``torch.set_float32_matmul_precision``."""
+_CHEAPER = {"tf32x3": "tf32", "tf32": "16"}
+
+
+def _choose(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int, table: dict) -> tuple[Config, str]:
+    """(config, product kind) for a GPU with ``smem`` bytes of shared memory per block. Where the asked-for kind
+    has no config that fits (fp32 products of the whole D-wide query tile: tf32x3 at D = 1024, tf32 at D = 1024
+    with 99 KB), the next cheaper kind is used, with a warning."""
+    kind = _products(x_dtype, bank_dtype)
     if INTERPRET:
-        return INTERPRETER_CONFIG
+        return INTERPRETER_CONFIG, kind
     bd = min(max(block_d(d), 64), 1024)
-    kind = _operand_kind(x_dtype, bank_dtype)
-    return FWD_CONFIGS[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)]
+    cls = next((i for i, limit in enumerate(SMEM_CLASSES) if smem >= limit), len(SMEM_CLASSES) - 1)
+    while True:
+        cfg = table[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)][cls]
+        if cfg is not None:
+            return cfg, kind
+        warnings.warn(f"fastcdml CCL: {kind} products at D={d} do not fit in {smem // 1024} KB of shared memory; "
+                      f"using {_CHEAPER[kind]} (torch.set_float32_matmul_precision, or a bf16 bank, chooses)",
+                      stacklevel=3)
+        kind = _CHEAPER[kind]
+
+
+def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int = SMEM_CLASSES[0]) -> Config:
+    """The forward's heuristic config for embedding size ``d``, the query and bank dtypes, the precision set by
+    ``torch.set_float32_matmul_precision`` (fp32 products) and ``smem`` bytes of shared memory per block."""
+    return _choose(d, x_dtype, bank_dtype, smem, FWD_CONFIGS)[0]
 
 
 def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
@@ -155,19 +196,13 @@ def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
     return max(1, min(sms * occupancy // row_programs, cap))
 
 
-# torch.get_float32_matmul_precision() -> (operand dtype, input_precision) of fp32 × fp32 products, following
-# PyTorch's convention for matmuls: "highest" fp32-accurate (tf32x3: three tf32 products of hi/lo parts),
-# "high" one tf32 product, "medium" bf16 operands.
-_FP32_PRODUCTS = {"highest": (tl.float32, "tf32x3"), "high": (tl.float32, "tf32"), "medium": (tl.bfloat16, "tf32")}
-
-
-def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype):
+def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
-    if x_dtype == torch.float32 and bank_dtype == torch.float32:
-        dot, prec = _FP32_PRODUCTS[torch.get_float32_matmul_precision()]
+    if kind != "16":
+        dot, prec = tl.float32, kind
     else:
         dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
-        prec = "tf32"
+        prec = "tf32"  # unused with 16-bit operands
     return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
@@ -499,11 +534,12 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     lse = new_output((b,), f32, dev)
     if b == 0:
         return loss, grad, lse
-    cfg = config or default_config(d, x.dtype, centers.dtype)
+    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
+    cfg = config or heuristic
     bd = block_d(d)
-    dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
+    dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper = dict(inv_temp=1.0 / temperature, margin=margin, two_lambda=2.0 * center_weight)
-    key = (d, x.dtype, centers.dtype, compute_grad, prec)
+    key = (d, x.dtype, centers.dtype, compute_grad, kind)
     parts = {}
 
     def run(cfg, split, warmup=False):
@@ -530,6 +566,10 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
             x, labels, centers, loss, grad, lse, parts["pm"], parts["pl"], parts["pps"], parts["pacc"], b, c, d,
             parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
     return loss, grad, lse
+
+
+def _smem(dev: torch.device) -> int:
+    return SMEM_CLASSES[0] if INTERPRET else _device.limits(dev).smem_per_block
 
 
 _OCCUPANCY: dict = {}  # (device, key, config) -> programs of the split-C forward kernel per SM
@@ -560,8 +600,9 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
         return out
     if b == 0:
         return out.zero_()
-    cfg = config or default_config(d, x.dtype, centers.dtype)
-    dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
+    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(x.device), BWD_CONFIGS)
+    cfg = config or heuristic
+    dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     grad_rows = grad_rows.to(torch.float32).contiguous()
 
     def launch(cfg):
@@ -570,7 +611,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
                    margin, 2.0 * center_weight * temperature, BLOCK_D=block_d(d), DOT=dot, UPCAST=upcast,
                    PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype, prec), cfg, launch)
+    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind), cfg, launch)
     return out
 
 
