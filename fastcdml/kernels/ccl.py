@@ -109,10 +109,12 @@ class Config(NamedTuple):
 
 SMEM_CLASSES = (227 * 1024, 163 * 1024, 99 * 1024)  # shared memory per block: sm_90 (H100), sm_80 (A100), sm_86/89
 C = Config
-# (BLOCK_D, bank element size, product kind) -> one config per SMEM_CLASSES entry, None where none fits (the
-# next cheaper product kind is used there, see _choose). Product kinds: "16" (bf16/fp16 operands; an fp32 bank is
-# staged as fp32), "tf32", "tf32x3" (fp32 operands split into hi + lo: twice the shared memory of tf32). 64 rows
-# wherever they fit (the M of a Hopper wgmma); fewer columns and stages before fewer rows. See the module docstring.
+# (BLOCK_D, bank element size, product kind) -> one config per SMEM_CLASSES entry, None where nothing fits without
+# heavy spills (the next kind in _FALLBACK is used there, see _choose). Product kinds: "16" (bf16/fp16 operands;
+# an fp32 bank is staged as fp32), "tf32", "tf32x3" (fp32 operands split into hi + lo: twice the shared memory and
+# registers of tf32), "ieee" (fp32 FMA products, no tensor cores). Shared memory ≈ (rows + cols·stages)·D·(operand
+# bytes); 64 rows wherever they fit (the M of a Hopper wgmma), then fewer columns and stages before fewer rows.
+# Offline compile figures per entry: bench/NOTES.md ("GPU-ready without a GPU").
 FWD_CONFIGS = {
     (64, 2, "16"): (C(64, 128, 1, 4, 3),) * 3,
     (64, 4, "16"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
@@ -120,8 +122,8 @@ FWD_CONFIGS = {
     (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
     (256, 2, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
     (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1)),
-    (512, 2, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
-    (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
+    (512, 2, "16"): (C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+    (512, 4, "16"): (C(64, 16, 1, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
     (1024, 2, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
     (1024, 4, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
     (64, 4, "tf32"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
@@ -131,15 +133,21 @@ FWD_CONFIGS = {
     (1024, 4, "tf32"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
     (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2),) * 2 + (C(64, 32, 1, 4, 2),),
     (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2),) * 2 + (C(32, 32, 1, 8, 1),),
-    (256, 4, "tf32x3"): (C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
-    (512, 4, "tf32x3"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), C(16, 16, 4, 8, 1)),
-    (1024, 4, "tf32x3"): (None, None, None),
+    (256, 4, "tf32x3"): (None,) * 3,  # 64 rows: 192 KB and 1.7 KB spilled per thread on sm_90a
+    (512, 4, "tf32x3"): (None,) * 3,  # 5–11 KB spilled per thread at any row count that fits
+    (1024, 4, "tf32x3"): (None,) * 3,
+    (256, 4, "ieee"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
+    (512, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
+    (1024, 4, "ieee"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
 }
 # The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
 BWD_CONFIGS = {**FWD_CONFIGS,
-               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1)),
-               (512, 4, "tf32x3"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None)}
+               (512, 2, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1))}
 del C
+# Where a kind has no config: fp32-accurate tf32x3 gives way to fp32-accurate FMA products (silently), and a
+# kind that still does not fit to a less accurate one (with a warning).
+_FALLBACK = {"tf32x3": "ieee", "ieee": "tf32", "tf32": "16"}
 INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1)
 INTERPRETER_SMS = 8  # pretend SM count under the interpreter, so small batches take the split path
 # FASTCDML_AUTOTUNE=1 searches (rows, cols, dv_split, num_warps, num_stages) over this space (one config when
@@ -160,13 +168,10 @@ def _products(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
     return "16"
 
 
-_CHEAPER = {"tf32x3": "tf32", "tf32": "16"}
-
-
 def _choose(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int, table: dict) -> tuple[Config, str]:
     """(config, product kind) for a GPU with ``smem`` bytes of shared memory per block. Where the asked-for kind
-    has no config that fits (fp32 products of the whole D-wide query tile: tf32x3 at D = 1024, tf32 at D = 1024
-    with 99 KB), the next cheaper kind is used, with a warning."""
+    has no config (the query tile's fp32 products need D-wide operands: tf32x3 beyond D = 128, fp32 at D = 1024
+    with 99 KB), the next kind of ``_FALLBACK`` is used, with a warning when it is less accurate."""
     kind = _products(x_dtype, bank_dtype)
     if INTERPRET:
         return INTERPRETER_CONFIG, kind
@@ -176,10 +181,11 @@ def _choose(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int, ta
         cfg = table[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)][cls]
         if cfg is not None:
             return cfg, kind
-        warnings.warn(f"fastcdml CCL: {kind} products at D={d} do not fit in {smem // 1024} KB of shared memory; "
-                      f"using {_CHEAPER[kind]} (torch.set_float32_matmul_precision, or a bf16 bank, chooses)",
-                      stacklevel=3)
-        kind = _CHEAPER[kind]
+        if kind != "tf32x3":
+            warnings.warn(f"fastcdml CCL: {kind} products at D={d} do not fit in {smem // 1024} KB of shared "
+                          f"memory; using {_FALLBACK[kind]} (torch.set_float32_matmul_precision or a bf16 bank "
+                          f"choose the products)", stacklevel=3)
+        kind = _FALLBACK[kind]
 
 
 def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int = SMEM_CLASSES[0]) -> Config:
@@ -199,7 +205,7 @@ def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
 def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
     if kind != "16":
-        dot, prec = tl.float32, kind
+        dot, prec = tl.float32, kind  # tf32, tf32x3 or ieee
     else:
         dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
         prec = "tf32"  # unused with 16-bit operands

@@ -20,7 +20,8 @@ Each target runs in its own process with a fresh ``TRITON_CACHE_DIR`` (nothing i
 same specialisation met by several problems is compiled once per target.
 
 Gates (``gates()``; ``--gates`` exits 1 when one fails): every kernel compiles on every target; the launcher's
-config fits without the shrink path; on sm_90a the matrix-product loops (``WGMMA_KERNELS``) use wgmma; no
+config fits without the shrink path; on sm_90a the matrix-product loops (``WGMMA_KERNELS``) use wgmma unless
+they compute fp32 FMA products or have fewer than the 64 rows a wgmma needs (``_wgmma_expected``); no
 spills in the CCL forward at D ≤ 256 with 16-bit queries, at most ``SPILL_BUDGET`` bytes elsewhere unless the
 kernel is named in ``OVER_BUDGET`` with its reason; no kernel takes more than ``MAX_COMPILE_S`` to compile.
 """
@@ -306,6 +307,16 @@ def _spill_limit(row: dict) -> int:
     return SPILL_BUDGET
 
 
+def _wgmma_expected(row: dict) -> bool:
+    """A matrix-product loop of ``WGMMA_KERNELS`` on tensor cores (not fp32 FMA products, ``PREC=ieee``) with
+    the 64 rows a wgmma needs (the CCL launchers go below 64 only where 64 rows of fp32 operands cannot fit)."""
+    if row["kernel"] not in WGMMA_KERNELS or "PREC=ieee" in row["config"] and "DOT=fp32" in row["config"]:
+        return False
+    rows = re.search(r"BLOCK_C=(\d+)" if row["kernel"] == "_ccl_bwd_centers_kernel" else r"BLOCK_B=(\d+)",
+                     row["config"])
+    return rows is None or int(rows.group(1)) >= 64
+
+
 def gates(result: dict) -> list[str]:
     """The failed gates, one line each (empty: all pass)."""
     bad = []
@@ -316,7 +327,7 @@ def gates(result: dict) -> list[str]:
             where = f"{t['target']}: {row['kernel']} [{row['config']}] ({row['case']})"
             if not row["fits"]:
                 bad.append(f"{where}: shared memory {row['smem']} B > {row['smem_limit']} B (launcher shrinks)")
-            if t["target"] == "sm_90a" and row["kernel"] in WGMMA_KERNELS and not row["wgmma"]:
+            if t["target"] == "sm_90a" and _wgmma_expected(row) and not row["wgmma"]:
                 bad.append(f"{where}: no wgmma")
             spill = row["spill_stores"] or 0
             if spill > _spill_limit(row) and row["kernel"] not in OVER_BUDGET:
