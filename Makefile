@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcdml-installed
 
-.PHONY: setup test bench demo clean
+.PHONY: setup test bench demo clean gpu-check compile-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
@@ -30,6 +30,17 @@ bench: setup
 
 demo: setup
 	$(PY) examples/demo.py
+
+# One NVIDIA GPU, the CUDA torch and triton already installed, no network: installs nothing (no setup step), runs
+# the tests, the GPU benchmark preset and a CCL config sweep into OUT (bench/gpu_check.py says how to bring
+# wheels as files: WHEELS=dir). ARGS=--dry-run exercises it on a CPU.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) -m bench.gpu_check --out $(OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(ARGS)
+
+# Compile every Triton kernel for sm_90a / sm_80 / sm_86 without a GPU and enforce the gates.
+compile-check: setup
+	$(PY) -m fastcdml compile-check --gates $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastcdml/_C*.so

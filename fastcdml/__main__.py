@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="fastcdml", description="Fused deep-metric-learning losses.")
     parser.add_argument("--version", action="version", version=f"fastcdml {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,compile-check,bench,demo}")
     sub.add_parser("info", help="which backends this installation has, per loss and device",
                    description=info.__doc__)
+    sub.add_parser("compile-check", help="compile every Triton kernel for sm_90a, sm_80 and sm_86 without a GPU "
+                   "(`fastcdml compile-check --help`)", add_help=False)
     for name, (about, _) in TOOLS.items():
         sub.add_parser(name, help=f"{about} (source checkout; `fastcdml {name} --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
+    if args.command == "compile-check":
+        from fastcdml.tools.compile_check import main as compile_check
+
+        return compile_check(rest)
     return _run_tool(args.command, rest)
 
 

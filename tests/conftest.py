@@ -29,6 +29,11 @@ def device():
 
 
 def pytest_collection_modifyitems(config, items):
+    if "compile_gates" not in (config.option.markexpr or ""):
+        heavy = pytest.mark.skip(reason="the offline compile gates take minutes: select them with -m compile_gates")
+        for item in items:
+            if "compile_gates" in item.keywords:
+                item.add_marker(heavy)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -181,6 +181,18 @@ def test_exact_ties_lowest_index(top_k):
     check(x, y, base[r_idx], torch.randint(0, 4, (150,)), include_self=False, top_k=top_k, strict=True)
 
 
+def test_topk_1000_with_ties_across_tiles_and_splits():
+    """K = 1000 (a 1024-key buffer per row) against a reference set of 1600 rows that spans many tiles and both
+    splits: the K-th key is found by merging tile keys into the split buffers and the split buffers into one, and
+    exact ties at the selection boundary (duplicated rows, a coarse similarity grid) go to the lowest index."""
+    base = dyadic_rows(12, d=16)
+    idx = torch.randint(0, 6, (8,))
+    r_idx, yr = torch.randint(6, 12, (1300,)), torch.randint(0, 6, (1300,))
+    y = idx % 3
+    assert ((yr[None, :] != y[:, None]).sum(1) > 1000).all()  # every row has more negatives than K
+    check(base[idx], y, base[r_idx], yr, include_self=False, ref_grad=False, top_k=1000, strict=True)
+
+
 def test_batch_of_one_and_int32_labels():
     x = clustered(torch.tensor([0]), 20)
     check(x, torch.tensor([0]))  # self mode, B = 1: nothing to compare, loss 0

@@ -96,7 +96,7 @@ def test_split_paths_direct(split, dv_split, b, c, d):
     """Split-C partials + combine vs the fused epilogue, with and without the D-split of the accumulator."""
     k = kernels()
     x, y, w = make(b, c, d)
-    cfg = k.default_config(d, w.dtype)._replace(dv_split=dv_split)
+    cfg = k.default_config(d, x.dtype, w.dtype)._replace(dv_split=dv_split)
     hyper = dict(HYPER, margin=0.25, center_weight=0.5)
     args = (x, y, w, hyper["temperature"], hyper["margin"], hyper["center_weight"])
     rows, gx, lse = k.ccl_fwd(*args, True, config=cfg, split=split)
@@ -113,12 +113,37 @@ def test_split_paths_direct(split, dv_split, b, c, d):
 
 def test_default_split_heuristic():
     k = kernels()
-    cfg = k.Config(64, 32, 1, 8, 2, 1)
-    sms = k.INTERPRETER_SMS if k.INTERPRET else k._sm_count(DEVICE.index or 0)
-    assert k.default_split(256, 100, 512, cfg, DEVICE) == 1  # C too small to divide
-    assert k.default_split(64 * sms, 10**6, 512, cfg, DEVICE) == 1  # B alone fills the machine
-    assert k.default_split(64, 10**6, 512, cfg, DEVICE) == sms  # one row block: one wave of splits
-    assert k.default_split(64, 32 * 4 * 2, 512, cfg, DEVICE) == min(sms, 2)  # ≥ 4 tiles per split
+    cfg = k.Config(64, 32, 1, 8, 2)
+    sms = 132
+    assert k.default_split(256, 100, cfg, sms, 1) == 1  # C too small to divide
+    assert k.default_split(64 * sms, 10**6, cfg, sms, 1) == 1  # B alone fills the machine
+    assert k.default_split(64 * sms, 10**6, cfg, sms, 2) == 2  # two programs per SM: a second one per row block
+    assert k.default_split(64, 10**6, cfg, sms, 1) == sms  # one row block: one wave of splits
+    assert k.default_split(64, 10**6, cfg._replace(dv_split=2), sms, 1) == sms // 2  # D-split programs count
+    assert k.default_split(64, 32 * 4 * 2, cfg, sms, 1) == 2  # ≥ 4 tiles per split
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_fp32_products_follow_torch_matmul_precision(precision):
+    """fp32 queries and bank: "highest" is fp32-accurate (tf32x3 on a GPU), "high" one tf32 product (the
+    interpreter computes it in fp32), "medium" rounds the operands to bf16 — and then errs like bf16 does."""
+    k = kernels()
+    x, y, w = make(37, 203, 72)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        rows, gx, _ = k.ccl_fwd(x, y, w, *HYPER.values(), True)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    rows64, gx64, _ = reference_rows_and_grads(x.double(), y, w.double(), torch.ones(37, dtype=torch.float64), HYPER)
+    err = max(rel_err(rows, rows64), rel_err(gx, gx64))
+    if precision == "medium":
+        rows16, gx16, _ = reference_rows_and_grads(x.bfloat16(), y, w.bfloat16(), torch.ones(37), HYPER)
+        assert 1e-4 < err <= 2 * max(rel_err(rows16, rows64), rel_err(gx16, gx64)) + 1e-2
+    elif precision == "highest" or DEVICE.type == "cpu":
+        assert err < 1e-5
+    else:
+        assert err < 1e-2  # tf32: 10-bit mantissa products
 
 
 # --- learnable-proxy gradient ------------------------------------------------------------------------------------
@@ -142,7 +167,7 @@ def test_proxy_gradient_dv_split():
     g = torch.randn(20, device=DEVICE)
     _, _, lse = k.ccl_fwd(x, y, w, 0.1, 0.1, 1.0, False)
     gw = k.ccl_bwd_centers(x, y, w, lse, g, 0.1, 0.1, 1.0,
-                           config=k.default_config(40, w.dtype)._replace(dv_split=2, rows=16))
+                           config=k.default_config(40, x.dtype, w.dtype)._replace(dv_split=2, rows=16))
     _, _, gw64 = reference_rows_and_grads(x.double(), y, w.double(), g.double(), dict(HYPER, temperature=0.1),
                                           centers_grad=True)
     _, _, gw32 = reference_rows_and_grads(x, y, w, g, dict(HYPER, temperature=0.1), centers_grad=True)

@@ -9,10 +9,15 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
    (split-N, so that B/BLOCK_B × SPLIT fills the GPU even for B = 1024 against M = 65,536); partials are
    combined in column order by one program per row block (no atomics, deterministic, ties → lowest index):
    ``_cbml_stats_kernel`` (sweep 1): row sum, |P|, |N|, minP / maxN with their lowest indices and, in top-K
-   mode, a running buffer of the row's KP ≥ K largest negative keys (``key = (monotone int32 of S) << 32 |
+   mode, the row's KP ≥ K largest negative keys of its split (``key = (monotone int32 of S) << 32 |
    (2³¹−1 − j)``: larger value first, lower index first on ties, exactly the reference's stable descending
-   sort), merged per tile by a bitonic network; ``_cbml_combine_kernel``: minP, maxN, mean and the K-th key
-   (the selection threshold ``key ≥ kth``); ``_cbml_sums_kernel`` (sweep 2): ``σ = Σ_N (S − mean)²`` and
+   sort) in a global scratch buffer ``pbuf[split, row, KP]`` kept sorted descending. Per tile, a row whose best
+   key beats its buffer's last one gets the tile's keys merged in: the tile row sorted ascending (bitonic), the
+   elementwise max with the buffer (the top KP of the union, bitonic) and one bitonic merge stage (log₂ KP
+   layers). Rows are merged one at a time, so registers hold one row's KP keys, never BLOCK_B × KP (which at
+   K = 1000 spilled 214 KB per thread and took minutes to compile); ``_cbml_combine_kernel``: minP, maxN,
+   mean and the K-th key (the selection threshold ``key ≥ kth``) from the split buffers, merged the same way;
+   ``_cbml_sums_kernel`` (sweep 2): ``σ = Σ_N (S − mean)²`` and
    ``Σ_N (S − mean)`` accumulated directly (no cancellation), the selected positive / negative exp-sums with
    an online max, and the selected-set sizes; ``_cbml_finalize_kernel``: L_i and the gradient's row scalars.
 3. ``_cbml_grad_query_kernel``: ``∂L/∂x̂ = G R̂`` per (row block, split, D chunk) into partial slices
@@ -25,14 +30,15 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
 Every stage computes S with the same block shapes, so S is bitwise the same in every stage and the set
 selections (ties, top-K threshold, minP/maxN indices) agree. With 16-bit inputs of one dtype ``tl.dot`` runs in
 that dtype (G is split into hi + lo 16-bit parts for the backward products); fp32 or mixed inputs use fp32
-operands (``tf32x3`` on the GPU). Under the interpreter S is a broadcast sum (numpy's matmul gives unequal
+operands with the precision ``torch.get_float32_matmul_precision()`` asks for: ``tf32x3`` (≈ fp32) for
+"highest", one tf32 product for "high" and "medium". Offsets that can pass 2³¹ (partial gradient slices
+``split·B·D``, top-K buffers ``split·B·KP``) are int64. Under the interpreter S is a broadcast sum (numpy's matmul gives unequal
 results for equal columns, which would break exact ties) and bf16 backward operands are upcast.
 Tuning: fixed heuristic blocks (``_config``); ``FASTCDML_AUTOTUNE=1`` times whole-pipeline candidates once per
 shape bucket (the blocks of all stages must agree, so per-kernel ``triton.autotune`` cannot be used).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -40,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import interpreter_active, new_output
+from . import _device
 
 EPS = tl.constexpr(1e-12)
 INT64_MIN = tl.constexpr(-(2**63))  # the empty top-K slot: below every key
@@ -114,42 +121,56 @@ def _axis_bit(n_dims: tl.constexpr, j: tl.constexpr):
 
 
 @triton.jit
-def _sort_rows(x, LOG_R: tl.constexpr, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
-    """Each row of the int64 tensor x (2^LOG_R, 2^LOG_N) sorted by a bitonic network on its hypercube view.
-    An element's partner along an axis is (pair sum) − element, exact in wrapping int64 arithmetic (and a
-    plain sum keeps the interpreter fast, unlike ``tl.sort``'s custom reduction)."""
-    n_dims: tl.constexpr = LOG_R + LOG_N
-    h = tl.reshape(x, [2] * n_dims)
+def _bitonic_stage(h, n_dims: tl.constexpr, s: tl.constexpr, flip):
+    """Stage ``s`` of a bitonic network on the hypercube view ``h`` ([2] * n_dims, int64) of a vector: every
+    block of 2^s elements, bitonic on entry, comes out sorted (ascending where ``flip`` is 0, else descending).
+    An element's partner along an axis is (pair sum) − element, exact in wrapping int64 arithmetic (and a plain
+    sum keeps the interpreter fast, unlike ``tl.sort``'s custom reduction)."""
+    for t in tl.static_range(s):
+        y = tl.sum(h, n_dims - s + t, keep_dims=True) - h  # axis of index bit s − 1 − t
+        right = _axis_bit(n_dims, s - 1 - t)
+        h = tl.where((right ^ flip) != 0, tl.maximum(h, y), tl.minimum(h, y))
+    return h
+
+
+@triton.jit
+def _sort(x, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+    """The int64 vector x (2^LOG_N,) sorted by a bitonic network (LOG_N·(LOG_N+1)/2 compare-exchange layers)."""
+    h = tl.reshape(x, [2] * LOG_N)
     for s in tl.static_range(1, LOG_N + 1):
         if s < LOG_N:
-            flip = _axis_bit(n_dims, s) ^ DESCENDING  # blocks of 2^(s+1) alternate direction
+            flip = _axis_bit(LOG_N, s) ^ DESCENDING  # blocks of 2^(s+1) alternate direction
         else:
-            flip = tl.zeros([1] * n_dims, tl.int32) + DESCENDING
-        for t in tl.static_range(s):
-            y = tl.sum(h, n_dims - s + t, keep_dims=True) - h  # axis of index bit s − 1 − t
-            right = _axis_bit(n_dims, s - 1 - t)
-            h = tl.where((right ^ flip) != 0, tl.maximum(h, y), tl.minimum(h, y))
+            flip = tl.zeros([1] * LOG_N, tl.int32) + DESCENDING
+        h = _bitonic_stage(h, LOG_N, s, flip)
     return tl.reshape(h, x.shape)
 
 
 @triton.jit
-def _merge_topk(buf, cand, LOG_B: tl.constexpr, LOG_T: tl.constexpr, LOG_KP: tl.constexpr):
-    """The 2^LOG_KP largest keys per row of buf (BLOCK_B, 2^LOG_KP; sorted descending) ∪ cand (BLOCK_B, 2^LOG_T;
-    any order; T ≤ KP), sorted descending. buf's head (all but its last T) stays in the result, and the top T
-    of tail ∪ cand is max(tail descending, cand ascending) elementwise (a bitonic split)."""
-    T: tl.constexpr = 1 << LOG_T
-    CH: tl.constexpr = 1 << (LOG_KP - LOG_T)
-    cand = _sort_rows(cand, LOG_B, LOG_T, False)
-    b3 = tl.reshape(buf, (buf.shape[0], CH, T))
-    last = (tl.arange(0, CH) == CH - 1)[None, :, None]
-    tail = tl.sum(tl.where(last, b3, 0), 1)
-    b3 = tl.where(last, tl.maximum(tail, cand)[:, None, :], b3)
-    return _sort_rows(tl.reshape(b3, (buf.shape[0], CH * T)), LOG_B, LOG_KP, True)
+def _top_of_union(buf, cand_asc, LOG_KP: tl.constexpr):
+    """The 2^LOG_KP largest of buf (sorted descending) ∪ cand_asc (same length, sorted ascending), sorted
+    descending: max(buf, cand_asc) elementwise is the top half of the union and bitonic, so one merge stage
+    (LOG_KP layers) sorts it."""
+    h = tl.reshape(tl.maximum(buf, cand_asc), [2] * LOG_KP)
+    h = _bitonic_stage(h, LOG_KP, LOG_KP, tl.zeros([1] * LOG_KP, tl.int32) + 1)
+    return tl.reshape(h, buf.shape)
 
 
 @triton.jit
-def _pass1(s, pos, neg, gcols, g0, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf,
-           TOPK: tl.constexpr, LOG_B: tl.constexpr, LOG_N: tl.constexpr, LOG_KP: tl.constexpr):
+def _merge_tile_topk(buf, cand, LOG_T: tl.constexpr, LOG_KP: tl.constexpr):
+    """The 2^LOG_KP largest keys of buf (2^LOG_KP, sorted descending) ∪ cand (2^LOG_T ≤ 2^LOG_KP, any order),
+    sorted descending: cand is sorted ascending and compared with buf's last 2^LOG_T slots (the empty slots
+    INT64_MIN stand for the rest of an ascending sequence of buf's length)."""
+    T: tl.constexpr = 1 << LOG_T
+    CH: tl.constexpr = 1 << (LOG_KP - LOG_T)
+    cand = _sort(cand, LOG_T, False)
+    last = (tl.arange(0, CH) == CH - 1)[:, None]
+    pad = tl.where(last, cand[None, :], INT64_MIN)
+    return _top_of_union(buf, tl.reshape(pad, (CH * T,)), LOG_KP)
+
+
+@triton.jit
+def _pass1(s, pos, neg, g0, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n):
     row_sum += tl.sum(s, 1)
     n_pos += tl.sum(pos.to(tl.int32), 1)
     n_neg += tl.sum(neg.to(tl.int32), 1)
@@ -163,11 +184,28 @@ def _pass1(s, pos, neg, gcols, g0, row_sum, n_pos, n_neg, min_p, arg_p, max_n, a
     upd = t_max > max_n
     max_n = tl.where(upd, t_max, max_n)
     arg_n = tl.where(upd, g0 + t_arg, arg_n)
-    if TOPK == 1:
-        tk = tl.where(neg, _key(s, gcols), INT64_MIN)
-        if tl.sum((tl.max(tk, 1) > tl.min(buf, 1)).to(tl.int32), 0) > 0:  # some row has a new candidate
-            buf = _merge_topk(buf, tk, LOG_B, LOG_N, LOG_KP)
-    return row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf
+    return row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n
+
+
+@triton.jit
+def _topk_tile(s, neg, gcols, n_rows, buf_ptr, BLOCK_B: tl.constexpr, LOG_N: tl.constexpr, LOG_KP: tl.constexpr):
+    """Merge a tile's negative keys into the top-KP key buffers of its rows (row r: ``buf_ptr + r·KP``, global
+    scratch, sorted descending), one row at a time, so that only one row's buffer is ever in registers. A row
+    whose best key in the tile does not beat its buffer's last key is skipped (after the first K columns that
+    is most rows of most tiles). Barriers order a row's store before any later read of it by another thread."""
+    KP: tl.constexpr = 1 << LOG_KP
+    tk = tl.where(neg, _key(s, gcols), INT64_MIN)
+    best = tl.max(tk, 1)
+    lr = tl.arange(0, BLOCK_B)
+    offs = tl.arange(0, KP)
+    for r in range(0, n_rows):
+        row_ptr = buf_ptr + r * KP
+        if tl.max(tl.where(lr == r, best, INT64_MIN), 0) > tl.load(row_ptr + KP - 1):
+            cand = tl.max(tl.where(lr[:, None] == r, tk, INT64_MIN), 0)
+            merged = _merge_tile_topk(tl.load(row_ptr + offs), cand, LOG_N, LOG_KP)
+            tl.debug_barrier()
+            tl.store(row_ptr + offs, merged)
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -261,12 +299,14 @@ def _split_bounds(t_self, t_all, tps):
 def _cbml_stats_kernel(
     x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, pf_ptr, pi_ptr, pbuf_ptr,
     B, M, D, n_self, t_self, t_all, tps, SPLIT,
-    TOPK: tl.constexpr, KP: tl.constexpr, LOG_B: tl.constexpr, LOG_N: tl.constexpr, LOG_KP: tl.constexpr,
+    TOPK: tl.constexpr, LOG_N: tl.constexpr, LOG_KP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Sweep 1 over one split of R: partial row sum, |P|, |N|, minP/maxN with indices, top-K key buffer."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    """Sweep 1 over one split of R: partial row sum, |P|, |N|, minP/maxN with indices; in top-K mode the rows'
+    KP largest negative keys of this split, sorted descending, in ``pbuf[split, row, :]``."""
+    row0 = tl.program_id(0) * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < B
     xinv = tl.load(xinv_ptr + rows, mask=rmask, other=0.0)
     yq = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -274,24 +314,29 @@ def _cbml_stats_kernel(
     zi = tl.zeros((BLOCK_B,), tl.int64)
     row_sum, n_pos, n_neg, arg_p, arg_n = zf, zi, zi, zi, zi
     min_p, max_n = zf + float("inf"), zf - float("inf")
+    KP: tl.constexpr = 1 << LOG_KP
+    n_rows = tl.minimum(B - row0, BLOCK_B)
+    buf_ptr = pbuf_ptr + (tl.program_id(1).to(tl.int64) * B + row0) * KP
     if TOPK == 1:
-        buf = tl.full((BLOCK_B, KP), INT64_MIN, tl.int64)
-    else:
-        buf = arg_p
+        for r in range(0, n_rows):
+            tl.store(buf_ptr + r * KP + tl.arange(0, KP), tl.full((KP,), INT64_MIN, tl.int64))
+        tl.debug_barrier()
     t0, t1, self_end, ref_start = _split_bounds(t_self, t_all, tps)
     for t in range(t0, self_end):
         s, pos, neg, _, gcols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
                                       D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
-        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf = _pass1(
-            s, pos, neg, gcols, t * BLOCK_N, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf,
-            TOPK, LOG_B, LOG_N, LOG_KP)
+        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
+            s, pos, neg, t * BLOCK_N, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
+        if TOPK == 1:
+            _topk_tile(s, neg, gcols, n_rows, buf_ptr, BLOCK_B, LOG_N, LOG_KP)
     for t in range(ref_start, t1):
         c0 = (t - t_self) * BLOCK_N
         s, pos, neg, _, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, c0, M, D,
                                      False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
-        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf = _pass1(
-            s, pos, neg, cols + n_self, c0 + n_self, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n, buf,
-            TOPK, LOG_B, LOG_N, LOG_KP)
+        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
+            s, pos, neg, c0 + n_self, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
+        if TOPK == 1:
+            _topk_tile(s, neg, cols + n_self, n_rows, buf_ptr, BLOCK_B, LOG_N, LOG_KP)
     at = tl.program_id(1) * B + rows  # partials: (k, SPLIT, B)
     tl.store(pf_ptr + at, row_sum, mask=rmask)
     tl.store(pf_ptr + SPLIT * B + at, min_p, mask=rmask)
@@ -300,24 +345,23 @@ def _cbml_stats_kernel(
     tl.store(pi_ptr + SPLIT * B + at, n_neg, mask=rmask)
     tl.store(pi_ptr + 2 * SPLIT * B + at, arg_p, mask=rmask)
     tl.store(pi_ptr + 3 * SPLIT * B + at, arg_n, mask=rmask)
-    if TOPK == 1:
-        tl.store(pbuf_ptr + at[:, None] * KP + tl.arange(0, KP)[None, :], buf, mask=rmask[:, None])
 
 
 @triton.jit
 def _cbml_combine_kernel(
     pf_ptr, pi_ptr, pbuf_ptr, rowf_ptr, rowi_ptr, kth_ptr, B, SPLIT, inv_n, K, mean_w,
-    TOPK: tl.constexpr, KP: tl.constexpr, LOG_B: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_B: tl.constexpr,
+    TOPK: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Sweep-1 partials → minP, maxN (+ indices), mean and the K-th key; splits in column order (ties: lowest)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    """Sweep-1 partials → minP, maxN (+ indices), mean and the K-th key; splits in column order (ties: lowest).
+    The K-th key of a row: its split buffers merged pairwise (each sorted descending; the next one read
+    backwards is ascending), one row at a time."""
+    row0 = tl.program_id(0) * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < B
     zf = tl.zeros((BLOCK_B,), tl.float32)
     zi = tl.zeros((BLOCK_B,), tl.int64)
     row_sum, n_pos, n_neg, arg_p, arg_n = zf, zi, zi, zi, zi
     min_p, max_n = zf + float("inf"), zf - float("inf")
-    if TOPK == 1:
-        buf = tl.full((BLOCK_B, KP), INT64_MIN, tl.int64)
     for sp in range(0, SPLIT):
         at = sp * B + rows
         row_sum += tl.load(pf_ptr + at, mask=rmask, other=0.0)
@@ -331,10 +375,6 @@ def _cbml_combine_kernel(
         upd = v > max_n
         max_n = tl.where(upd, v, max_n)
         arg_n = tl.where(upd, tl.load(pi_ptr + 3 * SPLIT * B + at, mask=rmask, other=0), arg_n)
-        if TOPK == 1:
-            cand = tl.load(pbuf_ptr + at[:, None] * KP + tl.arange(0, KP)[None, :], mask=rmask[:, None],
-                           other=INT64_MIN)
-            buf = _merge_topk(buf, cand, LOG_B, LOG_KP, LOG_KP)
     has_both = (n_pos > 0) & (n_neg > 0)
     min_p = tl.where(has_both, min_p, float("inf"))  # a skipped row selects nothing
     max_n = tl.where(has_both, max_n, -float("inf"))
@@ -346,7 +386,15 @@ def _cbml_combine_kernel(
     tl.store(rowi_ptr + rows, arg_p, mask=rmask)
     tl.store(rowi_ptr + B + rows, arg_n, mask=rmask)
     if TOPK == 1:
-        tl.store(kth_ptr + rows, tl.sum(tl.where((tl.arange(0, KP) == K - 1)[None, :], buf, 0), 1), mask=rmask)
+        KP: tl.constexpr = 1 << LOG_KP
+        offs = tl.arange(0, KP)
+        for r in range(0, tl.minimum(B - row0, BLOCK_B)):
+            row = row0 + r
+            buf = tl.load(pbuf_ptr + tl.cast(row, tl.int64) * KP + offs)
+            for sp in range(1, SPLIT):
+                cand = tl.load(pbuf_ptr + tl.cast(sp * B + row, tl.int64) * KP + (KP - 1 - offs))
+                buf = _top_of_union(buf, cand, LOG_KP)
+            tl.store(kth_ptr + row, tl.sum(tl.where(offs == K - 1, buf, 0), 0))
 
 
 @triton.jit
@@ -477,7 +525,7 @@ def _cbml_grad_query_kernel(
         c = _load_rows(r_ptr, cols, cols < M, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     offs = d0 + tl.arange(0, BLOCK_DO)
-    out = gpart_ptr + tl.program_id(1) * B * D + rows[:, None] * D + offs[None, :]
+    out = gpart_ptr + tl.program_id(1).to(tl.int64) * B * D + rows[:, None] * D + offs[None, :]
     tl.store(out, acc, mask=rmask[:, None] & (offs < D)[None, :])
 
 
@@ -538,7 +586,7 @@ def _load_sum(g_ptr, P, RD, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
     """Σ_p g[p, rows, d0:d0+BLOCK_D] over the P partial slices, in order."""
     g = _load_rows(g_ptr, rows, rmask, d0, D, BLOCK_D, True)
     for p in range(1, P):
-        g += _load_rows(g_ptr + p * RD, rows, rmask, d0, D, BLOCK_D, True)
+        g += _load_rows(g_ptr + tl.cast(p, tl.int64) * RD, rows, rmask, d0, D, BLOCK_D, True)
     return g
 
 
@@ -551,7 +599,7 @@ def _norm_bwd_kernel(g_ptr, P, out_ptr, x_ptr, R, D, scale, BLOCK_R: tl.constexp
     gx = tl.zeros((BLOCK_R,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         x = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
-        g = _load_sum(g_ptr, P, R * D, rows, rmask, d0, D, BLOCK_D)
+        g = _load_sum(g_ptr, P, tl.cast(R, tl.int64) * D, rows, rmask, d0, D, BLOCK_D)
         ss += tl.sum(x * x, 1)
         gx += tl.sum(g * x, 1)
     norm = tl.sqrt(ss)
@@ -560,7 +608,7 @@ def _norm_bwd_kernel(g_ptr, P, out_ptr, x_ptr, R, D, scale, BLOCK_R: tl.constexp
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         x = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
-        g = _load_sum(g_ptr, P, R * D, rows, rmask, d0, D, BLOCK_D)
+        g = _load_sum(g_ptr, P, tl.cast(R, tl.int64) * D, rows, rmask, d0, D, BLOCK_D)
         tl.store(out_ptr + rows[:, None] * D + offs[None, :], (g - x * proj[:, None]) * (inv * scale)[:, None],
                  mask=rmask[:, None] & (offs < D)[None, :])
 
@@ -576,6 +624,11 @@ def _sum_kernel(v_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------------- launcher
+# torch.get_float32_matmul_precision() -> input_precision of the fp32 products ("medium" allows bf16 operands;
+# tf32 is the fastest exact-layout choice here, since the stages must share one product for bitwise equal S).
+_FP32_PRECISION = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+
+
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
@@ -584,16 +637,14 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def _config(D: int, top_k: int) -> dict:
-    """Fixed heuristic blocks. BLOCK_B/N/D must be shared by every S-computing kernel of one call."""
+def _config(D: int) -> dict:
+    """Fixed heuristic blocks. BLOCK_B/N/D must be shared by every S-computing kernel of one call. 64 query rows:
+    the M of a Hopper wgmma (top-K mode too: its key buffers live in global scratch, not registers); 8 warps:
+    with 4, the 64×64 int64 key tile (top-K) and the 64×128 gradient accumulator spilled 0.3–1.1 KB per thread."""
     if interpreter_active():
-        cfg = dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
-    else:
-        cfg = dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(128, _pow2(D)),
-                   num_warps=4, num_stages=3)
-        if top_k:
-            cfg["BLOCK_B"] = 32 if _pow2(top_k) <= 256 else 16
-    return cfg
+        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(128, _pow2(D)), num_warps=8,
+                num_stages=3)
 
 
 _TUNED: dict = {}
@@ -613,12 +664,11 @@ def _tuned_config(args: tuple, key: tuple) -> dict:
     from triton.testing import do_bench
 
     if key not in _TUNED:
-        D, top_k = args[0].shape[1], args[13]
-        heuristic = _config(D, top_k)
+        D = args[0].shape[1]
+        heuristic = _config(D)
         best = None
         for cand in (heuristic,) + _CANDIDATES:
-            cand = dict(cand, BLOCK_B=min(cand["BLOCK_B"], heuristic["BLOCK_B"]) if top_k else cand["BLOCK_B"],
-                        BLOCK_D=min(cand["BLOCK_D"], _pow2(D)), BLOCK_DO=min(cand["BLOCK_DO"], _pow2(D)))
+            cand = dict(cand, BLOCK_D=min(cand["BLOCK_D"], _pow2(D)), BLOCK_DO=min(cand["BLOCK_DO"], _pow2(D)))
             try:
                 ms = do_bench(lambda: _run(*args, cfg=cand), warmup=5, rep=20)
             except OutOfResources:
@@ -638,7 +688,7 @@ def cbml_fwd(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_
         key = (_pow2(x.shape[0]), _pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
                _pow2(top_k) if top_k else 0, grad_x, grad_ref)
         return _run(*args, cfg=_tuned_config(args, key))
-    return _run(*args, cfg=_config(x.shape[1], top_k))
+    return _run(*args, cfg=_config(x.shape[1]))
 
 
 def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:
@@ -646,13 +696,7 @@ def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:
     16, which bounds the partial buffers: (SPLIT + 1)·B·D fp32 gradient slices, SPLIT·B·KP int64 top-K keys)."""
     if interpreter_active():
         return min(2, max(tiles, 1))  # exercises the split combine in CI
-    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(4 * sms, row_blocks), tiles // 2, 16))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(triton.cdiv(4 * _device.limits(dev).sms, row_blocks), tiles // 2, 16))
 
 
 def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
@@ -678,11 +722,11 @@ def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, m
     interp = interpreter_active()
     dot_f32 = x.dtype == f32 or ref.dtype != x.dtype or (interp and x.dtype == torch.bfloat16)
     blocks = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], DOT_F32=dot_f32,
-                  PRECISION="tf32x3" if dot_f32 and not interp else "tf32", INTERPRET=interp)
+                  PRECISION=_FP32_PRECISION[torch.get_float32_matmul_precision()] if dot_f32 and not interp
+                  else "tf32", INTERPRET=interp)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     mode = 0 if top_k == 0 else (2 if top_k >= n else 1)
     kp = max(_pow2(top_k), bn) if mode == 1 else 1
-    logs = dict(LOG_B=_log2(bb), LOG_KP=_log2(kp))
 
     xinv = new_output((B,), f32, dev)
     rinv = new_output((M,), f32, dev)
@@ -699,10 +743,10 @@ def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, m
     inputs = (x, xinv, labels, ref, rinv, ref_labels)
     hyper = (pos_a, pos_b, neg_a, neg_b, margin)
     tiling = (B, M, D, n_self, t_self, t_all, tps)
-    _cbml_stats_kernel[(grid_b, split)](*inputs, pf, pi, pbuf, *tiling, split, TOPK=mode, KP=kp,
-                                        LOG_N=_log2(bn), **logs, **blocks, **launch)
+    _cbml_stats_kernel[(grid_b, split)](*inputs, pf, pi, pbuf, *tiling, split, TOPK=mode, LOG_N=_log2(bn),
+                                        LOG_KP=_log2(kp), **blocks, **launch)
     _cbml_combine_kernel[(grid_b,)](pf, pi, pbuf, rowf, rowi, kth, B, split, inv_n, max(top_k, 1), mean_weight,
-                                    TOPK=mode, KP=kp, **logs, BLOCK_B=bb)
+                                    TOPK=mode, LOG_KP=_log2(kp), BLOCK_B=bb)
     _cbml_sums_kernel[(grid_b, split)](*inputs, rowf, kth, pf, *tiling, split, *hyper, TOPK=mode, **blocks,
                                        **launch)
     _cbml_finalize_kernel[(grid_b,)](pf, rowf, lrow, B, split, pos_b, neg_b, variance_weight, PHI_SQRT=phi_sqrt,

@@ -29,7 +29,9 @@ matrix. With ``compute_grad=False`` only the first product runs.
 divided among ``split`` programs per row block; each writes ``(m, l, ps, acc)`` partials (``split·B·(D+3)``
 fp32) and ``_ccl_combine_kernel`` merges them and runs the same epilogue. ``split`` =
 ``⌊SMs·occupancy / row programs⌋`` (one full wave, no ragged tail wave), capped so every split streams at
-least ``MIN_TILES_PER_SPLIT`` tiles. Row blocks vary fastest in the grid, so the programs that read the same
+least ``MIN_TILES_PER_SPLIT`` tiles; occupancy = programs of the compiled split kernel that fit on one SM by
+its registers, shared memory and warps (``_device.occupancy``; the kernel is compiled before its first launch,
+once per config). Row blocks vary fastest in the grid, so the programs that read the same
 bank slice run together and share it through L2.
 
 **Proxy gradient** (``_ccl_bwd_centers_kernel``). A program owns ``BLOCK`` centers and loops over the batch,
@@ -44,11 +46,14 @@ programs are launched and the one at each segment start sums x̂ over its segmen
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
 bit-identical across runs; a permutation of the batch changes the sums only by rounding.
 
-**Precision.** ``tl.dot`` operands: fp32 with ``input_precision="tf32x3"`` (≈fp32 accuracy) when x and the bank
-are both fp32; fp16 when x is fp16 and the bank fp32; bf16 otherwise (an fp32 bank tile is cast in
-registers — no bf16 copy of the bank is made). Under the interpreter bf16 operands are rounded to bf16 and
-then computed in fp32 (its bf16 ``tl.dot`` is wrong); the GPU path is not affected. Everything else (norms,
-exp, log, sums, epilogue, update) is fp32. Offsets are int64 where B·D, C·D or split·B·D can pass 2³¹.
+**Precision.** ``tl.dot`` operands: bf16 when either side is bf16 or x is fp32 with a bf16 bank; fp16 when x is
+fp16 and the bank fp32 (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made); fp32 × fp32
+follows ``torch.get_float32_matmul_precision()`` as PyTorch's matmuls do: "highest" (the default) fp32 operands
+with ``input_precision="tf32x3"`` (≈ fp32 accuracy: three tf32 products of hi/lo parts, twice the operand
+shared memory), "high" one tf32 product, "medium" bf16 operands. Under the interpreter bf16 operands are
+rounded to bf16 and then computed in fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU
+path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
+where B·D, C·D or split·B·D can pass 2³¹.
 
 **Configs and tuning knobs.** ``FWD_CONFIGS`` maps the padded D (``BLOCK_D``) and the bank's element size to a
 ``Config(rows, cols, dv_split, num_warps, num_stages, occupancy)``; the proxy-gradient kernel uses the same
@@ -73,9 +78,10 @@ on a GPU).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-from functools import lru_cache
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -84,6 +90,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .._runtime import interpreter_active, new_output
+from . import _device
 
 INTERPRET = interpreter_active()
 AUTOTUNE = os.environ.get("FASTCDML_AUTOTUNE") == "1"
@@ -98,18 +105,50 @@ class Config(NamedTuple):
     dv_split: int  # programs sharing a row block, each owning D/dv_split accumulator columns
     num_warps: int
     num_stages: int
-    occupancy: int  # programs expected to fit on one SM (for the split heuristic)
 
 
-# (BLOCK_D, bank element size) -> Config.  See the module docstring for the reasoning; not measured yet.
+SMEM_CLASSES = (227 * 1024, 163 * 1024, 99 * 1024)  # shared memory per block: sm_90 (H100), sm_80 (A100), sm_86/89
+C = Config
+# (BLOCK_D, bank element size, product kind) -> one config per SMEM_CLASSES entry, None where nothing fits without
+# heavy spills (the next kind in _FALLBACK is used there, see _choose). Product kinds: "16" (bf16/fp16 operands;
+# an fp32 bank is staged as fp32), "tf32", "tf32x3" (fp32 operands split into hi + lo: twice the shared memory and
+# registers of tf32), "ieee" (fp32 FMA products, no tensor cores). Shared memory ≈ (rows + cols·stages)·D·(operand
+# bytes); 64 rows wherever they fit (the M of a Hopper wgmma), then fewer columns and stages before fewer rows.
+# Offline compile figures per entry: bench/NOTES.md ("GPU-ready without a GPU").
 FWD_CONFIGS = {
-    (64, 2): Config(64, 128, 1, 4, 3, 2), (64, 4): Config(64, 64, 1, 4, 3, 2),
-    (128, 2): Config(64, 64, 1, 8, 3, 2), (128, 4): Config(64, 64, 1, 8, 2, 2),
-    (256, 2): Config(64, 64, 1, 8, 2, 1), (256, 4): Config(64, 32, 1, 8, 2, 1),
-    (512, 2): Config(64, 32, 1, 8, 2, 1), (512, 4): Config(64, 32, 1, 8, 1, 1),
-    (1024, 2): Config(32, 32, 1, 8, 1, 1), (1024, 4): Config(32, 16, 1, 8, 1, 1),
+    (64, 2, "16"): (C(64, 128, 1, 4, 3),) * 3,
+    (64, 4, "16"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
+    (128, 2, "16"): (C(64, 64, 1, 8, 3),) * 2 + (C(64, 64, 1, 8, 2),),
+    (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 2, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1)),
+    (512, 2, "16"): (C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+    (512, 4, "16"): (C(64, 16, 1, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
+    (1024, 2, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
+    (1024, 4, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
+    (64, 4, "tf32"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
+    (128, 4, "tf32"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
+    (256, 4, "tf32"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
+    (512, 4, "tf32"): (C(64, 32, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
+    (1024, 4, "tf32"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
+    (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2),) * 2 + (C(64, 32, 1, 4, 2),),
+    (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2),) * 2 + (C(32, 32, 1, 8, 1),),
+    (256, 4, "tf32x3"): (None,) * 3,  # 64 rows: 192 KB and 1.7 KB spilled per thread on sm_90a
+    (512, 4, "tf32x3"): (None,) * 3,  # 5–11 KB spilled per thread at any row count that fits
+    (1024, 4, "tf32x3"): (None,) * 3,
+    (256, 4, "ieee"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
+    (512, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
+    (1024, 4, "ieee"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
 }
-INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1, 1)
+# The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
+BWD_CONFIGS = {**FWD_CONFIGS,
+               (512, 2, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1))}
+del C
+# Where a kind has no config: fp32-accurate tf32x3 gives way to fp32-accurate FMA products (silently), and a
+# kind that still does not fit to a less accurate one (with a warning).
+_FALLBACK = {"tf32x3": "ieee", "ieee": "tf32", "tf32": "16"}
+INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1)
 INTERPRETER_SMS = 8  # pretend SM count under the interpreter, so small batches take the split path
 # FASTCDML_AUTOTUNE=1 searches (rows, cols, dv_split, num_warps, num_stages) over this space (one config when
 # interpreting, which still exercises the autotuner's plumbing).
@@ -121,44 +160,70 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def default_config(d: int, bank_dtype: torch.dtype) -> Config:
-    """The fixed heuristic config for embedding size ``d`` and the bank's dtype."""
+def _products(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
+    """Product kind asked for: fp32 × fp32 follows ``torch.get_float32_matmul_precision()`` ("highest" → tf32x3,
+    "high" → tf32, "medium" → bf16 operands); anything with a 16-bit side has 16-bit operands."""
+    if x_dtype == bank_dtype == torch.float32:
+        return {"highest": "tf32x3", "high": "tf32", "medium": "16"}[torch.get_float32_matmul_precision()]
+    return "16"
+
+
+def _choose(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int, table: dict) -> tuple[Config, str]:
+    """(config, product kind) for a GPU with ``smem`` bytes of shared memory per block. Where the asked-for kind
+    has no config (the query tile's fp32 products need D-wide operands: tf32x3 beyond D = 128, fp32 at D = 1024
+    with 99 KB), the next kind of ``_FALLBACK`` is used, with a warning when it is less accurate."""
+    kind = _products(x_dtype, bank_dtype)
     if INTERPRET:
-        return INTERPRETER_CONFIG
+        return INTERPRETER_CONFIG, kind
     bd = min(max(block_d(d), 64), 1024)
-    return FWD_CONFIGS[(bd, bank_dtype.itemsize)]
+    cls = next((i for i, limit in enumerate(SMEM_CLASSES) if smem >= limit), len(SMEM_CLASSES) - 1)
+    while True:
+        cfg = table[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)][cls]
+        if cfg is not None:
+            return cfg, kind
+        if kind != "tf32x3":
+            warnings.warn(f"fastcdml CCL: {kind} products at D={d} do not fit in {smem // 1024} KB of shared "
+                          f"memory; using {_FALLBACK[kind]} (torch.set_float32_matmul_precision or a bf16 bank "
+                          f"choose the products)", stacklevel=3)
+        kind = _FALLBACK[kind]
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int = SMEM_CLASSES[0]) -> Config:
+    """The forward's heuristic config for embedding size ``d``, the query and bank dtypes, the precision set by
+    ``torch.set_float32_matmul_precision`` (fp32 products) and ``smem`` bytes of shared memory per block."""
+    return _choose(d, x_dtype, bank_dtype, smem, FWD_CONFIGS)[0]
 
 
-def default_split(b: int, c: int, d: int, cfg: Config, device: torch.device) -> int:
-    """Programs per row block along C: fill one wave of the GPU, each split streaming ≥ MIN_TILES_PER_SPLIT tiles."""
-    sms = INTERPRETER_SMS if INTERPRET else _sm_count(torch.cuda.current_device() if device.index is None
-                                                       else device.index)
+def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
+    """Programs per row block along C: fill one wave of ``sms × occupancy`` programs (occupancy: how many
+    programs of the compiled kernel fit on one SM), each split streaming ≥ MIN_TILES_PER_SPLIT tiles."""
     row_programs = triton.cdiv(b, cfg.rows) * cfg.dv_split
     cap = max(1, triton.cdiv(c, cfg.cols) // MIN_TILES_PER_SPLIT)
-    return max(1, min(sms * cfg.occupancy // row_programs, cap))
+    return max(1, min(sms * occupancy // row_programs, cap))
 
 
-def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype):
+def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
-    if x_dtype == torch.float32 and bank_dtype == torch.float32:
-        return tl.float32, False, "ieee" if INTERPRET else "tf32x3"
-    dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
-    return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else "tf32"
+    if kind != "16":
+        dot, prec = tl.float32, kind  # tf32, tf32x3 or ieee
+    else:
+        dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
+        prec = "tf32"  # unused with 16-bit operands
+    return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
 def _shrink(cfg: Config) -> Config | None:
-    """A smaller config to retry with after ``OutOfResources``: fewer stages, then fewer columns, then rows."""
+    """A smaller config to retry with after ``OutOfResources``: fewer stages, then the accumulator's D split
+    (halves the PV operand and accumulator), then fewer columns (down to 16), and only then fewer than 64 rows
+    (64 is the smallest M of a Hopper wgmma)."""
     if cfg.num_stages > 1:
         return cfg._replace(num_stages=cfg.num_stages - 1)
+    if cfg.dv_split < 4:
+        return cfg._replace(dv_split=cfg.dv_split * 2)
     if cfg.cols > 16:
         return cfg._replace(cols=cfg.cols // 2)
     if cfg.rows > 16:
-        return cfg._replace(rows=cfg.rows // 2, occupancy=cfg.occupancy * 2)
+        return cfg._replace(rows=cfg.rows // 2)
     return None
 
 
@@ -475,30 +540,60 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     lse = new_output((b,), f32, dev)
     if b == 0:
         return loss, grad, lse
-    cfg = config or default_config(d, centers.dtype)
-    split = split or default_split(b, c, d, cfg, dev)
+    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
+    cfg = config or heuristic
     bd = block_d(d)
-    dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
+    dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper = dict(inv_temp=1.0 / temperature, margin=margin, two_lambda=2.0 * center_weight)
-    if split > 1:
-        pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
-        pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
-    else:
-        pm = pl = pps = pacc = loss  # unused
+    key = (d, x.dtype, centers.dtype, compute_grad, kind)
+    parts = {}
+
+    def run(cfg, split, warmup=False):
+        """Launch (or, with ``warmup``, only compile) the forward kernel with ``split`` programs per row block."""
+        if split > 1 and not warmup:
+            pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
+            pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
+        else:
+            pm = pl = pps = pacc = loss  # unused (or, compiling only, stand-ins of the same type)
+        parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, split=split)
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
+        kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
+        return kernel(x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split,
+                      LOG2E / temperature, **hyper, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, EPILOGUE=split == 1,
+                      DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_B", "BLOCK_C"))
 
     def launch(cfg):
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
-        _FWD[grid](x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split,
-                   LOG2E / temperature, **hyper, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, EPILOGUE=split == 1,
-                   DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_B", "BLOCK_C"))
+        run(cfg, split or default_split(b, c, cfg, *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
-    _launch("fwd", (d, x.dtype, centers.dtype, compute_grad, split == 1), cfg, launch)
-    if split > 1:
+    _launch("fwd", key, cfg, launch)
+    if parts["split"] > 1:
         rows = max(1, min(16, 2048 // bd))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
-            x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split, **hyper,
-            BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
+            x, labels, centers, loss, grad, lse, parts["pm"], parts["pl"], parts["pps"], parts["pacc"], b, c, d,
+            parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
     return loss, grad, lse
+
+
+def _smem(dev: torch.device) -> int:
+    return SMEM_CLASSES[0] if INTERPRET else _device.limits(dev).smem_per_block
+
+
+_OCCUPANCY: dict = {}  # (device, key, config) -> programs of the split-C forward kernel per SM
+
+
+def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -> tuple[int, int]:
+    """(SMs, occupancy) for the split heuristic: the occupancy of the split-C forward kernel as compiled
+    (registers, shared memory, warps; ``compile_split_kernel()`` returns it), remembered per config. Under the
+    interpreter INTERPRETER_SMS and 1; when autotuning (the config is not known before the launch) 1."""
+    if INTERPRET:
+        return INTERPRETER_SMS, 1
+    lim = _device.limits(dev)
+    if AUTOTUNE:
+        return lim.sms, 1
+    at = (dev, key, cfg)
+    if at not in _OCCUPANCY:
+        _OCCUPANCY[at] = _device.occupancy(compile_split_kernel(), lim)
+    return lim.sms, _OCCUPANCY[at]
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, *,
@@ -511,8 +606,9 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
         return out
     if b == 0:
         return out.zero_()
-    cfg = config or default_config(d, centers.dtype)
-    dot, upcast, prec = _dot_types(x.dtype, centers.dtype)
+    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(x.device), BWD_CONFIGS)
+    cfg = config or heuristic
+    dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     grad_rows = grad_rows.to(torch.float32).contiguous()
 
     def launch(cfg):
@@ -521,7 +617,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
                    margin, 2.0 * center_weight * temperature, BLOCK_D=block_d(d), DOT=dot, UPCAST=upcast,
                    PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype), cfg, launch)
+    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind), cfg, launch)
     return out
 
 

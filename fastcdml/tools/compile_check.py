@@ -1,0 +1,388 @@
+"""Offline GPU compile check: ``python -m fastcdml compile-check [--targets ...] [--json FILE]``.
+
+Compiles, without a GPU and without ``TRITON_INTERPRET``, every Triton kernel that fastcdml's launchers would
+launch for a matrix of problems, for the targets sm_90a (H100/H200), sm_80 (A100) and sm_86 (consumer Ampere),
+and reports per compiled kernel: compiled or the error, registers per thread, spill bytes, shared memory
+against the target's per-block limit, whether the launcher had to shrink its config to fit, wgmma use on
+sm_90a, and the compile time.
+
+How: the launchers run on CPU tensors with Triton's active driver replaced by one that only names the target
+(``GPUTarget("cuda", cc, 32)``) and with ``JITFunction.run`` turned into a compile (``warmup=True``), so the
+launcher's own config choice, its shrink retries, its split heuristic and Triton's argument specialisation
+decide what is compiled — the check drives the real launch path and cannot drift from it. The whole NVIDIA
+pipeline runs (TTIR → TTGIR → LLIR → PTX → cubin with the ptxas in the triton wheel); ptxas's ``-v`` log gives
+registers and spills. A compiled kernel whose shared memory exceeds the target's limit raises
+``OutOfResources`` exactly as the CUDA launcher would, so the launcher's shrink path runs and is reported.
+``fastcdml.kernels._device.limits`` / ``resources`` (SM count, per-SM limits, a kernel's registers and shared
+memory: the split heuristic's occupancy) are answered from the target's table and the ptxas log.
+
+Each target runs in its own process with a fresh ``TRITON_CACHE_DIR`` (nothing is cached between runs); the
+same specialisation met by several problems is compiled once per target.
+
+Gates (``gates()``; ``--gates`` exits 1 when one fails): every kernel compiles on every target; the launcher's
+config fits without the shrink path; on sm_90a the matrix-product loops (``WGMMA_KERNELS``) use wgmma unless
+they compute fp32 FMA products or have fewer than the 64 rows a wgmma needs (``_wgmma_expected``); no
+spills in the CCL forward at D ≤ 256 with 16-bit queries, at most ``SPILL_BUDGET`` bytes elsewhere unless the
+kernel is named in ``OVER_BUDGET`` with its reason; no kernel takes more than ``MAX_COMPILE_S`` to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import NamedTuple
+
+
+class Target(NamedTuple):
+    capability: int
+    sms: int
+    smem_per_block: int
+    smem_per_sm: int
+    threads_per_sm: int
+
+
+TARGETS = {
+    "sm_90a": Target(90, 132, 227 * 1024, 228 * 1024, 2048),  # H100 SXM
+    "sm_80": Target(80, 108, 163 * 1024, 164 * 1024, 2048),  # A100
+    "sm_86": Target(86, 84, 99 * 1024, 100 * 1024, 1536),  # RTX 3090 / A40 class
+}
+DIMS = (64, 128, 256, 512, 1024)
+# (x dtype, bank dtype): CCL queries with the fp32 master bank or a bf16 bank; CBML batch with its memory.
+CCL_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"))
+CBML_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
+PRECISIONS = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() for fp32 products
+WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kernel", "_cbml_sums_kernel",
+                 "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
+SPILL_BUDGET = 512  # bytes of spill stores per thread
+MAX_COMPILE_S = 60.0
+OVER_BUDGET: dict[str, str] = {}  # kernel -> why its spills exceed SPILL_BUDGET (also in bench/NOTES.md)
+
+
+def cases(dims=DIMS) -> list[dict]:
+    """The problem matrix (B=256, C=1000 classes, CBML memory M=4096), chosen so that every kernel, code path
+    and dtype branch compiles at least once per target at a moderate cost (a specialisation met twice compiles
+    once):
+
+    - CCL training step (forward + query gradient, proxy gradient, momentum update: both update modes' kernels)
+      for every (x, bank) dtype pair at D = 128 and the largest D ≤ 512, and for the main pairs (fp32 / bf16 /
+      fp16 queries with the fp32 bank, the bf16 bank) at every D; fp32 products at each
+      ``torch.set_float32_matmul_precision`` setting at D = 128 and 512; the fused-epilogue path (a batch that
+      fills the GPU, so no split of C) and the forward without gradient.
+    - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
+      K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
+      reference set without the batch.
+    """
+    mid = [d for d in dims if d in (128, 512)] or list(dims[:1])
+    out = []
+    ccl = dict(loss="ccl", op="train", precision="highest", b=256, c=1000)
+    for d in dims:
+        pairs = CCL_PAIRS if d in mid else (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))
+        out += [dict(ccl, d=d, x=x, bank=w) for x, w in pairs]
+        if d in mid:
+            out += [dict(ccl, d=d, x="fp32", bank="fp32", precision=p) for p in PRECISIONS[1:]]
+    out += [dict(ccl, op="fused", d=mid[0], x=x, bank=w, b=32768) for x, w in (("bf16", "fp32"), ("fp32", "fp32"))]
+    out.append(dict(ccl, op="fused", d=mid[-1], x="bf16", bank="bf16", b=32768))
+    out.append(dict(ccl, op="eval", d=mid[-1], x="bf16", bank="fp32"))
+    cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True)
+    for d in dims:
+        pairs = CBML_PAIRS if d == mid[0] else (("fp32", "fp32"), ("bf16", "bf16"))
+        out += [dict(cbml, d=d, x=x, bank=r) for x, r in pairs]
+    for top_k in (100, 1000):
+        out += [dict(cbml, d=mid[0], x=x, bank=r, top_k=top_k)
+                for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
+    out.append(dict(cbml, op="ref-only", d=mid[0], x="bf16", bank="bf16", top_k=100, include_self=False))
+    return out
+
+
+def case_name(case: dict) -> str:
+    extra = f" top_k={case['top_k']}" if case["loss"] == "cbml" else ""
+    prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
+    return f"{case['loss']} {case['op']} D={case['d']} {case['x']}/{case['bank']}{prec}{extra}"
+
+
+# ---------------------------------------------------------------------------------------------- one target
+class _Aborted(Exception):
+    """A kernel failed to compile: the rest of this problem is skipped."""
+
+
+_LOG = {"regs": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+        "spill_loads": r"(\d+) bytes spill loads", "stack": r"(\d+) bytes stack frame"}
+
+
+def _ptxas_figures(log: str, ptx: str, arch: str) -> dict:
+    """Registers, spills and stack from ptxas's -v log (or from running ptxas -v on the PTX when the installed
+    triton did not print it)."""
+    if "Used" not in log:
+        import subprocess
+
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            tool = get_ptxas(int(re.sub(r"\D", "", arch))).path
+            log = subprocess.run([tool, "-v", f"--gpu-name={arch}", path, "-o", path + ".o"],
+                                 capture_output=True, text=True).stderr
+    return {k: int(m.group(1)) if (m := re.search(p, log)) else None for k, p in _LOG.items()}
+
+
+class _Session:
+    """Compiles what the launchers launch for one target."""
+
+    def __init__(self, target_name: str):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+
+        self.name = target_name
+        self.target = TARGETS[target_name]
+        self.kernels: dict[str, dict] = {}  # compiled kernel hash -> row
+        self.failures: list[dict] = []
+        self.case = ""
+        self.x_dtype = ""
+        self.pending_shrink: set[str] = set()
+        gpu = GPUTarget("cuda", self.target.capability, 32)
+
+        class OfflineDriver:  # just enough of a driver for JITFunction.run to pick the target
+            def get_current_target(self):
+                return gpu
+
+            def get_current_device(self):
+                return 0
+
+            def get_current_stream(self, device=None):
+                return 0
+
+            def is_active(self):
+                return True
+
+        driver.set_active(OfflineDriver())
+        with contextlib.suppress(AttributeError):
+            triton.knobs.nvidia.dump_ptxas_log = True
+        self._orig_run = JITFunction.run
+        session = self
+
+        def run(jit, *args, grid, warmup, **kwargs):
+            return session.compile(jit, args, kwargs)
+
+        JITFunction.run = run
+
+        from fastcdml.kernels import _device
+
+        t = self.target
+        _device.limits = lambda device: _device.Limits(t.sms, t.smem_per_block, t.smem_per_sm, 65536,
+                                                       t.threads_per_sm)
+        _device.resources = lambda kernel: (self.kernels[kernel.hash]["regs"] or 255,
+                                            kernel.metadata.shared)
+
+    def compile(self, jit, args, kwargs):
+        from triton.runtime.errors import OutOfResources
+
+        name = jit.fn.__name__
+        log = io.StringIO()
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(log):
+                kernel = self._orig_run(jit, *args, grid=(1,), warmup=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every compiler failure is a result to report
+            msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
+            self.failures.append(dict(target=self.name, kernel=name, case=self.case, error=" | ".join(msg[:3])[:400],
+                                      seconds=round(time.perf_counter() - t0, 1)))
+            raise _Aborted from exc
+        seconds = time.perf_counter() - t0
+        row = self.kernels.get(kernel.hash)
+        if row is None:
+            md = kernel.metadata
+            ptx = kernel.asm.get("ptx", "")
+            row = dict(target=self.name, kernel=name, case=self.case, x=self.x_dtype, cases=0,
+                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not isinstance(v, (bool, float))),
+                       flags=" ".join(k for k, v in sorted(kwargs.items()) if v is True),
+                       num_warps=md.num_warps, num_stages=md.num_stages, smem=md.shared,
+                       smem_limit=self.target.smem_per_block, fits=md.shared <= self.target.smem_per_block,
+                       after_shrink=False, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
+                       seconds=round(seconds, 1), **_ptxas_figures(log.getvalue(), ptx, self.name))
+            self.kernels[kernel.hash] = row
+            print(f"[{self.name}]   {name} {row['config']}: {row['regs']} regs, {row['spill_stores']} B spilled, "
+                  f"{row['smem'] // 1024} KB smem, {'wgmma' if row['wgmma'] else 'mma' if row['mma'] else '-'}, "
+                  f"{row['seconds']} s", file=sys.stderr, flush=True)
+        row["cases"] += 1
+        if name in self.pending_shrink:
+            row["after_shrink"] = True
+        if not row["fits"]:
+            self.pending_shrink.add(name)
+            raise OutOfResources(row["smem"], row["smem_limit"], "shared memory")
+        self.pending_shrink.discard(name)
+        return kernel
+
+    def run_case(self, case: dict) -> None:
+        import torch
+
+        from fastcdml.kernels import cbml, ccl
+
+        self.case = case_name(case)
+        self.x_dtype = case["x"]
+        self.pending_shrink.clear()
+        ccl._WORKING.clear()  # each problem starts from the launcher's first choice
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        b, d = case["b"], case["d"]
+        x = torch.zeros(b, d, dtype=dt[case["x"]])
+        y = torch.zeros(b, dtype=torch.int64)
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(case["precision"])
+        try:
+            if case["loss"] == "ccl":
+                w = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
+                hyper = (0.05, 0.1, 1.0)
+                if case["op"] == "train":
+                    _, _, lse = ccl.ccl_fwd(x, y, w, *hyper, True)
+                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper)
+                    ccl.ccl_update_(w, x, y, 0.9)
+                else:
+                    ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused")
+            else:
+                m = case["m"]
+                r = torch.zeros(m, d, dtype=dt[case["bank"]])
+                yr = torch.zeros(m, dtype=torch.int64)
+                cbml.cbml_fwd(x, y, r, yr, case["include_self"], 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False,
+                              case["top_k"], True, not case["include_self"])
+        except _Aborted:
+            pass
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
+def _check_target(target_name: str, problems: list[dict]) -> dict:
+    """Worker: compile the problems for one target in this (fresh) process."""
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    with tempfile.TemporaryDirectory(prefix="fastcdml-compile-check-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        session = _Session(target_name)
+        t0 = time.perf_counter()
+        for case in problems:
+            t = time.perf_counter()
+            n = len(session.kernels) + len(session.failures)
+            session.run_case(case)
+            print(f"[{target_name}] {case_name(case)}: {len(session.kernels) + len(session.failures) - n} new "
+                  f"kernels, {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        return dict(target=target_name, kernels=list(session.kernels.values()), failures=session.failures,
+                    seconds=round(time.perf_counter() - t0, 1))
+
+
+def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int = 2) -> dict:
+    """Compile ``problems`` (default: ``cases()``) for each target, ``jobs`` targets at a time, each in a fresh
+    process. Returns {"targets": [per-target results], "triton": version, "seconds": wall time}."""
+    import triton
+
+    problems = cases() if problems is None else problems
+    t0 = time.perf_counter()
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers, started now, must compile for real
+    try:
+        with ProcessPoolExecutor(max(1, min(jobs, len(targets))), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_check_target, t, problems) for t in targets]
+            results = [f.result() for f in futures]
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return dict(triton=triton.__version__, problems=len(problems), targets=results,
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+# ---------------------------------------------------------------------------------------------- gates
+def _spill_limit(row: dict) -> int:
+    if row["kernel"] == "_ccl_fwd_kernel" and "DOT=fp32" not in row["config"]:
+        d = int(re.search(r"BLOCK_D=(\d+)", row["config"]).group(1))
+        if d <= 256 and row["x"] in ("bf16", "fp16"):
+            return 0
+    return SPILL_BUDGET
+
+
+def _wgmma_expected(row: dict) -> bool:
+    """A matrix-product loop of ``WGMMA_KERNELS`` on tensor cores (not fp32 FMA products, ``PREC=ieee``) with
+    the 64 rows a wgmma needs (the CCL launchers go below 64 only where 64 rows of fp32 operands cannot fit)."""
+    if row["kernel"] not in WGMMA_KERNELS or "PREC=ieee" in row["config"] and "DOT=fp32" in row["config"]:
+        return False
+    rows = re.search(r"BLOCK_C=(\d+)" if row["kernel"] == "_ccl_bwd_centers_kernel" else r"BLOCK_B=(\d+)",
+                     row["config"])
+    return rows is None or int(rows.group(1)) >= 64
+
+
+def gates(result: dict) -> list[str]:
+    """The failed gates, one line each (empty: all pass)."""
+    bad = []
+    for t in result["targets"]:
+        for f in t["failures"]:
+            bad.append(f"{t['target']}: {f['kernel']} does not compile ({f['case']}): {f['error']}")
+        for row in t["kernels"]:
+            where = f"{t['target']}: {row['kernel']} [{row['config']}] ({row['case']})"
+            if not row["fits"]:
+                bad.append(f"{where}: shared memory {row['smem']} B > {row['smem_limit']} B (launcher shrinks)")
+            if t["target"] == "sm_90a" and _wgmma_expected(row) and not row["wgmma"]:
+                bad.append(f"{where}: no wgmma")
+            spill = row["spill_stores"] or 0
+            if spill > _spill_limit(row) and row["kernel"] not in OVER_BUDGET:
+                bad.append(f"{where}: {spill} B spill stores > {_spill_limit(row)} B")
+            if row["seconds"] > MAX_COMPILE_S:
+                bad.append(f"{where}: {row['seconds']} s to compile > {MAX_COMPILE_S} s")
+    return bad
+
+
+def table(result: dict) -> str:
+    head = ("target", "kernel", "config", "first problem", "regs", "spill B", "smem KB/limit", "fits", "shrunk",
+            "wgmma", "s")
+    lines = []
+    for t in result["targets"]:
+        for row in sorted(t["kernels"], key=lambda r: (r["kernel"], r["case"])):
+            lines.append((t["target"], row["kernel"], row["config"], row["case"], str(row["regs"]),
+                          str(row["spill_stores"]), f"{row['smem'] / 1024:.0f}/{row['smem_limit'] // 1024}",
+                          "yes" if row["fits"] else "NO", "yes" if row["after_shrink"] else "",
+                          "yes" if row["wgmma"] else ("mma" if row["mma"] else ""), str(row["seconds"])))
+        for f in t["failures"]:
+            lines.append((t["target"], f["kernel"], "", f["case"], "", "", "", "ERROR", "", "", str(f["seconds"])))
+    widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    out = [fmt.format(*head)] + [fmt.format(*r) for r in lines]
+    for t in result["targets"]:
+        out.append(f"{t['target']}: {len(t['kernels'])} kernels, {len(t['failures'])} failures, {t['seconds']} s")
+    out.append(f"triton {result['triton']}, {result['problems']} problems, {result['seconds']} s wall")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastcdml compile-check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from %(default)s")
+    parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="embedding sizes (%(default)s)")
+    parser.add_argument("--loss", choices=("ccl", "cbml", "all"), default="all")
+    parser.add_argument("--jobs", type=int, default=min(3, os.cpu_count() or 1), help="targets compiled at once")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--gates", action="store_true", help="exit 1 when a gate fails")
+    args = parser.parse_args(argv)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {unknown}; known: {list(TARGETS)}")
+    problems = [c for c in cases(tuple(int(v) for v in args.dims.split(",")))
+                if args.loss in ("all", c["loss"])]
+    result = check(targets, problems, args.jobs)
+    failed = gates(result)
+    result["gates_failed"] = failed
+    print(table(result))
+    print("\n".join(["gates: all pass"] if not failed else [f"gate failed: {f}" for f in failed]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 1 if (failed and args.gates) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
