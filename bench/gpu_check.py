@@ -13,7 +13,7 @@ Stages, each with its own time budget (seconds, below; about 8.5 minutes in all 
 
 a. ``tests`` — the test suite on CUDA (the kernel tests at GPU sizes and the ``gpu``-marked tests: CUDA-graph
    capture, torch.compile, determinism, bit-identical reruns); JUnit XML and the log.
-b. ``bench`` — ``python -m bench --preset gpu-compass``, one (loss, size) at a time, so that a size the budget
+b. ``bench`` — ``python -m bench --preset gpu``, one (loss, size) at a time, so that a size the budget
    cannot fit is skipped and named instead of losing the rows already measured.
 c. ``sweep`` — CCL forward (+ query gradient) configs at D ∈ {128, 256, 512} on 1024×1M and 4096×1M (bf16
    queries and bank) against the 2-GEMM floor (cuBLAS ``x Wᵀ`` plus ``P W``, the products the fused kernel does).
@@ -92,8 +92,8 @@ def stage_bench(out: Path, env: dict, dry: bool) -> tuple[str, bool]:
     log = out / "bench.log"
     log.write_text("")
     jobs = ([("ccl", "32x1000x64")] if dry else
-            [(loss, size) for loss, sizes in PRESETS["gpu-compass"].sizes.items() for size in sizes])
-    extra = ["--device", "cpu", "--impl", "fastcdml,reference", "--quick", "--no-isolate"] if dry else ["--preset", "gpu-compass"]
+            [(loss, size) for loss, sizes in PRESETS["gpu"].sizes.items() for size in sizes])
+    extra = ["--device", "cpu", "--impl", "fastcdml,reference", "--quick", "--no-isolate"] if dry else ["--preset", "gpu"]
     done, skipped, failed = [], [], []
     t_end = time.perf_counter() + BUDGET_S["bench"]
     with tempfile.TemporaryDirectory() as tmp:
