@@ -65,16 +65,20 @@ def _load_rows(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr, DOT_F32: tl.const
 
 
 @triton.jit
-def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, D,
+def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, base, m_ptr, m_w, D,
           IS_SELF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """S tile (BLOCK_B, BLOCK_N) of the query rows against columns c0.. of one part of R, with masks.
+          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr):
+    """S tile (BLOCK_B, BLOCK_N) of the query rows against columns c0.. of one part of R (global columns
+    base + c0..), with the positive / negative masks. A column whose label is negative (an empty memory slot) is
+    absent: its inverse norm is taken as 0, so S = 0 there (out of the row sum), it is in no set and its row of
+    R̂ gets no gradient. With HAS_MASK, only the pairs whose bit is set in the (B, m_w)-byte pair mask ``m_ptr``
+    can be positives or negatives.
     Under the interpreter the product is a broadcast sum: numpy's matmul does not give equal columns for
     equal inputs, which would break exact ties (tensor-core dots do)."""
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     cmask = cols < n_c
-    cinv = tl.load(cinv_ptr + cols, mask=cmask, other=0.0)
-    yc = tl.load(yc_ptr + cols, mask=cmask, other=0).to(tl.int64)
+    yc = tl.load(yc_ptr + cols, mask=cmask, other=-1).to(tl.int64)
+    cinv = tl.load(cinv_ptr + cols, mask=cmask & (yc >= 0), other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
@@ -85,7 +89,11 @@ def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, D,
             acc = tl.dot(q, tl.trans(c), acc, input_precision=PRECISION)
     s = acc * xinv[:, None] * cinv[None, :]
     s = tl.where(s == 0.0, 0.0, s)  # −0 → +0 so that the sort keys order equal values by index only
-    valid = rmask[:, None] & cmask[None, :]
+    valid = rmask[:, None] & (yc >= 0)[None, :]
+    if HAS_MASK:
+        gcols = base + cols
+        byte = tl.load(m_ptr + rows[:, None] * m_w + (gcols >> 3)[None, :], mask=valid, other=0).to(tl.int32)
+        valid = valid & (((byte >> (gcols & 7).to(tl.int32)[None, :]) & 1) != 0)
     same = yq[:, None] == yc[None, :]
     pos = valid & same
     if IS_SELF:
@@ -250,9 +258,9 @@ def _row_scalars(rowf_ptr, rowi_ptr, kth_ptr, rows, rmask, B, TOPK: tl.constexpr
 
 
 @triton.jit
-def _grad_tile(s, pos, neg, gcols, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
+def _grad_tile(s, pos, neg, gcols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
                pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK: tl.constexpr):
-    """G = B · ∂L/∂S on a tile (zero for skipped and masked rows)."""
+    """G = B · ∂L/∂S on a tile (zero for skipped rows and for absent or masked-out columns)."""
     sel = pos & (s - margin < max_n[:, None])
     g = tl.where(sel, c_p[:, None] * tl.exp((pos_a - s) / pos_b - u_p[:, None]), 0.0)
     sel = _sel_neg(s, neg, gcols, min_p, kth, margin, TOPK)
@@ -260,7 +268,7 @@ def _grad_tile(s, pos, neg, gcols, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, 
     g += tl.where(neg, 2.0 * w_v[:, None] * (s - mean[:, None]), 0.0)
     dmu = (1.0 - mean_w) * inv_n + 0.5 * mean_w * ((gcols[None, :] == arg_p[:, None]).to(tl.float32)
                                                    + (gcols[None, :] == arg_n[:, None]).to(tl.float32))
-    return g + c_mu[:, None] * dmu  # masked columns meet zero rows of R̂ / unstored outputs
+    return g + tl.where(cinv[None, :] > 0.0, c_mu[:, None] * dmu, 0.0)  # the row mean: present columns only
 
 
 @triton.jit
@@ -297,11 +305,11 @@ def _split_bounds(t_self, t_all, tps):
 
 @triton.jit
 def _cbml_stats_kernel(
-    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, pf_ptr, pi_ptr, pbuf_ptr,
+    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, pf_ptr, pi_ptr, pbuf_ptr,
     B, M, D, n_self, t_self, t_all, tps, SPLIT,
     TOPK: tl.constexpr, LOG_N: tl.constexpr, LOG_KP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """Sweep 1 over one split of R: partial row sum, |P|, |N|, minP/maxN with indices; in top-K mode the rows'
     KP largest negative keys of this split, sorted descending, in ``pbuf[split, row, :]``."""
@@ -324,15 +332,17 @@ def _cbml_stats_kernel(
     t0, t1, self_end, ref_start = _split_bounds(t_self, t_all, tps)
     for t in range(t0, self_end):
         s, pos, neg, _, gcols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
-                                      D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+                                      0, m_ptr, m_w, D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                      INTERPRET, HAS_MASK)
         row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
             s, pos, neg, t * BLOCK_N, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
         if TOPK == 1:
             _topk_tile(s, neg, gcols, n_rows, buf_ptr, BLOCK_B, LOG_N, LOG_KP)
     for t in range(ref_start, t1):
         c0 = (t - t_self) * BLOCK_N
-        s, pos, neg, _, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, c0, M, D,
-                                     False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+        s, pos, neg, _, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, c0, M, n_self, m_ptr,
+                                     m_w, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET,
+                                     HAS_MASK)
         row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
             s, pos, neg, c0 + n_self, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
         if TOPK == 1:
@@ -349,7 +359,7 @@ def _cbml_stats_kernel(
 
 @triton.jit
 def _cbml_combine_kernel(
-    pf_ptr, pi_ptr, pbuf_ptr, rowf_ptr, rowi_ptr, kth_ptr, B, SPLIT, inv_n, K, mean_w,
+    pf_ptr, pi_ptr, pbuf_ptr, rowf_ptr, rowi_ptr, kth_ptr, B, SPLIT, inv_n_ptr, K, mean_w,
     TOPK: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Sweep-1 partials → minP, maxN (+ indices), mean and the K-th key; splits in column order (ties: lowest).
@@ -378,6 +388,7 @@ def _cbml_combine_kernel(
     has_both = (n_pos > 0) & (n_neg > 0)
     min_p = tl.where(has_both, min_p, float("inf"))  # a skipped row selects nothing
     max_n = tl.where(has_both, max_n, -float("inf"))
+    inv_n = tl.load(inv_n_ptr)  # 1 / the number of present references (on the device: no host sync)
     mean = (1.0 - mean_w) * row_sum * inv_n + 0.5 * mean_w * (tl.where(has_both, min_p, 0.0)
                                                                 + tl.where(has_both, max_n, 0.0))
     tl.store(rowf_ptr + rows, min_p, mask=rmask)
@@ -399,11 +410,11 @@ def _cbml_combine_kernel(
 
 @triton.jit
 def _cbml_sums_kernel(
-    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, rowf_ptr, kth_ptr, pf_ptr,
+    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, kth_ptr, pf_ptr,
     B, M, D, n_self, t_self, t_all, tps, SPLIT,
     pos_a, pos_b, neg_a, neg_b, margin,
     TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """Sweep 2 over one split: partial Σ_N (S−mean)², Σ_N (S−mean), selected exp-sums (max ≥ 0) and counts."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -423,13 +434,15 @@ def _cbml_sums_kernel(
     t0, t1, self_end, ref_start = _split_bounds(t_self, t_all, tps)
     for t in range(t0, self_end):
         s, pos, neg, _, gcols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
-                                      D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+                                      0, m_ptr, m_w, D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                      INTERPRET, HAS_MASK)
         sig, dsum, m_p, l_p, c_p, m_n, l_n, c_n = _pass2(
             s, pos, neg, gcols, min_p, max_n, mean, kth, sig, dsum, m_p, l_p, c_p, m_n, l_n, c_n,
             pos_a, pos_b, neg_a, neg_b, margin, TOPK)
     for t in range(ref_start, t1):
         s, pos, neg, _, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, (t - t_self) * BLOCK_N,
-                                     M, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+                                     M, n_self, m_ptr, m_w, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                     INTERPRET, HAS_MASK)
         sig, dsum, m_p, l_p, c_p, m_n, l_n, c_n = _pass2(
             s, pos, neg, cols + n_self, min_p, max_n, mean, kth, sig, dsum, m_p, l_p, c_p, m_n, l_n, c_n,
             pos_a, pos_b, neg_a, neg_b, margin, TOPK)
@@ -494,13 +507,14 @@ def _cbml_finalize_kernel(
 
 @triton.jit
 def _cbml_grad_query_kernel(
-    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, rowf_ptr, rowi_ptr, kth_ptr, gpart_ptr,
-    B, M, D, n_self, t_self, t_all, tps, inv_n,
+    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gpart_ptr,
+    B, M, D, n_self, t_self, t_all, tps, inv_n_ptr,
     pos_a, pos_b, neg_a, neg_b, margin, mean_w,
     TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """gpart[split, rows, d-chunk] = Σ_{j in split} G_ij R̂_j (query role, B·∂L/∂x̂ before normalisation)."""
+    inv_n = tl.load(inv_n_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     d0 = tl.program_id(2) * BLOCK_DO
     rmask = rows < B
@@ -512,15 +526,17 @@ def _cbml_grad_query_kernel(
     t0, t1, self_end, ref_start = _split_bounds(t_self, t_all, tps)
     for t in range(t0, self_end):
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
-                                        D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
-        g = _grad_tile(s, pos, neg, cols, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
+                                        0, m_ptr, m_w, D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                        INTERPRET, HAS_MASK)
+        g = _grad_tile(s, pos, neg, cols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
                        pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
         c = _load_rows(x_ptr, cols, cols < n_self, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     for t in range(ref_start, t1):
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, (t - t_self) * BLOCK_N,
-                                        M, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
-        g = _grad_tile(s, pos, neg, cols + n_self, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
+                                        M, n_self, m_ptr, m_w, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32,
+                                        PRECISION, INTERPRET, HAS_MASK)
+        g = _grad_tile(s, pos, neg, cols + n_self, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
                        arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
         c = _load_rows(r_ptr, cols, cols < M, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
@@ -531,11 +547,11 @@ def _cbml_grad_query_kernel(
 
 @triton.jit
 def _grad_ref_part(
-    x_ptr, xinv_ptr, y_ptr, c_ptr, cinv_ptr, yc_ptr, rowf_ptr, rowi_ptr, kth_ptr, out_ptr,
+    x_ptr, xinv_ptr, y_ptr, c_ptr, cinv_ptr, yc_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, out_ptr,
     c0, n_c, col_base, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b, margin, mean_w,
     IS_SELF: tl.constexpr, TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
     for q0 in range(0, B, BLOCK_B):
@@ -545,9 +561,10 @@ def _grad_ref_part(
         yq = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
         min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth = _row_scalars(
             rowf_ptr, rowi_ptr, kth_ptr, rows, rmask, B, TOPK)
-        s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, D,
-                                        IS_SELF, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
-        g = _grad_tile(s, pos, neg, cols + col_base, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
+        s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, col_base,
+                                        m_ptr, m_w, D, IS_SELF, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                        INTERPRET, HAS_MASK)
+        g = _grad_tile(s, pos, neg, cols + col_base, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
                        arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
         q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
@@ -560,25 +577,26 @@ def _grad_ref_part(
 
 @triton.jit
 def _cbml_grad_ref_kernel(
-    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr, gr_ptr,
-    B, M, D, n_self, self_tiles, inv_n,
+    x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr, gr_ptr,
+    B, M, D, n_self, self_tiles, inv_n_ptr,
     pos_a, pos_b, neg_a, neg_b, margin, mean_w,
     TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """Reference role: programs [0, self_tiles) write Gᵀx̂ for the self part into gx_ptr (the last slice of
     x's partial gradients), the others write gr."""
+    inv_n = tl.load(inv_n_ptr)
     pid = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_DO
     if pid < self_tiles:
-        _grad_ref_part(x_ptr, xinv_ptr, y_ptr, x_ptr, xinv_ptr, y_ptr, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr,
+        _grad_ref_part(x_ptr, xinv_ptr, y_ptr, x_ptr, xinv_ptr, y_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr,
                        pid * BLOCK_N, n_self, 0, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b, margin, mean_w,
-                       True, TOPK, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION, INTERPRET)
+                       True, TOPK, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION, INTERPRET, HAS_MASK)
     else:
-        _grad_ref_part(x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, rowf_ptr, rowi_ptr, kth_ptr, gr_ptr,
+        _grad_ref_part(x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gr_ptr,
                        (pid - self_tiles) * BLOCK_N, M, n_self, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b,
                        margin, mean_w, False, TOPK, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION,
-                       INTERPRET)
+                       INTERPRET, HAS_MASK)
 
 
 @triton.jit
@@ -679,14 +697,14 @@ def _tuned_config(args: tuple, key: tuple) -> dict:
     return _TUNED[key]
 
 
-def cbml_fwd(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-             mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
+def cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
+             variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
     """Launcher of ``fastcdml::cbml_fwd`` (schema and shapes: :mod:`fastcdml.ops.cbml`)."""
-    args = (x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-            mean_weight, phi_sqrt, top_k, grad_x, grad_ref)
+    args = (x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
+            variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref)
     if os.environ.get("FASTCDML_AUTOTUNE") == "1" and not interpreter_active() and x.shape[0]:
         key = (_pow2(x.shape[0]), _pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
-               _pow2(top_k) if top_k else 0, grad_x, grad_ref)
+               _pow2(top_k) if top_k else 0, grad_x, grad_ref, pair_mask is not None)
         return _run(*args, cfg=_tuned_config(args, key))
     return _run(*args, cfg=_config(x.shape[1]))
 
@@ -699,7 +717,7 @@ def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:
     return max(1, min(triton.cdiv(4 * _device.limits(dev).sms, row_blocks), tiles // 2, 16))
 
 
-def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
+def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
          mean_weight, phi_sqrt, top_k, grad_x, grad_ref, *, cfg):
     B, D = x.shape
     M = ref.shape[0]
@@ -712,7 +730,9 @@ def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, m
     bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
     n_self = B if include_self else 0
     n = n_self + M
-    inv_n = 1.0 / max(n, 1)
+    # 1 / the number of present references (a negative label marks an absent one), counted on the device
+    present = (ref_labels >= 0).sum() + ((labels >= 0).sum() if include_self else 0)
+    inv_n = (1.0 / present.clamp_min(1).to(f32)).reshape(1)
     t_self, t_ref = triton.cdiv(n_self, bn), triton.cdiv(M, bn)
     t_all = t_self + t_ref
     grid_b = triton.cdiv(B, bb)
@@ -720,8 +740,9 @@ def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, m
     tps = triton.cdiv(max(t_all, 1), split)
     split = triton.cdiv(max(t_all, 1), tps)
     interp = interpreter_active()
+    has_mask = pair_mask is not None
     dot_f32 = x.dtype == f32 or ref.dtype != x.dtype or (interp and x.dtype == torch.bfloat16)
-    blocks = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], DOT_F32=dot_f32,
+    blocks = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], DOT_F32=dot_f32, HAS_MASK=has_mask,
                   PRECISION=_FP32_PRECISION[torch.get_float32_matmul_precision()] if dot_f32 and not interp
                   else "tf32", INTERPRET=interp)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -740,7 +761,8 @@ def _run(x, labels, ref, ref_labels, include_self, pos_a, pos_b, neg_a, neg_b, m
     pf = new_output((8, split, B), f32, dev)
     pi = new_output((4, split, B), i64, dev)
     pbuf = new_output((split, B, kp) if mode == 1 else (1,), i64, dev)
-    inputs = (x, xinv, labels, ref, rinv, ref_labels)
+    mask = pair_mask if has_mask else xinv  # a placeholder pointer, never read without HAS_MASK
+    inputs = (x, xinv, labels, ref, rinv, ref_labels, mask, pair_mask.shape[1] if has_mask else 0)
     hyper = (pos_a, pos_b, neg_a, neg_b, margin)
     tiling = (B, M, D, n_self, t_self, t_all, tps)
     _cbml_stats_kernel[(grid_b, split)](*inputs, pf, pi, pbuf, *tiling, split, TOPK=mode, LOG_N=_log2(bn),

@@ -61,12 +61,10 @@ def _backward(ctx, grad_loss, _g1, _g2):
     return (gx, None, gr) + (None,) * 14
 
 
-def _fwd_triton(x, labels, ref, ref_labels, pair_mask, *args):
+def _fwd_triton(*args):
     from ..kernels import cbml as kernels  # imported on first call: it needs triton
 
-    if pair_mask is not None:
-        raise NotImplementedError("the Triton CBML kernel does not take a pair mask yet")
-    return kernels.cbml_fwd(x, labels, ref, ref_labels, *args)
+    return kernels.cbml_fwd(*args)
 
 
 for _ns in namespaces():

@@ -79,7 +79,7 @@ def cases(dims=DIMS) -> list[dict]:
       fills the GPU, so no split of C) and the forward without gradient.
     - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
       K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
-      reference set without the batch.
+      reference set without the batch; a mined-pair mask (adaptive and top-K).
     """
     mid = [d for d in dims if d in (128, 512)] or list(dims[:1])
     out = []
@@ -100,11 +100,12 @@ def cases(dims=DIMS) -> list[dict]:
         out += [dict(cbml, d=mid[0], x=x, bank=r, top_k=top_k)
                 for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
     out.append(dict(cbml, op="ref-only", d=mid[0], x="bf16", bank="bf16", top_k=100, include_self=False))
+    out += [dict(cbml, d=mid[0], x="bf16", bank="fp32", top_k=top_k, mask=True) for top_k in (0, 100)]
     return out
 
 
 def case_name(case: dict) -> str:
-    extra = f" top_k={case['top_k']}" if case["loss"] == "cbml" else ""
+    extra = f" top_k={case['top_k']}" + (" masked" if case.get("mask") else "") if case["loss"] == "cbml" else ""
     prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
     return f"{case['loss']} {case['op']} D={case['d']} {case['x']}/{case['bank']}{prec}{extra}"
 
@@ -254,7 +255,9 @@ class _Session:
                 m = case["m"]
                 r = torch.zeros(m, d, dtype=dt[case["bank"]])
                 yr = torch.zeros(m, dtype=torch.int64)
-                cbml.cbml_fwd(x, y, r, yr, case["include_self"], 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False,
+                width = m + (b if case["include_self"] else 0)
+                mask = torch.zeros(b, -(-width // 8), dtype=torch.uint8) if case.get("mask") else None
+                cbml.cbml_fwd(x, y, r, yr, mask, case["include_self"], 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False,
                               case["top_k"], True, not case["include_self"])
         except _Aborted:
             pass
