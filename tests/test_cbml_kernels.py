@@ -13,7 +13,7 @@ import torch
 
 import fastcdml
 from fastcdml.functional import contrastive_bayesian_loss
-from fastcdml.reference.cbml import cbml_loss, cbml_loss_rows
+from fastcdml.reference.cbml import cbml_loss, cbml_loss_rows, pack_pairs
 from .helpers import DTYPES, FLOOR, assert_close, rel_err, clustered_labels, kernel_backends
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,9 +248,10 @@ def test_opcheck():
     y = clustered_labels(10)
     x = clustered(y, 16).float().to(DEV)
     r, yr = bank(12, int(y.max()) + 1, 16)
-    args = (x, y.to(DEV), r.float().to(DEV), yr.to(DEV), True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2, False, 3,
-            True, True)
-    torch.library.opcheck(NS.cbml_fwd.default, args)
+    hyper = (True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2, False, 3, True, True)
+    torch.library.opcheck(NS.cbml_fwd.default, (x, y.to(DEV), r.float().to(DEV), yr.to(DEV), None, *hyper))
+    mask = pack_pairs(torch.randint(0, 10, (60,)), torch.randint(0, 22, (60,)), 10, 22).to(DEV)
+    torch.library.opcheck(NS.cbml_fwd.default, (x, y.to(DEV), r.float().to(DEV), yr.to(DEV), mask, *hyper))
 
 
 # --------------------------------------------------------------------------------------------------- GPU only
