@@ -158,7 +158,8 @@ def make_loss(name: str, dim: int = DIM, backend: str = "auto", **hyper) -> nn.M
     if name == "cbml":
         return ContrastiveBayesianLoss(backend=backend, **hyper)
     if name == "fastcdml-normsoftmax":
-        return fastcdml.NormalizedSoftmaxLoss(num_classes, dim, backend=backend, **hyper)
+        return fastcdml.NormalizedSoftmaxLoss(num_classes, dim, **({} if backend == "auto" else {"backend": backend}),
+                                              **hyper)
     from pytorch_metric_learning import losses
 
     if name == "pml-normsoftmax":
@@ -322,18 +323,19 @@ def plot(out: Path, runs: dict[str, Run], untrained: nn.Module, test_split: Spli
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(3.3 * (len(runs) + 1), 3.3))
+    for ax, (name, run) in zip(axes, runs.items()):
+        ax.plot(range(1, len(run.losses) + 1), run.losses)
+        ax.set_title(f"{name}: training loss", fontsize=9)
+        ax.set(xlabel="epoch")
     for name, run in runs.items():
-        epochs = range(1, len(run.losses) + 1)
-        axes[0].plot(epochs, [v / run.losses[0] for v in run.losses], label=name)
-        axes[1].plot(range(1, len(run.recall1) + 1), run.recall1, label=name)
-    axes[0].set(title="training loss / first epoch's", xlabel="epoch")
-    axes[0].legend(fontsize=7)
-    axes[1].axhline(evaluate(untrained, test_split)["R@1"], color="gray", linestyle="--", label="untrained")
+        axes[-1].plot(range(1, len(run.recall1) + 1), run.recall1, label=name)
+    axes[-1].axhline(evaluate(untrained, test_split)["R@1"], color="gray", linestyle="--", label="untrained")
     if raw_recall1 is not None:
-        axes[1].axhline(raw_recall1, color="black", linestyle=":", label="raw pixels")
-    axes[1].set(title="test R@1 (unseen digits 5–9)", xlabel="epoch")
-    axes[1].legend(fontsize=7)
+        axes[-1].axhline(raw_recall1, color="black", linestyle=":", label="raw pixels")
+    axes[-1].set_title("test R@1 (unseen digits 5–9)", fontsize=9)
+    axes[-1].set(xlabel="epoch")
+    axes[-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
