@@ -1,10 +1,12 @@
-// Center Contrastive Loss, CPU kernels for fastcdml::ccl_fwd, ccl_bwd_centers and ccl_update_ (schemas and math:
-// fastcdml/ops/ccl.py and docs/spec.md).
+// Center Contrastive Loss and its margin-softmax family, CPU kernels for fastcdml::ccl_fwd, ccl_bwd_centers and
+// ccl_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
 //
-// ccl_fwd streams the bank in chunks of chunk_size(D) classes per block of kRowBlock queries: one GEMM gives the
-// similarity tile, an online softmax (flash-attention style running max / sum in fp32) turns it into
-// probabilities in place, and a second GEMM adds them times the chunk into the running Σ_j p_ij W_j, rescaled
-// whenever the running max moves. Memory: O(B·D + threads · kRowBlock · chunk), never B×C.
+// ccl_fwd streams the bank in chunks of chunk_size(D) classes (K sub-center rows each) per block of kRowBlock
+// queries: one GEMM gives the similarity tile, the class cosine is the max over each class's K columns (K = 1: the
+// tile itself), the label column gets the target transform, an online softmax (flash-attention style running
+// max / sum in fp32) turns the class tile into probabilities in place, and a second GEMM adds them, placed at
+// each class's argmax sub-center, times the chunk into the running Σ_j p_ij W_j, rescaled whenever the running
+// max moves. Memory: O(B·D + threads · kRowBlock · chunk · K), never B×C.
 #include "common.h"
 
 #include <torch/library.h>
@@ -23,6 +25,58 @@ void check_centers(const Tensor& x, const Tensor& centers) {
   check_embeddings(centers, "centers");
   TORCH_CHECK_VALUE(centers.size(1) == x.size(1), "centers must have shape (C, ", x.size(1), "), got ",
                     centers.sizes());
+}
+
+// The label column's transform t(c) and its derivative (fastcdml/reference/ccl.py target_logit), in fp32 as the
+// Triton kernels compute it: additive cosine t = c − m, or additive angular (ArcFace) with PML's fallback.
+struct TargetLogit {
+  bool angular;
+  float m, cos_m, sin_m;
+  TargetLogit(int64_t margin_type, double margin)
+      : angular(margin_type == 1), m(static_cast<float>(margin)), cos_m(static_cast<float>(std::cos(margin))),
+        sin_m(static_cast<float>(std::sin(margin))) {
+    TORCH_CHECK_VALUE(margin_type == 0 || margin_type == 1,
+                      "margin_type must be 0 (additive cosine) or 1 (additive angular), got ", margin_type);
+  }
+  float operator()(float c, float* dt) const {
+    if (!angular) {
+      *dt = 1.f;
+      return c - m;
+    }
+    const float cc = std::min(std::max(c, -1.f), 1.f);
+    const float sin2 = (1.f - cc) * (1.f + cc);
+    const float sin_t = std::sqrt(std::max(sin2, 1e-30f));
+    const bool main = cc >= -cos_m;
+    *dt = !(c >= -1.f && c <= 1.f) ? 0.f : main ? cos_m + (sin2 > 1e-30f ? cc * sin_m / sin_t : 0.f) : 1.f;
+    return main ? cc * cos_m - sin_t * sin_m : cc - m * sin_m;
+  }
+};
+
+int64_t check_sub_centers(const Tensor& centers, int64_t sub_centers) {
+  TORCH_CHECK_VALUE(sub_centers >= 1 && centers.size(0) % sub_centers == 0, "centers has ", centers.size(0),
+                    " rows, not a multiple of sub_centers=", sub_centers);
+  return sub_centers;
+}
+
+// Class cosines of a (rows × cc·K) similarity tile: cls[r, j] = max_k s[r, jK + k], arg[r, j] = the first k
+// reaching it. Nothing to do when K = 1 (the tile is its own class tile).
+void subcenter_max(const float* s, int64_t rows, int64_t cc, int64_t K, float* cls, int64_t* arg) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cc; ++j) {
+      const float* v = s + (r * cc + j) * K;
+      int64_t best = 0;
+      for (int64_t k = 1; k < K; ++k)
+        if (v[k] > v[best]) best = k;
+      cls[r * cc + j] = v[best];
+      arg[r * cc + j] = best;
+    }
+}
+
+// The inverse routing: class values placed at their argmax sub-center column of a (rows × cc·K) tile, 0 elsewhere,
+// so that one GEMM with the chunk's bank rows sends each class's weight to the sub-center that gave its max.
+void subcenter_scatter(const float* cls, const int64_t* arg, int64_t rows, int64_t cc, int64_t K, float* s) {
+  std::fill(s, s + rows * cc * K, 0.f);
+  for (int64_t i = 0; i < rows * cc; ++i) s[i * K + arg[i]] = cls[i];
 }
 
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
@@ -55,9 +109,11 @@ void softmax_grad_row(float* s, int64_t n, float inv_tau, float lse, float coef)
 
 std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in,
                                            double temperature, double margin, double center_weight,
-                                           bool compute_grad) {
+                                           bool compute_grad, int64_t margin_type, int64_t sub_centers) {
   check_centers(x_in, centers_in);
-  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers_in.size(0);
+  const TargetLogit target(margin_type, margin);
+  const int64_t K = check_sub_centers(centers_in, sub_centers);
+  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers_in.size(0) / K;
   const Tensor y = check_labels(labels, B, "labels");
   const Tensor centers = centers_in.contiguous();
   auto [xh, norm] = normalize_rows(x_in);
@@ -66,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
   Tensor grad = at::empty({compute_grad ? B : 0, D}, f32);
   if (B == 0) return {loss, grad, lse};
 
-  const float inv_tau = static_cast<float>(1.0 / temperature), m_f = static_cast<float>(margin);
+  const float inv_tau = static_cast<float>(1.0 / temperature);
   const float lam2 = static_cast<float>(2.0 * center_weight);
   const int64_t CC = chunk_size(D), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
@@ -74,9 +130,10 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
   const float* nrm = norm.data_ptr<float>();
 
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
-    Tensor sbuf = at::empty({RB * CC}, f32), wbuf = at::empty({CC, D}, f32), acc = at::empty({RB, D}, f32);
+    Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32), acc = at::empty({RB, D}, f32);
     Tensor wy = at::empty({D}, f32);
-    std::vector<float> m(RB), l(RB), sy(RB), alpha(RB);
+    std::vector<float> m(RB), l(RB), sy(RB), alpha(RB), cls(K > 1 ? RB * CC : 0);
+    std::vector<int64_t> ky(RB), arg(K > 1 ? RB * CC : 0);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
       const Tensor xb = xh.narrow(0, r0, rb);
@@ -87,16 +144,20 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
       std::fill(sy.begin(), sy.end(), std::numeric_limits<float>::quiet_NaN());
       for (int64_t c0 = 0; c0 < C; c0 += CC) {
         const int64_t cc = std::min(CC, C - c0);
-        const Tensor wc = rows_fp32(centers, c0, cc, wbuf);
-        Tensor s = tile(sbuf, rb, cc);
+        const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
+        Tensor s = tile(sbuf, rb, cc * K);
         at::mm_out(s, xb, wc.t());
         float* sp = s.data_ptr<float>();
+        float* cp = K == 1 ? sp : cls.data();
+        if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
         for (int64_t r = 0; r < rb; ++r) {
-          float* row = sp + r * cc;
+          float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
           if (yi >= c0 && yi < c0 + cc) {
+            float dt;
             sy[r] = row[yi - c0];
-            row[yi - c0] -= m_f;
+            ky[r] = yi * K + (K > 1 ? arg[r * cc + yi - c0] : 0);
+            row[yi - c0] = target(sy[r], &dt);
           }
           alpha[r] = online_softmax_row(row, cc, inv_tau, m[r], l[r]);
         }
@@ -105,6 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
           for (int64_t r = 0; r < rb; ++r)
             if (alpha[r] != 1.f)
               for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
+          if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
           accb.addmm_(s, wc);
         }
       }
@@ -113,19 +175,24 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
       for (int64_t r = 0; r < rb; ++r) {
         const int64_t yi = yp[r0 + r];
         const bool valid = yi >= 0 && yi < C;
+        float dt;
+        const float t = target(sy[r], &dt);
         lsep[r] = m[r] + std::log(l[r]);
-        lossp[r] = valid ? lsep[r] - (sy[r] - m_f) * inv_tau - lam2 * sy[r] : std::numeric_limits<float>::quiet_NaN();
+        lossp[r] = valid ? lsep[r] - t * inv_tau - lam2 * sy[r] : std::numeric_limits<float>::quiet_NaN();
         if (!compute_grad) continue;
         float* g = grad.data_ptr<float>() + (r0 + r) * D;
         if (!valid) {  // the loss row is NaN by contract; it contributes no gradient (as in the reference)
           std::fill(g, g + D, 0.f);
           continue;
         }
-        wy.copy_(centers[yi]);
+        // g = acc/(l τ) + a W_{y k*},  a = ((t' − 1) p_y − t')/τ − 2λ: the chain rule through t at the label
+        const float p_y = std::exp(t * inv_tau - lsep[r]);
+        const float a_y = ((dt - 1.f) * p_y - dt) * inv_tau - lam2;
+        wy.copy_(centers[ky[r]]);
         const float* wyp = wy.data_ptr<float>();
         const float* a = accb.data_ptr<float>() + r * D;
-        const float inv_l = 1.f / l[r];
-        for (int64_t k = 0; k < D; ++k) g[k] = (a[k] * inv_l - wyp[k]) * inv_tau - lam2 * wyp[k];
+        const float scale = inv_tau / l[r];
+        for (int64_t k = 0; k < D; ++k) g[k] = a[k] * scale + a_y * wyp[k];
         normalize_backward_row(g, xhp + (r0 + r) * D, nrm[r0 + r], D);
       }
     }
@@ -133,52 +200,62 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
   return {loss, grad, lse};
 }
 
-// ∂L/∂W_j = Σ_i g_i ((p_ij − [j = y_i])/τ − 2λ[j = y_i]) x̂_i, parallel over class chunks (each task owns its rows
-// of the output), rows of the batch in fixed blocks: G tile = the recomputed softmax, then dW_c += Gᵀ x̂_b.
+// ∂L/∂W_{jK+k*} = Σ_i g_i ∂L_i/∂c_ij x̂_i with ∂L_i/∂c_ij = p_ij/τ off the label and ((p_iy − 1) t' /τ − 2λ) at it,
+// parallel over class chunks (each task owns its rows of the output), rows of the batch in fixed blocks: G tile =
+// the recomputed softmax placed at each class's argmax sub-center, then dW_c += Gᵀ x̂_b.
 Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, const Tensor& lse_in,
-                       const Tensor& grad_rows_in, double temperature, double margin, double center_weight) {
+                       const Tensor& grad_rows_in, double temperature, double margin, double center_weight,
+                       int64_t margin_type, int64_t sub_centers) {
   check_centers(x_in, centers_in);
-  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers_in.size(0);
+  const TargetLogit target(margin_type, margin);
+  const int64_t K = check_sub_centers(centers_in, sub_centers);
+  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers_in.size(0) / K;
   const Tensor y = check_labels(labels, B, "labels");
   TORCH_CHECK_VALUE(lse_in.numel() == B && grad_rows_in.numel() == B, "lse and grad_rows must have ", B, " elements");
   const Tensor centers = centers_in.contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous(), g = grad_rows_in.to(at::kFloat).contiguous();
   Tensor xh = normalize_rows(x_in).first;
   const auto f32 = xh.options();
-  Tensor dw = at::zeros({C, D}, f32);
+  Tensor dw = at::zeros({C * K, D}, f32);
   if (B == 0) return dw;
 
-  const float inv_tau = static_cast<float>(1.0 / temperature), m_f = static_cast<float>(margin);
-  const float label_coef = static_cast<float>(1.0 / temperature + 2.0 * center_weight);
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  const float lam2 = static_cast<float>(2.0 * center_weight);
   const int64_t CC = chunk_size(D), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lsep = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
 
   parallel_for(0, ceil_div(C, CC), 1, [&](int64_t ch0, int64_t ch1) {
-    Tensor sbuf = at::empty({RB * CC}, f32), wbuf = at::empty({CC, D}, f32);
+    Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
+    std::vector<float> cls(K > 1 ? RB * CC : 0);
+    std::vector<int64_t> arg(K > 1 ? RB * CC : 0);
     for (int64_t ch = ch0; ch < ch1; ++ch) {
       const int64_t c0 = ch * CC, cc = std::min(CC, C - c0);
-      const Tensor wc = rows_fp32(centers, c0, cc, wbuf);
-      Tensor dwc = dw.narrow(0, c0, cc);
+      const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
+      Tensor dwc = dw.narrow(0, c0 * K, cc * K);
       for (int64_t r0 = 0; r0 < B; r0 += RB) {
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
-        Tensor s = tile(sbuf, rb, cc);
+        Tensor s = tile(sbuf, rb, cc * K);
         at::mm_out(s, xb, wc.t());
         float* sp = s.data_ptr<float>();
+        float* cp = K == 1 ? sp : cls.data();
+        if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
         for (int64_t r = 0; r < rb; ++r) {
-          float* row = sp + r * cc;
+          float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
           if (yi < 0 || yi >= C) {  // NaN loss row: no gradient, as in the reference
             std::fill(row, row + cc, 0.f);
             continue;
           }
           const bool here = yi >= c0 && yi < c0 + cc;
-          if (here) row[yi - c0] -= m_f;
+          float dt = 1.f;
+          if (here) row[yi - c0] = target(row[yi - c0], &dt);
           softmax_grad_row(row, cc, inv_tau, lsep[r0 + r], gp[r0 + r] * inv_tau);
-          if (here) row[yi - c0] -= gp[r0 + r] * label_coef;
+          if (here) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);
         }
+        if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
         dwc.addmm_(s.t(), xb);
       }
     }
@@ -186,36 +263,56 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   return dw;
 }
 
-// W_k ← normalize(μ W_k + (1 − μ) mean_{y_i = k} x̂_i) for each class in the batch: rows sorted by (label, row
-// index), one segment per class summed in row order in fp32, so the result does not depend on threads.
-void ccl_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels, double momentum) {
+// W_r ← normalize(μ W_r + (1 − μ) mean_{r_i = r} x̂_i) for each bank row r that a query of the batch moves: r_i = y_i,
+// or with K sub-centers per class the row y_i·K + argmax_k x̂_i·W_{y_i K + k} (first k on a tie, from the bank before
+// the step). Rows sorted by (r_i, row index), one segment per bank row summed in row order in fp32, so the result
+// does not depend on threads.
+void ccl_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels, double momentum,
+                 int64_t sub_centers) {
   check_centers(x_in, centers);
   TORCH_CHECK_VALUE(centers.is_contiguous(), "centers must be contiguous to be updated in place");
   TORCH_CHECK_TYPE(centers.scalar_type() == at::kFloat || centers.scalar_type() == at::kBFloat16,
                    "centers must be float32 or bfloat16, got ", centers.scalar_type());
-  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers.size(0);
+  const int64_t K = check_sub_centers(centers, sub_centers);
+  const int64_t B = x_in.size(0), D = x_in.size(1), C = centers.size(0) / K;
   const Tensor y = check_labels(labels, B, "labels");
   if (B == 0) return;
   const Tensor xh = normalize_rows(x_in).first;
+  const float* xhp = xh.data_ptr<float>();
   const int64_t* yp = y.data_ptr<int64_t>();
+  std::vector<int64_t> target(B, -1);  // the bank row each query moves, −1 for none
+  for (int64_t i = 0; i < B; ++i) {
+    if (yp[i] < 0 || yp[i] >= C) continue;
+    int64_t best = 0;
+    float best_s = -std::numeric_limits<float>::infinity();
+    if (K > 1) {
+      const Tensor own = centers.narrow(0, yp[i] * K, K).to(at::kFloat).contiguous();
+      const float* w = own.data_ptr<float>();
+      for (int64_t k = 0; k < K; ++k) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += xhp[i * D + d] * w[k * D + d];
+        if (dot > best_s) best_s = dot, best = k;
+      }
+    }
+    target[i] = yp[i] * K + best;
+  }
   std::vector<int64_t> order;
   order.reserve(B);
   for (int64_t i = 0; i < B; ++i)
-    if (yp[i] >= 0 && yp[i] < C) order.push_back(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return yp[a] < yp[b]; });
+    if (target[i] >= 0) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return target[a] < target[b]; });
   std::vector<int64_t> starts;  // segment boundaries in `order`
   for (size_t i = 0; i < order.size(); ++i)
-    if (i == 0 || yp[order[i]] != yp[order[i - 1]]) starts.push_back(static_cast<int64_t>(i));
+    if (i == 0 || target[order[i]] != target[order[i - 1]]) starts.push_back(static_cast<int64_t>(i));
   starts.push_back(static_cast<int64_t>(order.size()));
 
   const float mu = static_cast<float>(momentum);
-  const float* xhp = xh.data_ptr<float>();
   const int64_t segments = static_cast<int64_t>(starts.size()) - 1;
   parallel_for(0, segments, 16, [&](int64_t s0, int64_t s1) {
     Tensor mixed = at::empty({D}, xh.options());
     float* mx = mixed.data_ptr<float>();
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t k = yp[order[starts[s]]], count = starts[s + 1] - starts[s];
+      const int64_t k = target[order[starts[s]]], count = starts[s + 1] - starts[s];
       std::fill(mx, mx + D, 0.f);
       for (int64_t t = starts[s]; t < starts[s + 1]; ++t) {
         const float* a = xhp + order[t] * D;

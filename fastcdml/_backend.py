@@ -54,8 +54,9 @@ class Backend:
         ``centers`` (the proxy gradient of the learnable-proxy mode flows through ``centers``)."""
         raise NotImplementedError
 
-    def ccl_update(self, centers, x, labels, momentum: float) -> torch.Tensor:
-        """The bank after one momentum step (``centers`` itself when ``updates_in_place``)."""
+    def ccl_update(self, centers, x, labels, momentum: float, sub_centers: int = 1) -> torch.Tensor:
+        """The bank after one momentum step (``centers`` itself when ``updates_in_place``); with ``sub_centers``
+        K > 1 each query moves the sub-center of its class it is most similar to."""
         raise NotImplementedError
 
     def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
@@ -76,10 +77,10 @@ class ReferenceBackend(Backend):
 
     def ccl_rows(self, x, labels, centers, params):
         return ccl_reference.ccl_loss_rows(x, labels, centers, params.temperature, params.margin,
-                                           params.center_weight)
+                                           params.center_weight, params.margin_type, params.sub_centers)
 
-    def ccl_update(self, centers, x, labels, momentum):
-        return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum)
+    def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
+        return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum, sub_centers)
 
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_reference.cbml_loss(
@@ -102,8 +103,8 @@ class FusedBackend(Backend):
     def ccl_rows(self, x, labels, centers, params):
         return ccl_ops.ccl_loss_rows(x, labels, centers, params, self.namespace)
 
-    def ccl_update(self, centers, x, labels, momentum):
-        ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace)
+    def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
+        ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace, sub_centers=sub_centers)
         return centers
 
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):

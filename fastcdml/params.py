@@ -18,20 +18,28 @@ def _at_least(value: float, name: str, bound: float = 0.0, strict: bool = False)
 
 @dataclass(frozen=True)
 class CenterParams:
-    """Center Contrastive Loss: ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·s_{i,y_i}`` with
-    ``z_ij = (s_ij − m·[j = y_i]) / τ``.
+    """Center Contrastive Loss and its margin-softmax family: ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·c_{i,y_i}``
+    with ``z_ij = c_ij / τ`` off the label and ``z_{i,y_i} = t(c_{i,y_i}) / τ``, ``c_ij`` the cosine of class j (the
+    max over its ``sub_centers`` bank rows).
 
-    ``temperature`` τ > 0 (the scale is 1/τ), ``margin`` m ≥ 0 (additive, on the cosine of the label column),
-    ``center_weight`` λ ≥ 0 (pull of the query toward its own center)."""
+    ``temperature`` τ > 0 (the scale is 1/τ), ``margin`` m ≥ 0 (on the label column), ``center_weight`` λ ≥ 0
+    (pull of the query toward its own center), ``margin_type`` 0 = additive cosine ``t(c) = c − m`` (CCL, CosFace,
+    NormalizedSoftmax with m = 0) or 1 = additive angular ``t(c) = cos(arccos c + m)``, m in radians (ArcFace, with
+    PML's fallback past π − m), ``sub_centers`` K ≥ 1 consecutive bank rows per class (SubCenterArcFace)."""
 
     temperature: float = 0.05
     margin: float = 0.1
     center_weight: float = 1.0
+    margin_type: int = 0
+    sub_centers: int = 1
 
     def __post_init__(self):
         _at_least(self.temperature, "temperature", strict=True)
         _at_least(self.margin, "margin")
         _at_least(self.center_weight, "center_weight")
+        choice(self.margin_type, "margin_type", (0, 1))
+        if not isinstance(self.sub_centers, int) or self.sub_centers < 1:
+            raise ValueError(f"sub_centers must be an integer >= 1, got {self.sub_centers}")
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import warnings
 from typing import NamedTuple
@@ -262,16 +263,64 @@ def _row_norm(x):
 
 
 @triton.jit
+def _target_logit(c, margin, cos_m, sin_m, ANGULAR: tl.constexpr):
+    """``(t(c), ∂t/∂c)`` elementwise: the label column's cosine after the margin (cosine units).
+
+    Additive cosine: ``t = c − m``. Additive angular (ArcFace, PML's fallback past θ = π − m): with
+    ``ĉ = clamp(c, −1, 1)`` and ``sin θ = sqrt(max((1 − ĉ)(1 + ĉ), 1e-30))``, ``t = ĉ cos m − sin θ sin m`` if
+    ``ĉ ≥ −cos m`` else ``ĉ − m sin m``; the derivative is the one autograd gives the reference's formula.
+    """
+    if ANGULAR:
+        cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
+        sin2 = (1.0 - cc) * (1.0 + cc)
+        sin_t = tl.sqrt(tl.maximum(sin2, 1e-30))
+        main = cc >= -cos_m
+        t = tl.where(main, cc * cos_m - sin_t * sin_m, cc - margin * sin_m)
+        dt = tl.where(main, cos_m + tl.where(sin2 > 1e-30, cc * sin_m / sin_t, 0.0), 1.0)
+        dt = tl.where((c >= -1.0) & (c <= 1.0), dt, 0.0)
+    else:
+        t = c - margin
+        dt = tl.full(c.shape, 1.0, tl.float32)
+    return t, dt
+
+
+@triton.jit
+def _subcenter_max(s, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
+    """(class cosines (BLOCK_R, BLOCK_C // KP), argmax sub-center) of a tile ``s`` whose columns are bank rows
+    laid out as KP slots per class (slots ≥ K are padding). Ties: the lowest sub-center."""
+    s3 = tl.reshape(s, (BLOCK_R, BLOCK_C // KP, KP))
+    slot = tl.arange(0, KP)[None, None, :]
+    s3 = tl.where(slot < K, s3, float("-inf"))
+    return tl.max(s3, axis=2), tl.argmax(s3, axis=2)
+
+
+@triton.jit
+def _subcenter_scatter(v, kstar, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
+    """Per-class values ``v`` (BLOCK_R, BLOCK_C // KP) placed at their argmax slot of a (BLOCK_R, BLOCK_C) tile, 0
+    elsewhere: the layout of the bank rows, so one ``tl.dot`` with the W tile routes each class to its sub-center."""
+    slot = tl.arange(0, KP)[None, None, :]
+    v3 = tl.where(slot == kstar[:, :, None], v[:, :, None], 0.0)
+    return tl.reshape(v3, (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
 def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m2, l, ps, acc, dv_cols, write_rows,
-                  C, D, inv_temp, margin, two_lambda, BLOCK_D: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                  DOT: tl.constexpr):
+                  C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D: tl.constexpr,
+                  COMPUTE_GRAD: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr):
     """Loss, lse and the D-slice ``dv_cols`` of ∂L/∂x for ``rows`` from the merged online-softmax state.
 
-    ``x̂`` and ``W_y`` are rounded to the ``tl.dot`` operand dtype here too, so that the label terms cancel
-    against their copies inside ``lse`` and ``acc`` (otherwise a bf16 rounding error of ``s_iy`` appears
-    amplified by 1/τ, e.g. L = (s_dot − s_exact)/τ − 2λs for C = 1).
+    The label's class cosine ``c_y = max_k x̂·W_{yK+k}`` and its sub-center ``k*`` are recomputed here (K rows per
+    query), then with ``(t, t') = _target_logit(c_y)``, ``p_y = exp(t/τ − lse)``::
 
-    ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``ps``: Σ p·s; ``acc``: Σ p·W[:, dv_cols]
+        L   = lse − t/τ − 2λ c_y
+        g   = acc/(l τ) + a·W_{yK+k*},   x̂·g = ps/(l τ) + a·c_y,   a = ((t' − 1) p_y − t')/τ − 2λ
+
+    (``acc`` holds ``p_y W_{yK+k*}`` from the pass; ``a`` adds the chain rule through ``t``: for an additive cosine
+    margin t' = 1 and a = −1/τ − 2λ.) ``x̂`` and ``W_y`` are rounded to the ``tl.dot`` operand dtype, so that the
+    label terms cancel against their copies inside ``lse`` and ``acc`` (otherwise a bf16 rounding error of ``c_y``
+    appears amplified by 1/τ, e.g. L = (s_dot − s_exact)/τ − 2λs for C = 1).
+
+    ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols]
     (all unnormalised, relative to ``m2``). ``write_rows``: per-row mask of the loss/lse stores (vectors only:
     the interpreter cannot broadcast a scalar boolean into a store mask).
     """
@@ -279,21 +328,29 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m
     dmask = dk < D
     x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
     norm = _row_norm(x)
+    xq = (x / norm[:, None]).to(DOT).to(tl.float32)
     valid = (lab >= 0) & (lab < C)
-    y = tl.where(valid, lab, 0)
-    wy = _load_rows(w_ptr, y, rmask, dk, dmask, D).to(DOT).to(tl.float32)
-    s_y = tl.sum((x / norm[:, None]).to(DOT).to(tl.float32) * wy, axis=1)
+    y_row = tl.where(valid, lab, 0) * K
+    c_y = tl.full(lab.shape, float("-inf"), tl.float32)
+    k_y = y_row
+    for k in range(K):
+        s_k = tl.sum(xq * _load_rows(w_ptr, y_row + k, rmask, dk, dmask, D).to(DOT).to(tl.float32), axis=1)
+        k_y = tl.where(s_k > c_y, y_row + k, k_y)
+        c_y = tl.maximum(c_y, s_k)
+    t_y, dt_y = _target_logit(c_y, margin, cos_m, sin_m, ANGULAR)
     lse = (m2 + tl.log2(l)) * 0.6931471805599453
-    loss = lse - (s_y - margin) * inv_temp - two_lambda * s_y
+    loss = lse - t_y * inv_temp - two_lambda * c_y
     loss = tl.where(valid, loss, float("nan"))
     tl.store(loss_ptr + rows, loss, mask=write_rows)
     tl.store(lse_ptr + rows, lse, mask=write_rows)
     if COMPUTE_GRAD:
         dvmask = dv_cols < D
         xh = _load_rows(x_ptr, rows, rmask, dv_cols, dvmask, D) / norm[:, None]
-        wyv = _load_rows(w_ptr, y, rmask, dv_cols, dvmask, D).to(DOT).to(tl.float32)
-        g = (acc / l[:, None] - wyv) * inv_temp - two_lambda * wyv
-        xg = (ps / l - s_y) * inv_temp - two_lambda * s_y
+        wyv = _load_rows(w_ptr, k_y, rmask, dv_cols, dvmask, D).to(DOT).to(tl.float32)
+        p_y = tl.exp(t_y * inv_temp - lse)
+        a = ((dt_y - 1.0) * p_y - dt_y) * inv_temp - two_lambda
+        g = acc * (inv_temp / l)[:, None] + a[:, None] * wyv
+        xg = ps * inv_temp / l + a * c_y
         grad = (g - xh * xg[:, None]) / norm[:, None]
         grad = tl.where(valid[:, None], grad, float("nan"))
         offs = rows.to(tl.int64)[:, None] * D + dv_cols[None, :]
@@ -305,12 +362,17 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_ptr, pl_ptr, pps_ptr, pacc_ptr,
-                    B, C, D, SPLIT, qk_scale, inv_temp, margin, two_lambda,
+                    B, C, D, K, SPLIT, qk_scale, inv_temp, margin, cos_m, sin_m, two_lambda,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DV_SPLIT: tl.constexpr,
-                    COMPUTE_GRAD: tl.constexpr, EPILOGUE: tl.constexpr,
+                    KP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EPILOGUE: tl.constexpr, ANGULAR: tl.constexpr,
                     DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(B, BLOCK_B)·DV_SPLIT, SPLIT). Online softmax over this split's C range; epilogue or partials."""
+    """Grid (cdiv(B, BLOCK_B)·DV_SPLIT, SPLIT). Online softmax over this split's classes; epilogue or partials.
+
+    A tile holds ``BLOCK_C`` bank rows: ``BLOCK_C // KP`` classes of ``KP`` slots (K sub-centers padded to a power
+    of two; KP = 1 without sub-centers), C counts classes and K the bank rows per class.
+    """
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
+    NC: tl.constexpr = BLOCK_C // KP
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     dv = pid_r % DV_SPLIT
@@ -331,45 +393,57 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_pt
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     lab32 = tl.where((lab >= 0) & (lab < C), lab, -1).to(tl.int32)  # int32 compares in the loop (registers)
 
-    tiles_per_split = tl.cdiv(tl.cdiv(C, BLOCK_C), SPLIT)
-    c_begin = pid_s * tiles_per_split * BLOCK_C
-    c_end = tl.minimum(C, c_begin + tiles_per_split * BLOCK_C)
+    tiles_per_split = tl.cdiv(tl.cdiv(C, NC), SPLIT)
+    c_begin = pid_s * tiles_per_split * NC
+    c_end = tl.minimum(C, c_begin + tiles_per_split * NC)
     m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_B], tl.float32)
     ps_i = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_DV], tl.float32)
-    w_tile = w_ptr + c_begin.to(tl.int64) * D + tl.arange(0, BLOCK_C)[:, None] * D  # advanced per tile: int32 offsets
-    for c0 in range(c_begin, c_end, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < c_end
-        w = tl.load(w_tile + dk[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(DOT)
+    slot = tl.arange(0, BLOCK_C)
+    slot_class = slot // KP
+    slot_live = (slot % KP) < K
+    # row of tile slot q: (first class of the tile + q // KP)·K + q % KP; the base advances per tile (int32 offsets)
+    w_tile = w_ptr + c_begin.to(tl.int64) * K * D + (slot_class * K + slot % KP)[:, None] * D
+    for c0 in range(c_begin, c_end, NC):
+        wmask = ((c0 + slot_class) < c_end) & slot_live
+        w = tl.load(w_tile + dk[None, :], mask=wmask[:, None] & dmask[None, :], other=0.0).to(DOT)
         if UPCAST:
             w = w.to(tl.float32)
         s = tl.dot(xq, tl.trans(w), input_precision=PREC)
+        if KP == 1:
+            c = s
+        else:
+            c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
+        cols = c0 + tl.arange(0, NC)
         is_y = lab32[:, None] == cols[None, :]
-        z = tl.where(cmask[None, :], (s - tl.where(is_y, margin, 0.0)) * qk_scale, float("-inf"))
+        t, _ = _target_logit(c, margin, cos_m, sin_m, ANGULAR)
+        z = tl.where((cols < c_end)[None, :], tl.where(is_y, t, c) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(z - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if COMPUTE_GRAD:
-            ps_i = ps_i * alpha + tl.sum(p * s, axis=1)
+            ps_i = ps_i * alpha + tl.sum(p * c, axis=1)
             if DV_SPLIT == 1:
                 wv = w
             else:
-                wv = tl.load(w_tile + dv_cols[None, :], mask=cmask[:, None] & dvmask[None, :], other=0.0).to(DOT)
+                wv = tl.load(w_tile + dv_cols[None, :], mask=wmask[:, None] & dvmask[None, :], other=0.0).to(DOT)
                 if UPCAST:
                     wv = wv.to(tl.float32)
+            if KP > 1:
+                p = _subcenter_scatter(p, kstar, BLOCK_B, BLOCK_C, KP)
             pq = p.to(DOT)
             if UPCAST:
                 pq = pq.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(pq, wv, input_precision=PREC)
         m_i = m_new
-        w_tile += BLOCK_C * D
+        w_tile += NC * K * D
 
     if EPILOGUE:
         _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m_i, l_i, ps_i, acc, dv_cols,
-                      first, C, D, inv_temp, margin, two_lambda, BLOCK_D, COMPUTE_GRAD, DOT)
+                      first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR,
+                      DOT)
     else:
         prow = pid_s.to(tl.int64) * B + rows
         tl.store(pm_ptr + prow, m_i, mask=first)
@@ -381,9 +455,9 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_pt
 
 @triton.jit
 def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_ptr, pl_ptr, pps_ptr, pacc_ptr,
-                        B, C, D, SPLIT, inv_temp, margin, two_lambda,
+                        B, C, D, K, SPLIT, inv_temp, margin, cos_m, sin_m, two_lambda,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                        DOT: tl.constexpr):
+                        ANGULAR: tl.constexpr, DOT: tl.constexpr):
     """Grid (cdiv(B, BLOCK_B),). Merge the SPLIT partial online-softmax states of each row, then the epilogue."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -404,28 +478,34 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, p
             acc += a[:, None] * _load_rows(pacc_ptr, prow, rmask, dk, dmask, D)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m, l, ps, acc, dk, rmask,
-                  C, D, inv_temp, margin, two_lambda, BLOCK_D, COMPUTE_GRAD, DOT)
+                  C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR, DOT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Proxy gradient
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B, C, D,
-                            qk_scale, inv_temp, margin, pull,
+def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B, C, D, K,
+                            qk_scale, inv_temp, margin, cos_m, sin_m, pull,
                             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DV_SPLIT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Grid (cdiv(C, BLOCK_C)·DV_SPLIT,). out[j] = Σ_i ((p_ij − [j=y_i]) − pull·[j=y_i]) · (g_i/τ) x̂_i, pull = 2λτ."""
+                            DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr,
+                            UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Grid (cdiv(C, BLOCK_C // KP)·DV_SPLIT,). A program owns the K sub-center rows of BLOCK_C // KP classes;
+    out[row of (j, k*_ij)] += Σ_i (p_ij t'^[j=y_i] − (t' + pull)[j=y_i]) · (g_i/τ) x̂_i, pull = 2λτ, t' = ∂t/∂c."""
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
+    NC: tl.constexpr = BLOCK_C // KP
     pid = tl.program_id(0)
     dv = pid % DV_SPLIT
-    cols = (pid // DV_SPLIT) * BLOCK_C + tl.arange(0, BLOCK_C)
+    slot = tl.arange(0, BLOCK_C)
+    bank_rows = ((pid // DV_SPLIT) * NC + slot // KP) * K + slot % KP
+    wmask = ((pid // DV_SPLIT) * NC + slot // KP < C) & (slot % KP < K)
+    cols = (pid // DV_SPLIT) * NC + tl.arange(0, NC)
     cmask = cols < C
     dk = tl.arange(0, BLOCK_D)
     dmask = dk < D
     dv_cols = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv_cols < D
-    w = _load_rows(w_ptr, cols, cmask, dk, dmask, D).to(DOT)  # operand casts as in the forward kernel
+    w = _load_rows(w_ptr, bank_rows, wmask, dk, dmask, D).to(DOT)  # operand casts as in the forward kernel
     if UPCAST:
         w = w.to(tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_DV], tl.float32)
@@ -439,12 +519,20 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B
         if UPCAST:
             xq = xq.to(tl.float32)
         s = tl.dot(xq, tl.trans(w), input_precision=PREC)
+        if KP == 1:
+            c = s
+        else:
+            c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
         live = rmask & (lab >= 0) & (lab < C)
         is_y = tl.where(live, lab, -1).to(tl.int32)[:, None] == cols[None, :]
+        t, dt = _target_logit(c, margin, cos_m, sin_m, ANGULAR)
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-        p = tl.exp2((s - tl.where(is_y, margin, 0.0)) * qk_scale - lse2[:, None])
-        coef = tl.where(live[:, None] & cmask[None, :], p - tl.where(is_y, 1.0 + pull, 0.0), 0.0)
+        p = tl.exp2(tl.where(is_y, t, c) * qk_scale - lse2[:, None])
+        coef = tl.where(is_y, p * dt - dt - pull, p)
+        coef = tl.where(live[:, None] & cmask[None, :], coef, 0.0)
+        if KP > 1:
+            coef = _subcenter_scatter(coef, kstar, BLOCK_B, BLOCK_C, KP)
         gs = tl.load(g_ptr + rows, mask=rmask, other=0.0) * inv_temp / norm
         if DV_SPLIT == 1:
             xv = x
@@ -457,8 +545,8 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B
             coef = coef.to(tl.float32)
         acc += tl.dot(tl.trans(coef), xv, input_precision=PREC)
         x_tile += BLOCK_B * D
-    offs = cols.to(tl.int64)[:, None] * D + dv_cols[None, :]
-    tl.store(out_ptr + offs, acc, mask=cmask[:, None] & dvmask[None, :])
+    offs = bank_rows.to(tl.int64)[:, None] * D + dv_cols[None, :]
+    tl.store(out_ptr + offs, acc, mask=wmask[:, None] & dvmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,20 +584,44 @@ def _ccl_update_kernel(w_ptr, x_ptr, sorted_ptr, perm_ptr, B, C, D, momentum,
         tl.store(w_ptr + k * D + dk, new.to(w_ptr.dtype.element_ty), mask=dmask & ((tl.zeros_like(dk) + bad) == 0))
 
 
+@triton.jit
+def _ccl_assign_kernel(x_ptr, labels_ptr, w_ptr, out_ptr, B, C, D, K, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (cdiv(B, BLOCK_B),). out_i = y_i·K + argmax_k x̂_i·W_{y_i K + k} (fp32, first k on a tie), −1 for a label
+    outside [0, C): the bank row each query moves in a momentum step with K sub-centers per class."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    dk = tl.arange(0, BLOCK_D)
+    dmask = dk < D
+    x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
+    xh = x / _row_norm(x)[:, None]
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    valid = (lab >= 0) & (lab < C)
+    y_row = tl.where(valid, lab, 0) * K
+    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    row = y_row
+    for k in range(K):
+        s_k = tl.sum(xh * _load_rows(w_ptr, y_row + k, rmask, dk, dmask, D), axis=1)
+        row = tl.where(s_k > best, y_row + k, row)
+        best = tl.maximum(best, s_k)
+    tl.store(out_ptr + rows, tl.where(valid, row, -1), mask=rmask)
+
+
 def _autotuned(kernel, key):
+    names = ("BLOCK_B", "BLOCK_C") if kernel is _ccl_fwd_kernel else ("BLOCK_C", "BLOCK_B")
+
     def prune(configs, named_args, **kwargs):
-        keep = [c for c in configs if kwargs["BLOCK_D"] // c.kwargs["DV_SPLIT"] >= 16]
+        keep = [c for c in configs if kwargs["BLOCK_D"] // c.kwargs["DV_SPLIT"] >= 16
+                and c.kwargs["BLOCK_C"] >= kwargs["KP"]]
         return keep or configs[:1]
 
-    names = ("BLOCK_B", "BLOCK_C") if kernel is _ccl_fwd_kernel else ("BLOCK_C", "BLOCK_B")
     configs = [triton.Config({names[0]: r, names[1]: c, "DV_SPLIT": v}, num_warps=nw, num_stages=ns)
                for r, c, v, nw, ns in _TUNE_SPACE]
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 if AUTOTUNE:
-    _FWD = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "COMPUTE_GRAD", "EPILOGUE", "DOT"])
-    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "DOT"])
+    _FWD = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "DOT"])
+    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "DOT"])
 else:
     _FWD, _BWD = _ccl_fwd_kernel, _ccl_bwd_centers_kernel
 
@@ -525,14 +637,27 @@ def _meta(cfg: Config, rows_name: str, cols_name: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, *,
+def _family(temperature, margin, margin_type, sub_centers, bank_rows):
+    """Scalar and constexpr launch arguments shared by the forward, combine and proxy-gradient kernels."""
+    if margin_type not in (0, 1):
+        raise ValueError(f"margin_type must be 0 (additive cosine) or 1 (additive angular), got {margin_type}")
+    if sub_centers < 1 or bank_rows % sub_centers:
+        raise ValueError(f"centers has {bank_rows} rows, not a multiple of sub_centers={sub_centers}")
+    hyper = dict(inv_temp=1.0 / temperature, margin=margin, cos_m=math.cos(margin), sin_m=math.sin(margin))
+    return hyper, dict(ANGULAR=margin_type == 1), triton.next_power_of_2(sub_centers)
+
+
+def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1, *,
             config: Config | None = None, split: int | None = None):
     """``(loss_rows (B,), grad_x (B, D) or (0, D), lse (B,))``, all fp32 (see the module docstring).
 
-    ``config`` / ``split`` override the heuristics (``split=1``: no partials, fused epilogue).
+    ``centers`` (C·K, D) with K = ``sub_centers``. ``config`` / ``split`` override the heuristics (``split=1``: no
+    partials, fused epilogue); a config streaming fewer bank rows than the padded K is widened to K.
     """
     b, d = x.shape
-    c = centers.shape[0]
+    k = sub_centers
+    hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
+    c = centers.shape[0] // k
     dev = x.device
     f32 = torch.float32
     loss = new_output((b,), f32, dev)
@@ -542,10 +667,11 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
         return loss, grad, lse
     heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
     cfg = config or heuristic
+    cfg = cfg._replace(cols=max(cfg.cols, kp))
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
-    hyper = dict(inv_temp=1.0 / temperature, margin=margin, two_lambda=2.0 * center_weight)
-    key = (d, x.dtype, centers.dtype, compute_grad, kind)
+    hyper["two_lambda"] = 2.0 * center_weight
+    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp)
     parts = {}
 
     def run(cfg, split, warmup=False):
@@ -558,19 +684,21 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
         parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, split=split)
         grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
         kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
-        return kernel(x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, split,
-                      LOG2E / temperature, **hyper, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, EPILOGUE=split == 1,
-                      DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_B", "BLOCK_C"))
+        return kernel(x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, k, split,
+                      LOG2E / temperature, **hyper, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
+                      EPILOGUE=split == 1, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
+                      **_meta(cfg, "BLOCK_B", "BLOCK_C"))
 
-    def launch(cfg):
-        run(cfg, split or default_split(b, c, cfg, *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
+    def launch(cfg):  # the split heuristic counts bank-row tiles (classes × KP slots)
+        run(cfg, split or default_split(b, c * kp, cfg,
+                                        *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
     _launch("fwd", key, cfg, launch)
     if parts["split"] > 1:
         rows = max(1, min(16, 2048 // bd))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
             x, labels, centers, loss, grad, lse, parts["pm"], parts["pl"], parts["pps"], parts["pacc"], b, c, d,
-            parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, DOT=dot)
+            k, parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, **flags, DOT=dot)
     return loss, grad, lse
 
 
@@ -596,36 +724,50 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
     return lim.sms, _OCCUPANCY[at]
 
 
-def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, *,
-                    config: Config | None = None):
-    """∂(Σ_i g_i L_i)/∂W (C, D) fp32, reusing the forward's lse; ``config`` overrides the heuristic."""
+def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
+                    sub_centers=1, *, config: Config | None = None):
+    """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse; ``config`` overrides the heuristic."""
     b, d = x.shape
-    c = centers.shape[0]
-    out = new_output((c, d), torch.float32, x.device)
+    k = sub_centers
+    hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
+    c = centers.shape[0] // k
+    out = new_output(tuple(centers.shape), torch.float32, x.device)
     if c == 0:
         return out
     if b == 0:
         return out.zero_()
     heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(x.device), BWD_CONFIGS)
     cfg = config or heuristic
+    cfg = cfg._replace(rows=max(cfg.rows, kp))
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     grad_rows = grad_rows.to(torch.float32).contiguous()
 
     def launch(cfg):
-        grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) * meta["DV_SPLIT"],)  # noqa: E731
-        _BWD[grid](x, labels, centers, lse, grad_rows, out, b, c, d, LOG2E / temperature, 1.0 / temperature,
-                   margin, 2.0 * center_weight * temperature, BLOCK_D=block_d(d), DOT=dot, UPCAST=upcast,
-                   PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
+        grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"] // kp) * meta["DV_SPLIT"],)  # noqa: E731
+        _BWD[grid](x, labels, centers, lse, grad_rows, out, b, c, d, k, LOG2E / temperature, **hyper,
+                   pull=2.0 * center_weight * temperature, BLOCK_D=block_d(d), KP=kp, **flags, DOT=dot,
+                   UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind), cfg, launch)
+    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp), cfg, launch)
     return out
 
 
-def ccl_update_(centers, x, labels, momentum):
-    """In place: ``W_k ← normalize(μ W_k + (1 − μ) mean_{y_i = k} x̂_i)`` for every class in the batch."""
+def ccl_update_(centers, x, labels, momentum, sub_centers=1):
+    """In place: ``W_r ← normalize(μ W_r + (1 − μ) mean_{r_i = r} x̂_i)`` for every bank row r some query moves,
+    where r_i = y_i (K = 1) or the sub-center of class y_i that x̂_i is most similar to (``_ccl_assign_kernel``,
+    computed from the bank before the step)."""
     b, d = x.shape
-    if b == 0 or centers.shape[0] == 0:
+    rows = centers.shape[0]
+    if b == 0 or rows == 0:
         return
+    if sub_centers < 1 or rows % sub_centers:
+        raise ValueError(f"centers has {rows} rows, not a multiple of sub_centers={sub_centers}")
+    if sub_centers > 1:
+        assigned = new_output((b,), torch.int64, x.device)
+        block = 16
+        _ccl_assign_kernel[(triton.cdiv(b, block),)](x, labels, centers, assigned, b, rows // sub_centers, d,
+                                                     sub_centers, BLOCK_B=block, BLOCK_D=block_d(d))
+        labels = assigned
     sorted_labels, perm = torch.sort(labels, stable=True)
-    _ccl_update_kernel[(b,)](centers, x, sorted_labels, perm, b, centers.shape[0], d, momentum,
+    _ccl_update_kernel[(b,)](centers, x, sorted_labels, perm, b, rows, d, momentum,
                              BLOCK_R=UPDATE_ROWS, BLOCK_D=block_d(d), num_warps=4 if d >= 256 else 2)

@@ -2,16 +2,27 @@
 
 Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
-``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad) -> (loss_rows, grad_x, lse)``
-    x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C, D) fp32/bf16 contiguous.
+``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1)
+-> (loss_rows, grad_x, lse)``
+    x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C·K, D) fp32/bf16 contiguous, K =
+    ``sub_centers`` consecutive rows per class (PML's layout). ``margin_type``: 0 = additive cosine margin
+    (CCL, CosFace, NormalizedSoftmax), 1 = additive angular margin in radians (ArcFace, PML's fallback past
+    π − m); the class logit is the max over its K rows, the margin acts on the label's (see
+    ``fastcdml.reference.ccl``).
     loss_rows (B,) fp32: L_i (NaN for a label outside [0, C)).
     grad_x (B, D) fp32 when ``compute_grad`` else (0, D): ∂L_i/∂x_i, row normalisation backward included, so
-    autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32: logsumexp_j z_ij, kept for ∂L/∂W.
-``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight) -> grad_centers``
-    grad_centers (C, D) fp32: Σ_i g_i·((p_ij − [j = y_i])/τ − 2λ[j = y_i])·x̂_i (learnable-proxy mode).
-``ccl_update_(centers!, x, labels, momentum) -> ()``
+    autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32:
+    logsumexp_j z_ij, kept for ∂L/∂W.
+``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
+sub_centers=1) -> grad_centers``
+    grad_centers (C·K, D) fp32: Σ_i g_i ∂L_i/∂W (learnable-proxy mode); each class's gradient lands on the
+    sub-center row that gave its max.
+``ccl_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
     In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
-    rows untouched), deterministic.
+    rows untouched), deterministic. With K > 1 each query moves the sub-center of its class it is most similar
+    to (``fastcdml.reference.ccl.subcenter_rows``).
+
+The family's arguments come last with defaults, so calls written for the plain CCL ops keep their meaning.
 """
 from __future__ import annotations
 
@@ -21,32 +32,34 @@ from ..params import CenterParams
 from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
-      "bool compute_grad) -> (Tensor, Tensor, Tensor)"
+      "bool compute_grad, int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor)"
 BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad_rows, float temperature, " \
-              "float margin, float center_weight) -> Tensor"
-UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum) -> ()"
+              "float margin, float center_weight, int margin_type=0, int sub_centers=1) -> Tensor"
+UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"
 
 
-def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad):
+def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1):
     b, d = x.shape
     f32 = torch.float32
     return x.new_empty(b, dtype=f32), x.new_empty((b if compute_grad else 0, d), dtype=f32), x.new_empty(b, dtype=f32)
 
 
-def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight):
+def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
+                      sub_centers=1):
     return centers.new_empty(centers.shape, dtype=torch.float32)
 
 
-def _update_fake(centers, x, labels, momentum):
+def _update_fake(centers, x, labels, momentum, sub_centers=1):
     return None
 
 
 def _setup_context(ctx, inputs, output):
-    x, labels, centers, temperature, margin, center_weight, compute_grad = inputs
+    x, labels, centers, temperature, margin, center_weight, compute_grad, *family = inputs
     _, grad_x, lse = output
-    ctx.hyper = (temperature, margin, center_weight)
+    ctx.hyper = (temperature, margin, center_weight, *family)
     ctx.dtypes = (x.dtype, centers.dtype)
     ctx.compute_grad = compute_grad
+    ctx.n_inputs = len(inputs)
     # The bank is saved only when it needs a gradient: in momentum mode it is updated in place after the
     # forward, and the query gradient was computed before that, in the forward itself.
     ctx.save_for_backward(x, labels, centers if centers.requires_grad else None, lse, grad_x)
@@ -64,7 +77,7 @@ def _make_backward(ns: str):
             gw = getattr(torch.ops, ns).ccl_bwd_centers(
                 x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper
             ).to(ctx.dtypes[1])
-        return gx, None, gw, None, None, None, None
+        return (gx, None, gw) + (None,) * (ctx.n_inputs - 3)
 
     return backward
 
@@ -99,11 +112,12 @@ def ccl_loss_rows(x, labels, centers, params: CenterParams, namespace="fastcdml"
     compute_grad = torch.is_grad_enabled() and x.requires_grad
     loss_rows, _, _ = getattr(torch.ops, namespace).ccl_fwd(
         x.contiguous(), labels.contiguous(), centers.contiguous(), params.temperature, params.margin,
-        params.center_weight, compute_grad
+        params.center_weight, compute_grad, params.margin_type, params.sub_centers
     )
     return loss_rows
 
 
-def ccl_update_(centers, x, labels, momentum, namespace="fastcdml"):
+def ccl_update_(centers, x, labels, momentum, namespace="fastcdml", *, sub_centers=1):
     """In-place momentum update of a contiguous bank through ``namespace``'s ops."""
-    getattr(torch.ops, namespace).ccl_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum)
+    getattr(torch.ops, namespace).ccl_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum,
+                                              sub_centers)
