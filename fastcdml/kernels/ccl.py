@@ -1,29 +1,43 @@
-"""Center Contrastive Loss in Triton: fused forward + query gradient, proxy gradient, in-place momentum update.
+"""Center Contrastive Loss and its margin-softmax family in Triton: fused forward + query gradient, proxy gradient,
+in-place momentum update.
 
 Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas and semantics in
-``fastcdml/ops/ccl.py``, math in ``shared/spec/losses.md`` §1)::
+``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``shared/spec/losses.md`` §1)::
 
-    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad) -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32)
-    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ) -> grad_centers (C, D) fp32
-    ccl_update_(centers, x, labels, μ) -> None  (in place)
+    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1)
+        -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32)
+    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1) -> grad_centers (C·K, D) fp32
+    ccl_update_(centers, x, labels, μ, K=1) -> None  (in place)
 
-x (B, D) fp32/bf16/fp16, labels (B,) int32/int64, centers (C, D) fp32/bf16, all contiguous.
+x (B, D) fp32/bf16/fp16, labels (B,) int32/int64, centers (C·K, D) fp32/bf16 (K sub-center rows per class,
+class j owning rows j·K … j·K+K−1), all contiguous.
+
+**The family.** NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace and CCL differ only in the label column:
+its class cosine ``c_y`` becomes ``t(c_y)`` (``_target_logit``: additive cosine ``c − m`` or additive angular
+``cos(θ + m)`` with PML's fallback past π − m; ``margin_type`` selects it as a constexpr), and the class cosine is
+the max over K sub-center rows. Every other column keeps ``c_j/τ``. One kernel per stage serves all of them.
 
 **Forward** (``_ccl_fwd_kernel``). A program owns ``BLOCK_B`` queries, normalises them once
-(x̂ = x / max(‖x‖, 1e-12), fp32) and streams its share of the bank in ``BLOCK_C``-row tiles. Per tile:
-``s = x̂ Wᵀ`` (``tl.dot``, fp32 accumulation), margin at the label column, ``z = (s − m[j=y])/τ`` in base-2
-units, online max ``m_i`` and sum-exp ``l_i``, and — when the gradient is wanted — the rescaled
-softmax-weighted center sum ``acc_i = Σ_j p_ij W_j`` (second ``tl.dot`` on the same W tile, as in flash
-attention with K = V = W) and ``ps_i = Σ_j p_ij s_ij`` (= x̂_i · Σ_j p_ij W_j). The epilogue gathers ``W_{y_i}``
-and computes in fp32::
+(x̂ = x / max(‖x‖, 1e-12), fp32) and streams its share of the bank in ``BLOCK_C``-row tiles. With K > 1 a tile
+holds ``BLOCK_C / KP`` whole classes, ``KP`` = K rounded up to a power of two, padding slots masked to −inf;
+``s = x̂ Wᵀ`` is reshaped to (rows, classes, KP) and max-reduced (``_subcenter_max``) before the exponential.
+Per tile: class cosines ``c``, the label's element replaced by ``t(c)`` (the transform is applied in the tile,
+not subtracted out of the sum in the epilogue: with scale 64 the label term can exceed the rest of the sum by
+e^40, and removing it from an fp32 sum afterwards would cancel every digit of what remains),
+``z = c/τ`` in base-2 units, online max ``m_i`` and sum-exp ``l_i``, and — when the gradient is wanted — the
+rescaled softmax-weighted center sum ``acc_i = Σ_j p_ij W_{j,k*_ij}`` (second ``tl.dot`` on the same W tile, the
+probabilities placed at each class's argmax slot by ``_subcenter_scatter``; as in flash attention with K = V = W)
+and ``ps_i = Σ_j p_ij c_ij`` (= x̂_i · Σ_j p_ij W_{j,k*}). The epilogue recomputes the label's ``c_y`` and its
+sub-center ``k*`` (K row dots), and computes in fp32, with ``(t, t') = _target_logit(c_y)``, ``p_y = e^(t/τ − lse)``::
 
-    lse_i = m_i + log l_i,   L_i = lse_i − (s_iy − m)/τ − 2λ s_iy
-    g_i   = (acc_i/l_i − W_y)/τ − 2λ W_y,   x̂_i·g_i = (ps_i/l_i − s_iy)/τ − 2λ s_iy
+    lse_i = m_i + log l_i,   L_i = lse_i − t/τ − 2λ c_y
+    g_i   = acc_i/(l_i τ) + a W_{y,k*},   x̂_i·g_i = ps_i/(l_i τ) + a c_y,   a = ((t' − 1) p_y − t')/τ − 2λ
     ∂L_i/∂x_i = (g_i − x̂_i (x̂_i·g_i)) / max(‖x_i‖, eps)
 
-so each D-slice of the gradient is computable on its own (``DV_SPLIT`` programs may share a row block, each
-owning ``D/DV_SPLIT`` columns of ``acc`` and recomputing ``s``). One read of W, two B×C×D products, no B×C
-matrix. With ``compute_grad=False`` only the first product runs.
+(the term in ``t' − 1`` is the label column's chain rule through ``t``, applied once per row; it vanishes for an
+additive cosine margin), so each D-slice of the gradient is computable on its own (``DV_SPLIT`` programs may
+share a row block, each owning ``D/DV_SPLIT`` columns of ``acc`` and recomputing ``s``). One read of W, two
+B×(C·KP)×D products, no B×C matrix. With ``compute_grad=False`` only the first product runs.
 
 **Split C** (flash-decoding). When ``cdiv(B, BLOCK_B)·DV_SPLIT`` programs do not fill the GPU, the C tiles are
 divided among ``split`` programs per row block; each writes ``(m, l, ps, acc)`` partials (``split·B·(D+3)``
@@ -34,13 +48,16 @@ its registers, shared memory and warps (``_device.occupancy``; the kernel is com
 once per config). Row blocks vary fastest in the grid, so the programs that read the same
 bank slice run together and share it through L2.
 
-**Proxy gradient** (``_ccl_bwd_centers_kernel``). A program owns ``BLOCK`` centers and loops over the batch,
-recomputing ``s`` and ``p = exp(z − lse)`` from the saved lse, and accumulates
-``Σ_i ((p_ij − [j=y_i]) − 2λτ[j=y_i]) · (g_i/τ · x̂_i)`` with ``tl.dot`` (coefficients bounded by 1 + 2λτ, the
-grad_output scale is folded into the x̂ operand). No atomics; rows with an out-of-range label contribute 0
-(as the reference's autograd does).
+**Proxy gradient** (``_ccl_bwd_centers_kernel``). A program owns the K sub-center rows of ``BLOCK_C / KP``
+classes and loops over the batch, recomputing ``s``, the class max and ``p = exp(z − lse)`` from the saved lse,
+and accumulates ``Σ_i (p_ij t'^[j=y_i] − (t' + 2λτ)[j=y_i]) · (g_i/τ · x̂_i)`` into the argmax sub-center row with
+one ``tl.dot`` (the grad_output scale is folded into the x̂ operand; coefficients are bounded by 1 + 2λτ for an
+additive cosine margin). No atomics; rows with an out-of-range label contribute 0 (as the reference's autograd
+does).
 
-**Momentum update** (``_ccl_update_kernel``). Labels are sorted on the device (stable ``torch.sort``); B
+**Momentum update** (``_ccl_update_kernel``). With K > 1 each query first picks the bank row it moves: the
+sub-center of its own class it is most similar to (``_ccl_assign_kernel``, from the bank before the step, first k
+on a tie); the update below then runs over bank rows instead of classes. Labels (rows) are sorted on the device (stable ``torch.sort``); B
 programs are launched and the one at each segment start sums x̂ over its segment in fixed order
 (``UPDATE_ROWS`` rows per step, fp32), then writes ``normalize(μ W_k + (1−μ) mean)`` into the bank (cast to the
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
