@@ -80,9 +80,10 @@ void subcenter_scatter(const float* cls, const int64_t* arg, int64_t rows, int64
 }
 
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
-// running max m and sum l of exp(z − m) and returns the factor exp(m_old − m_new) that rescales older sums.
+// running max m and sum l of exp(z − m), stores this row's sum in chunk_sum and returns the factor
+// exp(m_old − m_new) that rescales older sums.
 FASTCDML_SIMD_CLONES
-float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l) {
+float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l, float& chunk_sum) {
   float cmax = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : cmax)
   for (int64_t j = 0; j < n; ++j) cmax = std::max(cmax, s[j]);
@@ -97,6 +98,7 @@ float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l)
   const float alpha = std::isinf(m) ? 0.f : std::exp(m - m_new);
   l = l * alpha + sum;
   m = m_new;
+  chunk_sum = sum;
   return alpha;
 }
 
@@ -107,9 +109,12 @@ void softmax_grad_row(float* s, int64_t n, float inv_tau, float lse, float coef)
   for (int64_t j = 0; j < n; ++j) s[j] = coef * fast_exp(s[j] * inv_tau - lse);
 }
 
-std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in,
-                                           double temperature, double margin, double center_weight,
-                                           bool compute_grad, int64_t margin_type, int64_t sub_centers) {
+// Outputs (loss, grad, lse, label_q) with label_q = 1 − p_{i,y_i} = (Σ_{j≠y} e^{z_j − m}) / l: the off-label sum is
+// kept on its own so that it stays accurate when p_y → 1 (where 1 − exp(z_y − lse) would be rounding noise).
+std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels,
+                                                   const Tensor& centers_in, double temperature, double margin,
+                                                   double center_weight, bool compute_grad, int64_t margin_type,
+                                                   int64_t sub_centers) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
@@ -118,9 +123,9 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
   const Tensor centers = centers_in.contiguous();
   auto [xh, norm] = normalize_rows(x_in);
   const auto f32 = xh.options();
-  Tensor loss = at::empty({B}, f32), lse = at::empty({B}, f32);
+  Tensor loss = at::empty({B}, f32), lse = at::empty({B}, f32), label_q = at::empty({B}, f32);
   Tensor grad = at::empty({compute_grad ? B : 0, D}, f32);
-  if (B == 0) return {loss, grad, lse};
+  if (B == 0) return {loss, grad, lse, label_q};
 
   const float inv_tau = static_cast<float>(1.0 / temperature);
   const float lam2 = static_cast<float>(2.0 * center_weight);
@@ -132,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
     Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32), acc = at::empty({RB, D}, f32);
     Tensor wy = at::empty({D}, f32);
-    std::vector<float> m(RB), l(RB), sy(RB), alpha(RB), cls(K > 1 ? RB * CC : 0);
+    std::vector<float> m(RB), l(RB), lo(RB), sy(RB), alpha(RB), cls(K > 1 ? RB * CC : 0);
     std::vector<int64_t> ky(RB), arg(K > 1 ? RB * CC : 0);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
@@ -141,6 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
       if (compute_grad) accb.zero_();
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
+      std::fill(lo.begin(), lo.end(), 0.f);
       std::fill(sy.begin(), sy.end(), std::numeric_limits<float>::quiet_NaN());
       for (int64_t c0 = 0; c0 < C; c0 += CC) {
         const int64_t cc = std::min(CC, C - c0);
@@ -153,13 +159,21 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
-          if (yi >= c0 && yi < c0 + cc) {
+          const bool here = yi >= c0 && yi < c0 + cc;
+          if (here) {
             float dt;
             sy[r] = row[yi - c0];
             ky[r] = yi * K + (K > 1 ? arg[r * cc + yi - c0] : 0);
             row[yi - c0] = target(sy[r], &dt);
           }
-          alpha[r] = online_softmax_row(row, cc, inv_tau, m[r], l[r]);
+          float chunk_sum;
+          alpha[r] = online_softmax_row(row, cc, inv_tau, m[r], l[r], chunk_sum);
+          if (here) {  // the same sum without the label's term, added up again rather than subtracted
+            chunk_sum = 0.f;
+            for (int64_t j = 0; j < cc; ++j)
+              if (j != yi - c0) chunk_sum += row[j];
+          }
+          lo[r] = lo[r] * alpha[r] + chunk_sum;
         }
         if (compute_grad) {
           float* ap = accb.data_ptr<float>();
@@ -172,12 +186,14 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
       }
       float* lossp = loss.data_ptr<float>() + r0;
       float* lsep = lse.data_ptr<float>() + r0;
+      float* qp = label_q.data_ptr<float>() + r0;
       for (int64_t r = 0; r < rb; ++r) {
         const int64_t yi = yp[r0 + r];
         const bool valid = yi >= 0 && yi < C;
         float dt;
         const float t = target(sy[r], &dt);
         lsep[r] = m[r] + std::log(l[r]);
+        qp[r] = lo[r] / l[r];
         lossp[r] = valid ? lsep[r] - t * inv_tau - lam2 * sy[r] : std::numeric_limits<float>::quiet_NaN();
         if (!compute_grad) continue;
         float* g = grad.data_ptr<float>() + (r0 + r) * D;
@@ -185,9 +201,8 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
           std::fill(g, g + D, 0.f);
           continue;
         }
-        // g = acc/(l τ) + a W_{y k*},  a = ((t' − 1) p_y − t')/τ − 2λ: the chain rule through t at the label
-        const float p_y = std::exp(t * inv_tau - lsep[r]);
-        const float a_y = ((dt - 1.f) * p_y - dt) * inv_tau - lam2;
+        // g = acc/(l τ) + a W_{y k*},  a = (−1 − (t' − 1) q)/τ − 2λ: the chain rule through t at the label
+        const float a_y = (-1.f - (dt - 1.f) * qp[r]) * inv_tau - lam2;
         wy.copy_(centers[ky[r]]);
         const float* wyp = wy.data_ptr<float>();
         const float* a = accb.data_ptr<float>() + r * D;
@@ -197,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
       }
     }
   });
-  return {loss, grad, lse};
+  return {loss, grad, lse, label_q};
 }
 
 // ∂L/∂W_{jK+k*} = Σ_i g_i ∂L_i/∂c_ij x̂_i with ∂L_i/∂c_ij = p_ij/τ off the label and ((p_iy − 1) t' /τ − 2λ) at it,
@@ -205,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& lab
 // the recomputed softmax placed at each class's argmax sub-center, then dW_c += Gᵀ x̂_b.
 Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, const Tensor& lse_in,
                        const Tensor& grad_rows_in, double temperature, double margin, double center_weight,
-                       int64_t margin_type, int64_t sub_centers) {
+                       int64_t margin_type, int64_t sub_centers, const std::optional<Tensor>& label_q_in) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
@@ -214,6 +229,9 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   TORCH_CHECK_VALUE(lse_in.numel() == B && grad_rows_in.numel() == B, "lse and grad_rows must have ", B, " elements");
   const Tensor centers = centers_in.contiguous();
   const Tensor lse = lse_in.to(at::kFloat).contiguous(), g = grad_rows_in.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(!label_q_in || label_q_in->numel() == B, "label_q must have ", B, " elements");
+  const Tensor label_q = label_q_in ? label_q_in->to(at::kFloat).contiguous() : Tensor();
+  const float* qp = label_q_in ? label_q.data_ptr<float>() : nullptr;
   Tensor xh = normalize_rows(x_in).first;
   const auto f32 = xh.options();
   Tensor dw = at::zeros({C * K, D}, f32);
@@ -253,7 +271,9 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
           float dt = 1.f;
           if (here) row[yi - c0] = target(row[yi - c0], &dt);
           softmax_grad_row(row, cc, inv_tau, lsep[r0 + r], gp[r0 + r] * inv_tau);
-          if (here) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);
+          // label: g·(−t' q/τ − 2λ), q = 1 − p_y from the forward when given
+          if (here && qp) row[yi - c0] = -gp[r0 + r] * (dt * qp[r0 + r] * inv_tau + lam2);
+          if (here && !qp) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);
         }
         if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
         dwc.addmm_(s.t(), xb);

@@ -99,13 +99,13 @@ def test_split_paths_direct(split, dv_split, b, c, d):
     cfg = k.default_config(d, x.dtype, w.dtype)._replace(dv_split=dv_split)
     hyper = dict(HYPER, margin=0.25, center_weight=0.5)
     args = (x, y, w, hyper["temperature"], hyper["margin"], hyper["center_weight"])
-    rows, gx, lse = k.ccl_fwd(*args, True, config=cfg, split=split)
+    rows, gx, lse, _ = k.ccl_fwd(*args, True, config=cfg, split=split)
     ones = torch.ones(b, device=DEVICE)
     check_against_reference(x, y, w, rows, gx, ones, hyper)
     z = (ref.normalize_rows(x.double()) @ w.double().t()
          - hyper["margin"] * torch.nn.functional.one_hot(y, c).double()) / hyper["temperature"]
     assert rel_err(lse, torch.logsumexp(z, 1)) < 1e-5
-    rows_nograd, gx_nograd, lse_nograd = k.ccl_fwd(*args, False, config=cfg, split=split)
+    rows_nograd, gx_nograd, lse_nograd, _ = k.ccl_fwd(*args, False, config=cfg, split=split)
     assert gx_nograd.shape == (0, d)
     torch.testing.assert_close(rows_nograd, rows, rtol=1e-6, atol=1e-6)  # same products, no second GEMM
     torch.testing.assert_close(lse_nograd, lse, rtol=1e-6, atol=1e-6)
@@ -132,7 +132,7 @@ def test_fp32_products_follow_torch_matmul_precision(precision):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        rows, gx, _ = k.ccl_fwd(x, y, w, *HYPER.values(), True)
+        rows, gx, _, _ = k.ccl_fwd(x, y, w, *HYPER.values(), True)
     finally:
         torch.set_float32_matmul_precision(before)
     rows64, gx64, _ = reference_rows_and_grads(x.double(), y, w.double(), torch.ones(37, dtype=torch.float64), HYPER)
@@ -165,7 +165,7 @@ def test_proxy_gradient_dv_split():
     k = kernels()
     x, y, w = make(20, 90, 40)
     g = torch.randn(20, device=DEVICE)
-    _, _, lse = k.ccl_fwd(x, y, w, 0.1, 0.1, 1.0, False)
+    _, _, lse, _ = k.ccl_fwd(x, y, w, 0.1, 0.1, 1.0, False)
     gw = k.ccl_bwd_centers(x, y, w, lse, g, 0.1, 0.1, 1.0,
                            config=k.default_config(40, x.dtype, w.dtype)._replace(dv_split=2, rows=16))
     _, _, gw64 = reference_rows_and_grads(x.double(), y, w.double(), g.double(), dict(HYPER, temperature=0.1),
@@ -274,7 +274,7 @@ xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
 ref.ccl_loss_rows(xr, y, wr, 0.1, 0.1, 1.0).sum().backward()
 expected = ref.ccl_loss_rows(x.double(), y, w.double(), 0.1, 0.1, 1.0)
 for split in (1, 2):
-    rows, gx, lse = k.ccl_fwd(x, y, w, 0.1, 0.1, 1.0, True, split=split)
+    rows, gx, lse, _ = k.ccl_fwd(x, y, w, 0.1, 0.1, 1.0, True, split=split)
     gw = k.ccl_bwd_centers(x, y, w, lse, torch.ones(20), 0.1, 0.1, 1.0)
     for a, b in ((rows, expected), (gx, xr.grad), (gw, wr.grad)):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

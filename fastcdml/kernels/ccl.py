@@ -5,8 +5,9 @@ Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas an
 ``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``shared/spec/losses.md`` §1)::
 
     ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1)
-        -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32)
-    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1) -> grad_centers (C·K, D) fp32
+        -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32, label_q (B,) fp32)
+    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None)
+        -> grad_centers (C·K, D) fp32
     ccl_update_(centers, x, labels, μ, K=1) -> None  (in place)
 
 x (B, D) fp32/bf16/fp16, labels (B,) int32/int64, centers (C·K, D) fp32/bf16 (K sub-center rows per class,
@@ -35,7 +36,9 @@ sub-center ``k*`` (K row dots), and computes in fp32, with ``(t, t') = _target_l
     ∂L_i/∂x_i = (g_i − x̂_i (x̂_i·g_i)) / max(‖x_i‖, eps)
 
 (the term in ``t' − 1`` is the label column's chain rule through ``t``, applied once per row; it vanishes for an
-additive cosine margin), so each D-slice of the gradient is computable on its own (``DV_SPLIT`` programs may
+additive cosine margin; ``q = 1 − p_y`` is the sum off the label column over ``l``, accumulated on its own and
+returned as ``label_q``: recomputing it as 1 − exp(t/τ − lse) leaves fp32 rounding of lse (~1e-5 at scale 64),
+times t' (tens near c = 1 for ArcFace), where the true value of a trained query is ~0), so each D-slice of the gradient is computable on its own (``DV_SPLIT`` programs may
 share a row block, each owning ``D/DV_SPLIT`` columns of ``acc`` and recomputing ``s``). One read of W, two
 B×(C·KP)×D products, no B×C matrix. With ``compute_grad=False`` only the first product runs.
 
@@ -321,51 +324,46 @@ def _subcenter_scatter(v, kstar, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K
 
 
 @triton.jit
-def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m2, l, ps, acc, dv_cols, write_rows,
-                  C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D: tl.constexpr,
+def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m2, l, lo, ps, acc, c_y, k_y,
+                  dv_cols, write_rows, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D: tl.constexpr,
                   COMPUTE_GRAD: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr):
     """Loss, lse and the D-slice ``dv_cols`` of ∂L/∂x for ``rows`` from the merged online-softmax state.
 
-    The label's class cosine ``c_y = max_k x̂·W_{yK+k}`` and its sub-center ``k*`` are recomputed here (K rows per
-    query), then with ``(t, t') = _target_logit(c_y)``, ``p_y = exp(t/τ − lse)``::
+    ``c_y`` and ``k_y`` are the label's class cosine and argmax sub-center as the pass saw them (the very values
+    inside ``lse`` and ``acc``, so the label terms cancel exactly: a recomputed c_y differs by rounding, which the
+    angular margin's derivative and 1/τ amplify, and bf16 operands by far more). With
+    ``(t, t') = _target_logit(c_y)`` and ``q = 1 − p_y = lo/l`` (the mass off the label, summed on its own so that
+    it stays accurate when p_y → 1, where ``1 − exp(t/τ − lse)`` would be fp32 rounding noise times t')::
 
         L   = lse − t/τ − 2λ c_y
-        g   = acc/(l τ) + a·W_{yK+k*},   x̂·g = ps/(l τ) + a·c_y,   a = ((t' − 1) p_y − t')/τ − 2λ
+        g   = acc/(l τ) + a·W_{yK+k*},   x̂·g = ps/(l τ) + a·c_y,   a = (−1 − (t' − 1) q)/τ − 2λ
 
     (``acc`` holds ``p_y W_{yK+k*}`` from the pass; ``a`` adds the chain rule through ``t``: for an additive cosine
-    margin t' = 1 and a = −1/τ − 2λ.) ``x̂`` and ``W_y`` are rounded to the ``tl.dot`` operand dtype, so that the
-    label terms cancel against their copies inside ``lse`` and ``acc`` (otherwise a bf16 rounding error of ``c_y``
-    appears amplified by 1/τ, e.g. L = (s_dot − s_exact)/τ − 2λs for C = 1).
+    margin t' = 1 and a = −1/τ − 2λ.) ``W_y`` is rounded to the ``tl.dot`` operand dtype like its copy in ``acc``.
+    ``q`` is stored for the proxy gradient.
 
-    ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols]
-    (all unnormalised, relative to ``m2``). ``write_rows``: per-row mask of the loss/lse stores (vectors only:
+    ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``lo``: the same sum without the label's
+    column; ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols] (all unnormalised, relative to ``m2``). ``write_rows``: per-row mask of the loss/lse stores (vectors only:
     the interpreter cannot broadcast a scalar boolean into a store mask).
     """
     dk = tl.arange(0, BLOCK_D)
     dmask = dk < D
     x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
     norm = _row_norm(x)
-    xq = (x / norm[:, None]).to(DOT).to(tl.float32)
     valid = (lab >= 0) & (lab < C)
-    y_row = tl.where(valid, lab, 0) * K
-    c_y = tl.full(lab.shape, float("-inf"), tl.float32)
-    k_y = y_row
-    for k in range(K):
-        s_k = tl.sum(xq * _load_rows(w_ptr, y_row + k, rmask, dk, dmask, D).to(DOT).to(tl.float32), axis=1)
-        k_y = tl.where(s_k > c_y, y_row + k, k_y)
-        c_y = tl.maximum(c_y, s_k)
     t_y, dt_y = _target_logit(c_y, margin, cos_m, sin_m, ANGULAR)
     lse = (m2 + tl.log2(l)) * 0.6931471805599453
     loss = lse - t_y * inv_temp - two_lambda * c_y
     loss = tl.where(valid, loss, float("nan"))
+    q = lo / l
     tl.store(loss_ptr + rows, loss, mask=write_rows)
     tl.store(lse_ptr + rows, lse, mask=write_rows)
+    tl.store(q_ptr + rows, q, mask=write_rows)
     if COMPUTE_GRAD:
         dvmask = dv_cols < D
         xh = _load_rows(x_ptr, rows, rmask, dv_cols, dvmask, D) / norm[:, None]
-        wyv = _load_rows(w_ptr, k_y, rmask, dv_cols, dvmask, D).to(DOT).to(tl.float32)
-        p_y = tl.exp(t_y * inv_temp - lse)
-        a = ((dt_y - 1.0) * p_y - dt_y) * inv_temp - two_lambda
+        wyv = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k_y, rmask, dv_cols, dvmask, D).to(DOT).to(tl.float32)
+        a = (-1.0 - (dt_y - 1.0) * q) * inv_temp - two_lambda
         g = acc * (inv_temp / l)[:, None] + a[:, None] * wyv
         xg = ps * inv_temp / l + a * c_y
         grad = (g - xh * xg[:, None]) / norm[:, None]
@@ -378,8 +376,8 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m
 # Forward + query gradient
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_ptr, pl_ptr, pps_ptr, pacc_ptr,
-                    B, C, D, K, SPLIT, qk_scale, inv_temp, margin, cos_m, sin_m, two_lambda,
+def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, pm_ptr, pl_ptr, pps_ptr,
+                    pacc_ptr, plab_ptr, B, C, D, K, SPLIT, qk_scale, inv_temp, margin, cos_m, sin_m, two_lambda,
                     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DV_SPLIT: tl.constexpr,
                     KP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EPILOGUE: tl.constexpr, ANGULAR: tl.constexpr,
                     DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -415,8 +413,11 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_pt
     c_end = tl.minimum(C, c_begin + tiles_per_split * NC)
     m_i = tl.full([BLOCK_B], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_B], tl.float32)
+    lo_i = tl.zeros([BLOCK_B], tl.float32)  # l_i without the label's column
     ps_i = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_DV], tl.float32)
+    c_y = tl.zeros([BLOCK_B], tl.float32)  # the label's class cosine and sub-center, from the tile holding it
+    k_y = tl.zeros([BLOCK_B], tl.int32)
     slot = tl.arange(0, BLOCK_C)
     slot_class = slot // KP
     slot_live = (slot % KP) < K
@@ -428,18 +429,21 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_pt
         if UPCAST:
             w = w.to(tl.float32)
         s = tl.dot(xq, tl.trans(w), input_precision=PREC)
+        cols = c0 + tl.arange(0, NC)
+        is_y = lab32[:, None] == cols[None, :]
         if KP == 1:
             c = s
         else:
             c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
-        cols = c0 + tl.arange(0, NC)
-        is_y = lab32[:, None] == cols[None, :]
+            k_y += tl.sum(tl.where(is_y, kstar, 0), axis=1).to(tl.int32)
+        c_y += tl.sum(tl.where(is_y, c, 0.0), axis=1)
         t, _ = _target_logit(c, margin, cos_m, sin_m, ANGULAR)
         z = tl.where((cols < c_end)[None, :], tl.where(is_y, t, c) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(z - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        lo_i = lo_i * alpha + tl.sum(tl.where(is_y, 0.0, p), axis=1)
         if COMPUTE_GRAD:
             ps_i = ps_i * alpha + tl.sum(p * c, axis=1)
             if DV_SPLIT == 1:
@@ -458,24 +462,28 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_pt
         w_tile += NC * K * D
 
     if EPILOGUE:
-        _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m_i, l_i, ps_i, acc, dv_cols,
-                      first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR,
-                      DOT)
+        _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m_i, l_i, lo_i, ps_i, acc,
+                      c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD,
+                      ANGULAR, DOT)
     else:
         prow = pid_s.to(tl.int64) * B + rows
         tl.store(pm_ptr + prow, m_i, mask=first)
         tl.store(pl_ptr + prow, l_i, mask=first)
+        tl.store(plab_ptr + prow, c_y, mask=first)  # (3, SPLIT, B): c_y, k_y (exact in fp32), lo
+        tl.store(plab_ptr + SPLIT * B + prow, k_y.to(tl.float32), mask=first)
+        tl.store(plab_ptr + 2 * SPLIT * B + prow, lo_i, mask=first)
         if COMPUTE_GRAD:
             tl.store(pps_ptr + prow, ps_i, mask=first)
             tl.store(pacc_ptr + prow[:, None] * D + dv_cols[None, :], acc, mask=rmask[:, None] & dvmask[None, :])
 
 
 @triton.jit
-def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, pm_ptr, pl_ptr, pps_ptr, pacc_ptr,
-                        B, C, D, K, SPLIT, inv_temp, margin, cos_m, sin_m, two_lambda,
+def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, pm_ptr, pl_ptr, pps_ptr,
+                        pacc_ptr, plab_ptr, B, C, D, K, SPLIT, inv_temp, margin, cos_m, sin_m, two_lambda,
                         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
                         ANGULAR: tl.constexpr, DOT: tl.constexpr):
-    """Grid (cdiv(B, BLOCK_B),). Merge the SPLIT partial online-softmax states of each row, then the epilogue."""
+    """Grid (cdiv(B, BLOCK_B),). Merge the SPLIT partial online-softmax states of each row, then the epilogue (the
+    label's c_y and k_y come from the one split whose range holds it; the others wrote zeros)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     dk = tl.arange(0, BLOCK_D)
@@ -484,31 +492,39 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, p
     for sp in range(SPLIT):
         m = tl.maximum(m, tl.load(pm_ptr + sp * B + rows, mask=rmask, other=0.0))
     l = tl.zeros([BLOCK_B], tl.float32)
+    lo = tl.zeros([BLOCK_B], tl.float32)
     ps = tl.zeros([BLOCK_B], tl.float32)
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
+    c_y = tl.zeros([BLOCK_B], tl.float32)
+    k_y = tl.zeros([BLOCK_B], tl.float32)
     for sp in range(SPLIT):
         prow = sp * B + rows
         a = tl.exp2(tl.load(pm_ptr + prow, mask=rmask, other=0.0) - m)
         l += a * tl.load(pl_ptr + prow, mask=rmask, other=1.0)
+        lo += a * tl.load(plab_ptr + 2 * SPLIT * B + prow, mask=rmask, other=0.0)
+        c_y += tl.load(plab_ptr + prow, mask=rmask, other=0.0)
+        k_y += tl.load(plab_ptr + SPLIT * B + prow, mask=rmask, other=0.0)
         if COMPUTE_GRAD:
             ps += a * tl.load(pps_ptr + prow, mask=rmask, other=0.0)
             acc += a[:, None] * _load_rows(pacc_ptr, prow, rmask, dk, dmask, D)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, rows, rmask, lab, m, l, ps, acc, dk, rmask,
-                  C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR, DOT)
+    _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m, l, lo, ps, acc, c_y,
+                  k_y.to(tl.int32),
+                  dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR, DOT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Proxy gradient
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B, C, D, K,
+def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out_ptr, B, C, D, K,
                             qk_scale, inv_temp, margin, cos_m, sin_m, pull,
                             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr,
-                            UPCAST: tl.constexpr, PREC: tl.constexpr):
+                            DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, HAS_Q: tl.constexpr,
+                            DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C // KP)·DV_SPLIT,). A program owns the K sub-center rows of BLOCK_C // KP classes;
-    out[row of (j, k*_ij)] += Σ_i (p_ij t'^[j=y_i] − (t' + pull)[j=y_i]) · (g_i/τ) x̂_i, pull = 2λτ, t' = ∂t/∂c."""
+    out[row of (j, k*_ij)] += Σ_i coef_ij · (g_i/τ) x̂_i with coef = p_ij off the label and −t'·q_i − pull at it
+    (pull = 2λτ, t' = ∂t/∂c, q_i = 1 − p_iy: the forward's when HAS_Q, else recomputed from lse)."""
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
     pid = tl.program_id(0)
@@ -546,7 +562,11 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, g_ptr, out_ptr, B
         t, dt = _target_logit(c, margin, cos_m, sin_m, ANGULAR)
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
         p = tl.exp2(tl.where(is_y, t, c) * qk_scale - lse2[:, None])
-        coef = tl.where(is_y, p * dt - dt - pull, p)
+        if HAS_Q:
+            q = tl.load(q_ptr + rows, mask=rmask, other=0.0)[:, None]
+        else:
+            q = 1.0 - p
+        coef = tl.where(is_y, -dt * q - pull, p)
         coef = tl.where(live[:, None] & cmask[None, :], coef, 0.0)
         if KP > 1:
             coef = _subcenter_scatter(coef, kstar, BLOCK_B, BLOCK_C, KP)
@@ -638,7 +658,7 @@ def _autotuned(kernel, key):
 
 if AUTOTUNE:
     _FWD = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "DOT"])
-    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "DOT"])
+    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "HAS_Q", "DOT"])
 else:
     _FWD, _BWD = _ccl_fwd_kernel, _ccl_bwd_centers_kernel
 
@@ -666,7 +686,8 @@ def _family(temperature, margin, margin_type, sub_centers, bank_rows):
 
 def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1, *,
             config: Config | None = None, split: int | None = None):
-    """``(loss_rows (B,), grad_x (B, D) or (0, D), lse (B,))``, all fp32 (see the module docstring).
+    """``(loss_rows (B,), grad_x (B, D) or (0, D), lse (B,), label_q (B,))``, all fp32 (see the module docstring;
+    ``label_q`` = 1 − p_{i,y_i}, for the proxy gradient).
 
     ``centers`` (C·K, D) with K = ``sub_centers``. ``config`` / ``split`` override the heuristics (``split=1``: no
     partials, fused epilogue); a config streaming fewer bank rows than the padded K is widened to K.
@@ -680,8 +701,9 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     loss = new_output((b,), f32, dev)
     grad = new_output((b if compute_grad else 0, d), f32, dev)
     lse = new_output((b,), f32, dev)
+    q = new_output((b,), f32, dev)
     if b == 0:
-        return loss, grad, lse
+        return loss, grad, lse, q
     heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
     cfg = config or heuristic
     cfg = cfg._replace(cols=max(cfg.cols, kp))
@@ -696,12 +718,13 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
         if split > 1 and not warmup:
             pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
             pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
+            plab = new_output((3, split, b), f32, dev)
         else:
-            pm = pl = pps = pacc = loss  # unused (or, compiling only, stand-ins of the same type)
-        parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, split=split)
+            pm = pl = pps = pacc = plab = loss  # unused (or, compiling only, stand-ins of the same type)
+        parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, plab=plab, split=split)
         grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
         kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
-        return kernel(x, labels, centers, loss, grad, lse, pm, pl, pps, pacc, b, c, d, k, split,
+        return kernel(x, labels, centers, loss, grad, lse, q, pm, pl, pps, pacc, plab, b, c, d, k, split,
                       LOG2E / temperature, **hyper, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
                       EPILOGUE=split == 1, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
                       **_meta(cfg, "BLOCK_B", "BLOCK_C"))
@@ -714,9 +737,10 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     if parts["split"] > 1:
         rows = max(1, min(16, 2048 // bd))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
-            x, labels, centers, loss, grad, lse, parts["pm"], parts["pl"], parts["pps"], parts["pacc"], b, c, d,
-            k, parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad, **flags, DOT=dot)
-    return loss, grad, lse
+            x, labels, centers, loss, grad, lse, q, parts["pm"], parts["pl"], parts["pps"], parts["pacc"],
+            parts["plab"], b, c, d, k, parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad,
+            **flags, DOT=dot)
+    return loss, grad, lse, q
 
 
 def _smem(dev: torch.device) -> int:
@@ -742,8 +766,9 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                    sub_centers=1, *, config: Config | None = None):
-    """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse; ``config`` overrides the heuristic."""
+                    sub_centers=1, label_q=None, *, config: Config | None = None):
+    """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse and label_q (without it, 1 − p_{i,y_i} is
+    recomputed from lse: inaccurate when p_{i,y_i} → 1); ``config`` overrides the heuristic."""
     b, d = x.shape
     k = sub_centers
     hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
@@ -761,8 +786,9 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
 
     def launch(cfg):
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"] // kp) * meta["DV_SPLIT"],)  # noqa: E731
-        _BWD[grid](x, labels, centers, lse, grad_rows, out, b, c, d, k, LOG2E / temperature, **hyper,
-                   pull=2.0 * center_weight * temperature, BLOCK_D=block_d(d), KP=kp, **flags, DOT=dot,
+        _BWD[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
+                   LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, BLOCK_D=block_d(d), KP=kp,
+                   **flags, HAS_Q=label_q is not None, DOT=dot,
                    UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
     _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp), cfg, launch)

@@ -3,7 +3,7 @@
 Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
 ``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1)
--> (loss_rows, grad_x, lse)``
+-> (loss_rows, grad_x, lse, label_q)``
     x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C·K, D) fp32/bf16 contiguous, K =
     ``sub_centers`` consecutive rows per class (PML's layout). ``margin_type``: 0 = additive cosine margin
     (CCL, CosFace, NormalizedSoftmax), 1 = additive angular margin in radians (ArcFace, PML's fallback past
@@ -12,11 +12,12 @@ Schemas (every backend implements exactly these; the math is in ``docs/spec.md``
     loss_rows (B,) fp32: L_i (NaN for a label outside [0, C)).
     grad_x (B, D) fp32 when ``compute_grad`` else (0, D): ∂L_i/∂x_i, row normalisation backward included, so
     autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32:
-    logsumexp_j z_ij, kept for ∂L/∂W.
+    logsumexp_j z_ij, kept for ∂L/∂W.  label_q (B,) fp32: 1 − p_{i,y_i}, summed off the label column so that it
+    stays accurate as p_{i,y_i} → 1 (1 − exp(z_y − lse) in fp32 is rounding noise there), kept for ∂L/∂W.
 ``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-sub_centers=1) -> grad_centers``
+sub_centers=1, label_q=None) -> grad_centers``
     grad_centers (C·K, D) fp32: Σ_i g_i ∂L_i/∂W (learnable-proxy mode); each class's gradient lands on the
-    sub-center row that gave its max.
+    sub-center row that gave its max. Without ``label_q`` the label column's 1 − p is recomputed from lse.
 ``ccl_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
     In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
     rows untouched), deterministic. With K > 1 each query moves the sub-center of its class it is most similar
@@ -32,20 +33,21 @@ from ..params import CenterParams
 from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
-      "bool compute_grad, int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor)"
+      "bool compute_grad, int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor, Tensor)"
 BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad_rows, float temperature, " \
-              "float margin, float center_weight, int margin_type=0, int sub_centers=1) -> Tensor"
+              "float margin, float center_weight, int margin_type=0, int sub_centers=1, Tensor? label_q=None) -> Tensor"
 UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"
 
 
 def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1):
     b, d = x.shape
     f32 = torch.float32
-    return x.new_empty(b, dtype=f32), x.new_empty((b if compute_grad else 0, d), dtype=f32), x.new_empty(b, dtype=f32)
+    return (x.new_empty(b, dtype=f32), x.new_empty((b if compute_grad else 0, d), dtype=f32),
+            x.new_empty(b, dtype=f32), x.new_empty(b, dtype=f32))
 
 
 def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                      sub_centers=1):
+                      sub_centers=1, label_q=None):
     return centers.new_empty(centers.shape, dtype=torch.float32)
 
 
@@ -55,19 +57,20 @@ def _update_fake(centers, x, labels, momentum, sub_centers=1):
 
 def _setup_context(ctx, inputs, output):
     x, labels, centers, temperature, margin, center_weight, compute_grad, *family = inputs
-    _, grad_x, lse = output
-    ctx.hyper = (temperature, margin, center_weight, *family)
+    _, grad_x, lse, label_q = output
+    margin_type, sub_centers = list(family) + [0, 1][len(family):]  # the schema's defaults where omitted
+    ctx.hyper = (temperature, margin, center_weight, margin_type, sub_centers)
     ctx.dtypes = (x.dtype, centers.dtype)
     ctx.compute_grad = compute_grad
     ctx.n_inputs = len(inputs)
     # The bank is saved only when it needs a gradient: in momentum mode it is updated in place after the
     # forward, and the query gradient was computed before that, in the forward itself.
-    ctx.save_for_backward(x, labels, centers if centers.requires_grad else None, lse, grad_x)
+    ctx.save_for_backward(x, labels, centers if centers.requires_grad else None, lse, label_q, grad_x)
 
 
 def _make_backward(ns: str):
-    def backward(ctx, grad_rows, _grad_grad_x, _grad_lse):
-        x, labels, centers, lse, grad_x = ctx.saved_tensors
+    def backward(ctx, grad_rows, _grad_grad_x, _grad_lse, _grad_label_q):
+        x, labels, centers, lse, label_q, grad_x = ctx.saved_tensors
         gx = gw = None
         if ctx.needs_input_grad[0]:
             if not ctx.compute_grad:
@@ -75,7 +78,7 @@ def _make_backward(ns: str):
             gx = (grad_rows[:, None] * grad_x).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
             gw = getattr(torch.ops, ns).ccl_bwd_centers(
-                x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper
+                x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper, label_q
             ).to(ctx.dtypes[1])
         return (gx, None, gw) + (None,) * (ctx.n_inputs - 3)
 
@@ -110,10 +113,10 @@ for _ns in namespaces():
 def ccl_loss_rows(x, labels, centers, params: CenterParams, namespace="fastcdml"):
     """Per-row losses (B,) fp32 through ``namespace``'s ops; differentiable in ``x`` and ``centers``."""
     compute_grad = torch.is_grad_enabled() and x.requires_grad
-    loss_rows, _, _ = getattr(torch.ops, namespace).ccl_fwd(
+    loss_rows = getattr(torch.ops, namespace).ccl_fwd(
         x.contiguous(), labels.contiguous(), centers.contiguous(), params.temperature, params.margin,
         params.center_weight, compute_grad, params.margin_type, params.sub_centers
-    )
+    )[0]
     return loss_rows
 
 
