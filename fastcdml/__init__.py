@@ -1,4 +1,5 @@
-"""fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian).
+"""fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian, and drop-ins
+for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval
@@ -9,7 +10,15 @@ import importlib
 from . import distributed, functional, ops, reference
 from ._backend import BackendUnavailable, available as backends
 from ._extension import load as _load_extension
-from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
+from .losses import (
+    ArcFaceLoss,
+    CenterContrastiveLoss,
+    ContrastiveBayesianLoss,
+    CosFaceLoss,
+    NormalizedSoftmaxLoss,
+    ShardedCenterContrastiveLoss,
+    SubCenterArcFaceLoss,
+)
 from .params import BayesianParams, CenterParams
 
 _load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
@@ -20,6 +29,10 @@ __all__ = [
     "CenterContrastiveLoss",
     "ContrastiveBayesianLoss",
     "ShardedCenterContrastiveLoss",
+    "NormalizedSoftmaxLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "SubCenterArcFaceLoss",
     "CenterParams",
     "BayesianParams",
     "BackendUnavailable",

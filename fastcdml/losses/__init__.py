@@ -1,6 +1,8 @@
 """User-facing loss modules."""
 from .cbml import ContrastiveBayesianLoss
 from .ccl import CenterContrastiveLoss
+from .margin import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
 from .sharded_ccl import ShardedCenterContrastiveLoss
 
-__all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss"]
+__all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss", "NormalizedSoftmaxLoss",
+           "CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss"]

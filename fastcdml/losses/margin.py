@@ -1,0 +1,184 @@
+"""Drop-in replacements for pytorch-metric-learning's margin-softmax proxy losses, on the fused CCL kernels.
+
+``NormalizedSoftmaxLoss``, ``CosFaceLoss``, ``ArcFaceLoss`` and ``SubCenterArcFaceLoss`` take PML's constructor
+arguments and defaults, keep PML's learnable ``W`` of shape (embedding_size, num_classes·K) (so a PML
+``state_dict`` loads unchanged and ``parameters()`` feeds a loss optimizer), offer ``get_logits`` as PML does,
+and are called as PML's losses are: ``loss_fn(embeddings, labels, indices_tuple=None)``. They compute, with
+``c_ij`` the cosine of query i and class j (the max over its K sub-centers, PML's column layout: class j owns
+columns j·K … j·K+K−1 of W) and scale S = 1/τ::
+
+    L_i = w_i · (logsumexp_j S·c'_ij − S·c'_{i,y_i}),    c'_ij = c_ij off the label, t(c_{i,y_i}) at it
+    loss = mean_i L_i                                       (PML's MeanReducer)
+
+with ``t(c) = c`` (NormalizedSoftmax), ``c − m`` (CosFace), ``cos(arccos c + m)`` with PML's fallback
+``c − m·sin m`` past θ = π − m (ArcFace, SubCenterArcFace), and ``w_i`` PML's miner weights: without an
+``indices_tuple`` all 1, else the number of times row i appears in the mined tuples divided by the largest such
+count (``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``). One fused kernel computes
+the loss, the query gradient and the proxy gradient without a B×C matrix; the math is in ``docs/spec.md`` and
+``fastcdml.reference.ccl``.
+
+``update="momentum"`` (not in PML) makes ``W`` a buffer of unit columns that, in training mode, moves toward the
+batch's class means after each step (CCL's in-place bank, no optimizer): with sub-centers each query moves the
+sub-center of its class it is most similar to. Mined weights of 0 keep a query out of that update.
+
+What PML accepts and these classes refuse, with an error naming it: ``reducer``, ``distance``,
+``weight_regularizer`` / ``weight_reg_weight``, ``embedding_regularizer`` / ``embedding_reg_weight``, ``ref_emb`` /
+``ref_labels`` (PML refuses those too). ``weight_init_func`` is honoured. The loss is float32 whatever the
+embeddings' dtype (PML returns the embeddings' dtype).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks
+from .._backend import BACKENDS, resolve
+from ..params import CenterParams
+from ..reference.ccl import ADDITIVE_ANGULAR, ADDITIVE_COSINE, EPS, class_cosines, compute_dtype, normalize_rows
+
+UPDATES = ("gradient", "momentum")
+UNSUPPORTED = ("reducer", "distance", "weight_regularizer", "weight_reg_weight", "embedding_regularizer",
+               "embedding_reg_weight")
+
+
+def miner_weights(indices_tuple, labels: torch.Tensor) -> torch.Tensor | None:
+    """PML's per-sample weights of a mined ``indices_tuple`` (pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``):
+    count of each row's appearances over the largest count, 0 for rows never mined; None (all 1) without one."""
+    if indices_tuple is None or all(len(t) == 0 for t in indices_tuple):
+        return None
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError(f"indices_tuple must hold 3 (triplets) or 4 (pairs) index tensors, got {len(indices_tuple)}")
+    rows, counts = torch.unique(torch.cat([t.to(labels.device) for t in indices_tuple]), return_counts=True)
+    weights = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    return weights.index_put((rows,), counts.float() / counts.max())
+
+
+class _MarginSoftmaxLoss(nn.Module):
+    """The shared module: state (``W``), PML's call contract, backend choice; subclasses set the parameters."""
+
+    def __init__(self, num_classes, embedding_size, params: CenterParams, update, momentum, backend, check_inputs,
+                 weight_init_func, pml_kwargs):
+        super().__init__()
+        refused = [name for name in UNSUPPORTED if name in pml_kwargs]
+        if refused:
+            raise ValueError(f"fastcdml.{type(self).__name__} does not support PML's {', '.join(refused)}: it "
+                             "always uses cosine similarity, PML's mean reduction and no regularizer")
+        if pml_kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(pml_kwargs)}")
+        if num_classes < 2 or embedding_size < 1:
+            raise ValueError(f"num_classes must be >= 2 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+        _checks.choice(update, "update", UPDATES)
+        _checks.choice(backend, "backend", BACKENDS)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.params = params
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.update, self.momentum, self.backend, self.check_inputs = update, momentum, backend, check_inputs
+        w = torch.empty(embedding_size, num_classes * params.sub_centers)
+        (weight_init_func or nn.init.normal_)(w)
+        if update == "gradient":
+            self.W = nn.Parameter(w)
+        else:  # the bank: unit rows, contiguous as (C·K, D), exposed with PML's (D, C·K) shape
+            self.register_buffer("W", normalize_rows(w.t()).contiguous().t())
+            self.register_load_state_dict_post_hook(_normalize_loaded_bank)
+
+    @property
+    def sub_centers(self) -> int:
+        return self.params.sub_centers
+
+    def _bank(self) -> torch.Tensor:
+        """The (C·K, D) rows the kernels read: the unit columns of ``W`` transposed."""
+        if self.update == "gradient":
+            return (self.W / self.W.float().norm(dim=0, keepdim=True).clamp_min(EPS)).t()
+        if not self.W.t().is_contiguous():  # e.g. after a load or a move that did not keep the layout
+            self.W = self.W.t().contiguous().t()
+        return self.W.t()
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """The mean over the batch of the miner-weighted per-sample losses, float32 (PML's call contract)."""
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} needs labels")
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError(f"{type(self).__name__} does not support ref_emb / ref_labels (neither does PML's)")
+        device = _checks.tensor(embeddings, "embeddings").device
+        labels = _checks.tensor(labels, "labels").to(device)
+        backend = resolve(self.backend, "ccl", device)
+        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_size, self.check_inputs)
+        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
+        weights = miner_weights(indices_tuple, labels)
+        bank = self._bank()
+        if embeddings.shape[0] == 0:
+            loss = embeddings.sum(dtype=torch.float32) * 0.0 + bank.sum(dtype=torch.float32) * 0.0
+        else:
+            rows = backend.ccl_rows(embeddings, labels, bank, self.params)
+            loss = (rows if weights is None else rows * weights.to(rows.dtype)).mean()
+        if self.training and self.update == "momentum" and embeddings.shape[0]:
+            moving = labels if weights is None else torch.where(weights > 0, labels, -1)
+            new = backend.ccl_update(bank, embeddings.detach(), moving, self.momentum, self.sub_centers)
+            if new is not bank:  # the reference returns a new bank: autograd still holds the old one
+                self.W = new.t()
+        return loss
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) class cosines times the scale, without the margin (PML's ``get_logits``)."""
+        bank = self._bank()
+        dtype = compute_dtype(embeddings, bank)
+        return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), self.sub_centers) / self.params.temperature
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self.params}, "
+                f"update={self.update!r}, backend={self.backend!r}")
+
+
+def _normalize_loaded_bank(module, incompatible_keys):
+    """Momentum mode keeps unit bank rows: a loaded ``W`` (e.g. PML's, not normalised) is normalised in place."""
+    with torch.no_grad():
+        module.W = normalize_rows(module.W.t()).to(module.W.dtype).contiguous().t()
+
+
+class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):
+    """PML's ``NormalizedSoftmaxLoss``: softmax over the cosines to the normalised columns of ``W`` at temperature
+    τ (no margin). ``update``, ``momentum``, ``backend`` and ``check_inputs`` are fastcdml's (see the module)."""
+
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, *,
+                 update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
+                 weight_init_func=None, **kwargs):
+        super().__init__(num_classes, embedding_size, CenterParams(temperature, 0.0, 0.0), update, momentum,
+                         backend, check_inputs, weight_init_func, kwargs)
+        self.temperature = temperature
+
+
+class CosFaceLoss(_MarginSoftmaxLoss):
+    """PML's ``CosFaceLoss``: scale·(c − m) at the label, scale·c elsewhere (``margin`` in cosine units)."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64, *,
+                 update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
+                 weight_init_func=None, **kwargs):
+        super().__init__(num_classes, embedding_size, CenterParams(1.0 / scale, margin, 0.0, ADDITIVE_COSINE),
+                         update, momentum, backend, check_inputs, weight_init_func, kwargs)
+        self.margin, self.scale = margin, scale
+
+
+class ArcFaceLoss(_MarginSoftmaxLoss):
+    """PML's ``ArcFaceLoss``: scale·cos(θ + m) at the label (``margin`` given in degrees and kept in radians in
+    ``self.margin``, as PML does), with PML's fallback scale·(cos θ − m·sin m) past θ = π − m. ``sub_centers``
+    (1 here) is how :class:`SubCenterArcFaceLoss` reuses it."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64, *,
+                 update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
+                 weight_init_func=None, sub_centers: int = 1, **kwargs):
+        params = CenterParams(1.0 / scale, math.radians(margin), 0.0, ADDITIVE_ANGULAR, sub_centers)
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs,
+                         weight_init_func, kwargs)
+        self.margin, self.scale = params.margin, scale
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """PML's ``SubCenterArcFaceLoss``: ArcFace on the class cosine max_k c_{j,k} over ``sub_centers`` columns per
+    class (class j owns columns j·K … j·K+K−1 of ``W``); each class's gradient reaches its argmax sub-center."""
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
+                 sub_centers: int = 3, **kwargs):
+        super().__init__(num_classes, embedding_size, margin, scale, sub_centers=sub_centers, **kwargs)
