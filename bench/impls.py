@@ -7,6 +7,9 @@ implementation allows it:
 * CBML (``variant="self"``): forward and backward, the reference set is the batch itself.
 * CBML (``variant="memory"``): forward and backward against the batch followed by a memory bank of M entries
   (no gradient to the bank), then the batch is enqueued into the FIFO bank.
+* margin (``variant="gradient"``): PML's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace (K = 3) with
+  their default hyper-parameters, fastcdml's drop-in against PML's class of the same name: forward, backward to
+  the embeddings and to the learnable ``W`` (D, C·K); no optimizer step.
 
 Peers that do more or less work than that say so in :data:`NOTES`. Inputs are random normal (never zeros),
 labels uniform; CBML batches hold 4 samples per class so every row has positives.
@@ -33,7 +36,12 @@ CBML_PER_CLASS = 4
 IMPLS = {
     "ccl": ("fastcdml", "reference", "torch_compile", "pml_normsoftmax", "pml_proxyanchor", "cce", "liger"),
     "cbml": ("fastcdml", "reference", "torch_compile", "pml_multisimilarity", "pml_contrastive"),
+    "margin": tuple(f"{who}_{name}" for name in ("normalizedsoftmax", "cosface", "arcface", "subcenter")
+                    for who in ("fastcdml", "pml")),
 }
+# the margin family: bench name -> (class name in fastcdml and PML, sub-centers K)
+MARGIN_CLASSES = {"normalizedsoftmax": ("NormalizedSoftmaxLoss", 1), "cosface": ("CosFaceLoss", 1),
+                  "arcface": ("ArcFaceLoss", 1), "subcenter": ("SubCenterArcFaceLoss", 3)}
 _PACKAGE = {"pml": "pytorch_metric_learning", "cce": "cut_cross_entropy", "liger": "liger_kernel"}
 _DIST = {"pml": "pytorch-metric-learning", "cce": "cut-cross-entropy", "liger": "liger-kernel"}
 _GPU_ONLY = ("cce", "liger")
@@ -98,11 +106,14 @@ def _version(family: str) -> str:
 def nominal_gflop(case: Case) -> float:
     """FLOPs of the products the loss contract needs per step (the same count for every impl), in GFLOP.
 
-    CCL: 4·B·C·D (similarities, softmax-weighted center sum). CBML: 4·B·R·D over R references (similarities,
-    query gradient) plus 2·B·B·D for the gradient of the batch part of the reference set.
+    CCL: 4·B·C·D (similarities, softmax-weighted center sum). margin: 6·B·C·K·D (and the proxy gradient).
+    CBML: 4·B·R·D over R references (similarities, query gradient) plus 2·B·B·D for the gradient of the batch
+    part of the reference set.
     """
     if case.loss == "ccl":
         return 4 * case.B * case.C * case.D / 1e9
+    if case.loss == "margin":
+        return 6 * case.B * case.C * MARGIN_CLASSES[case.impl.split("_", 1)[1]][1] * case.D / 1e9
     refs = case.B + (case.C if case.variant == "memory" else 0)
     return (4 * case.B * refs + 2 * case.B * case.B) * case.D / 1e9
 
@@ -118,6 +129,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, to
         y = torch.randint(0, case.C, (case.B,), generator=g)
         bank = ref_ccl.normalize_rows(torch.randn(case.C, case.D, generator=g))
         return {"x": x, "y": y.to(device), "bank": bank.to(device)}
+    if case.loss == "margin":
+        return {"x": x, "y": torch.randint(0, case.C, (case.B,), generator=g).to(device)}
     n_classes = max(case.B // CBML_PER_CLASS, 1)
     y = (torch.arange(case.B) % n_classes)[torch.randperm(case.B, generator=g)]
     out = {"x": x, "y": y.to(device)}
@@ -205,6 +218,35 @@ def _ccl_fused_ce(case, x, y, bank):
     return Step(run, _version(case.impl))
 
 
+# ------------------------------------------------------------------------------------------------ margin
+
+
+def _margin(case, x, y):
+    """fastcdml's drop-in or PML's class of the same name, default hyper-parameters, W from the same seed."""
+    who, name = case.impl.split("_", 1)
+    cls, k = MARGIN_CLASSES[name]
+    kwargs = {"sub_centers": k} if k > 1 else {}
+    if who == "pml":
+        from pytorch_metric_learning import losses
+
+        loss_fn, backend = getattr(losses, cls)(num_classes=case.C, embedding_size=case.D, **kwargs), _version("pml")
+    else:
+        import fastcdml
+
+        loss_fn = getattr(fastcdml, cls)(case.C, case.D, check_inputs=False, **kwargs)
+        backend = resolve("auto", "ccl", x.device).name
+    with torch.no_grad():
+        loss_fn.W.copy_(torch.randn(loss_fn.W.shape, generator=torch.Generator().manual_seed(1)))
+    loss_fn = loss_fn.to(x.device)
+
+    def run():
+        x.grad = None
+        loss_fn.W.grad = None
+        loss_fn(x, y).backward()
+
+    return Step(run, backend)
+
+
 # -------------------------------------------------------------------------------------------------- CBML
 
 _CBML_HYPER = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.1,
@@ -272,4 +314,5 @@ _BUILDERS = {
     "ccl": {"fastcdml": _ccl_own, "reference": _ccl_own, "torch": _ccl_compile, "pml": _ccl_pml,
             "cce": _ccl_fused_ce, "liger": _ccl_fused_ce},
     "cbml": {"fastcdml": _cbml_own, "reference": _cbml_own, "torch": _cbml_compile, "pml": _cbml_pml},
+    "margin": {"fastcdml": _margin, "pml": _margin},
 }

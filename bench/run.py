@@ -60,18 +60,20 @@ PRESETS = {
         "CPU sweep (default without CUDA): a few minutes on 2 cores, C up to 50k / M up to 8k",
         "float32",
         {"ccl": ("256x1000x128", "256x10000x128", "256x50000x128"),
-         "cbml": ("256xselfx128", "256x2048x128", "256x8192x128")},
+         "cbml": ("256xselfx128", "256x2048x128", "256x8192x128"),
+         "margin": ("256x1000x128", "256x10000x128")},
     ),
     "cpu-full": Preset(
         "longer CPU sweep, C up to 100k / M up to 16k: ~12 min on 2 busy cores, 30 cases",
         "float32",
         {"ccl": ("256x1000x128", "256x10000x128", "256x100000x128"),
-         "cbml": ("256xselfx128", "256x2048x128", "256x16384x128")},
+         "cbml": ("256xselfx128", "256x2048x128", "256x16384x128"),
+         "margin": ("256x1000x128", "256x10000x128", "256x100000x128")},
     ),
     "cpu-targets": Preset(
         "the C++ backend's targets: C++ vs the eager reference",
         "float32",
-        {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128")},
+        {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128"), "margin": ()},
         ("fastcdml", "reference"),
     ),
     "gpu": Preset(
@@ -80,7 +82,8 @@ PRESETS = {
         {"ccl": ("256x100x128", "512x11318x512", "1024x10000x512", "1024x100000x512", "1024x1000000x512",
                  "4096x1000000x512"),
          "cbml": ("100xselfx512", "512xselfx512", "1024x4096x128", "1024x16384x128", "256x55000x128",
-                  "1024x65536x128")},
+                  "1024x65536x128"),
+         "margin": ("512x100000x512", "1024x1000000x512")},
     ),
 }
 
@@ -95,7 +98,8 @@ def parse_size(text: str, loss: str, impl: str, dtype: str) -> Case:
         if loss != "cbml":
             raise ValueError(f"size {text!r}: 'self' is a CBML reference set, not a number of classes")
         return Case(loss, impl, "self", int(b), int(b), int(d), dtype)
-    return Case(loss, impl, "momentum" if loss == "ccl" else "memory", int(b), int(c), int(d), dtype)
+    variant = {"ccl": "momentum", "margin": "gradient"}.get(loss, "memory")
+    return Case(loss, impl, variant, int(b), int(c), int(d), dtype)
 
 
 def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
@@ -332,8 +336,8 @@ def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]
             mem = [(r["C"], r["peak_extra_mb"]) for r in line if (r["peak_extra_mb"] or 0) > 0]
             if mem:
                 ax_m.plot(*zip(*mem), marker="o", label=label, color=handle.get_color())
-        xlabel = {"ccl": "C (classes)", "self": "B = reference set (self mode)"}.get(
-            loss if loss == "ccl" else variant, "M (memory entries)")
+        xlabel = {"ccl": "C (classes)", "margin": "C (classes)", "self": "B = reference set (self mode)"}.get(
+            loss if loss in ("ccl", "margin") else variant, "M (memory entries)")
         size = f"D={d}" if b is None else f"B={b}, D={d}"
         for ax, ylabel in ((ax_t, "ms per training step (median, p20–p80)"), (ax_m, "peak extra memory (MB)")):
             ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
@@ -374,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=PRESETS, help="size set (default: gpu on CUDA, cpu otherwise)")
     p.add_argument("--sizes", help="comma-separated BxCxD (C = classes, or M memory entries / 'self' for CBML)")
-    p.add_argument("--loss", choices=tuple(impls.IMPLS), help="one loss only (default: both)")
+    p.add_argument("--loss", choices=tuple(impls.IMPLS), help="one loss family only (default: all)")
     p.add_argument("--impl", help="comma-separated implementations (default: the preset's, or every importable one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype (default: the preset's)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

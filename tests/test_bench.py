@@ -99,6 +99,17 @@ def test_cbml_step_computes_gradient(impl, variant):
         assert not torch.equal(inputs["bank"], bank0)
 
 
+@pytest.mark.parametrize("impl", [i for i in impls.IMPLS["margin"] if HAS_PML or not i.startswith("pml")])
+def test_margin_step_computes_both_gradients(impl):
+    case = impls.Case("margin", impl, "gradient", 10, 30, 8, "float32")
+    inputs = impls.make_inputs(case, torch.device("cpu"))
+    step = impls.build(case, inputs)
+    step.run()
+    x = inputs["x"]
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert impls.nominal_gflop(case) > 0 and step.backend
+
+
 def test_sizes_and_impls_are_validated():
     assert bench.parse_size("512xselfx64", "cbml", "reference", "float32") == impls.Case(
         "cbml", "reference", "self", 512, 512, 64, "float32")
