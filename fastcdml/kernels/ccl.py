@@ -2,7 +2,7 @@
 in-place momentum update.
 
 Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas and semantics in
-``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``shared/spec/losses.md`` §1)::
+``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``docs/spec.md``)::
 
     ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1)
         -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32, label_q (B,) fp32)

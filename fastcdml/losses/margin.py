@@ -19,11 +19,12 @@ the loss, the query gradient and the proxy gradient without a B×C matrix; the m
 
 ``update="momentum"`` (not in PML) makes ``W`` a buffer of unit columns that, in training mode, moves toward the
 batch's class means after each step (CCL's in-place bank, no optimizer): with sub-centers each query moves the
-sub-center of its class it is most similar to. Mined weights of 0 keep a query out of that update.
+sub-center of its class it is most similar to. As in ``CenterContrastiveLoss``, every row of the batch moves the
+bank, mined or not.
 
-What PML accepts and these classes refuse, with an error naming it: ``reducer``, ``distance``,
-``weight_regularizer`` / ``weight_reg_weight``, ``embedding_regularizer`` / ``embedding_reg_weight``, ``ref_emb`` /
-``ref_labels`` (PML refuses those too). ``weight_init_func`` is honoured. The loss is float32 whatever the
+What PML accepts and these classes refuse, with an error naming it (``fastcdml.losses._pml``): ``reducer``, a
+``distance`` other than ``CosineSimilarity()``, regularizers, ``collect_stats``, ``ref_emb`` / ``ref_labels``
+(PML's proxy losses refuse those too). ``weight_init_func`` is honoured. The loss is float32 whatever the
 embeddings' dtype (PML returns the embeddings' dtype).
 """
 from __future__ import annotations
@@ -37,22 +38,9 @@ from .. import _checks
 from .._backend import BACKENDS, resolve
 from ..params import CenterParams
 from ..reference.ccl import ADDITIVE_ANGULAR, ADDITIVE_COSINE, EPS, class_cosines, compute_dtype, normalize_rows
+from . import _pml
 
 UPDATES = ("gradient", "momentum")
-UNSUPPORTED = ("reducer", "distance", "weight_regularizer", "weight_reg_weight", "embedding_regularizer",
-               "embedding_reg_weight")
-
-
-def miner_weights(indices_tuple, labels: torch.Tensor) -> torch.Tensor | None:
-    """PML's per-sample weights of a mined ``indices_tuple`` (pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``):
-    count of each row's appearances over the largest count, 0 for rows never mined; None (all 1) without one."""
-    if indices_tuple is None or all(len(t) == 0 for t in indices_tuple):
-        return None
-    if len(indices_tuple) not in (3, 4):
-        raise ValueError(f"indices_tuple must hold 3 (triplets) or 4 (pairs) index tensors, got {len(indices_tuple)}")
-    rows, counts = torch.unique(torch.cat([t.to(labels.device) for t in indices_tuple]), return_counts=True)
-    weights = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-    return weights.index_put((rows,), counts.float() / counts.max())
 
 
 class _MarginSoftmaxLoss(nn.Module):
@@ -61,12 +49,7 @@ class _MarginSoftmaxLoss(nn.Module):
     def __init__(self, num_classes, embedding_size, params: CenterParams, update, momentum, backend, check_inputs,
                  weight_init_func, pml_kwargs):
         super().__init__()
-        refused = [name for name in UNSUPPORTED if name in pml_kwargs]
-        if refused:
-            raise ValueError(f"fastcdml.{type(self).__name__} does not support PML's {', '.join(refused)}: it "
-                             "always uses cosine similarity, PML's mean reduction and no regularizer")
-        if pml_kwargs:
-            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(pml_kwargs)}")
+        _pml.reject_options(type(self).__name__, pml_kwargs)
         if num_classes < 2 or embedding_size < 1:
             raise ValueError(f"num_classes must be >= 2 and embedding_size >= 1, got {num_classes}, {embedding_size}")
         _checks.choice(update, "update", UPDATES)
@@ -98,16 +81,15 @@ class _MarginSoftmaxLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The mean over the batch of the miner-weighted per-sample losses, float32 (PML's call contract)."""
-        if labels is None:
-            raise ValueError(f"{type(self).__name__} needs labels")
-        if ref_emb is not None or ref_labels is not None:
-            raise ValueError(f"{type(self).__name__} does not support ref_emb / ref_labels (neither does PML's)")
+        name = type(self).__name__
+        labels = _pml.require_labels(name, labels)
+        _pml.no_reference(name, ref_emb, ref_labels)
         device = _checks.tensor(embeddings, "embeddings").device
         labels = _checks.tensor(labels, "labels").to(device)
         backend = resolve(self.backend, "ccl", device)
         _checks.embeddings(embeddings, "embeddings", backend, self.embedding_size, self.check_inputs)
         _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
-        weights = miner_weights(indices_tuple, labels)
+        weights = _pml.miner_weights(indices_tuple, embeddings.shape[0], device)
         bank = self._bank()
         if embeddings.shape[0] == 0:
             loss = embeddings.sum(dtype=torch.float32) * 0.0 + bank.sum(dtype=torch.float32) * 0.0
@@ -115,8 +97,7 @@ class _MarginSoftmaxLoss(nn.Module):
             rows = backend.ccl_rows(embeddings, labels, bank, self.params)
             loss = (rows if weights is None else rows * weights.to(rows.dtype)).mean()
         if self.training and self.update == "momentum" and embeddings.shape[0]:
-            moving = labels if weights is None else torch.where(weights > 0, labels, -1)
-            new = backend.ccl_update(bank, embeddings.detach(), moving, self.momentum, self.sub_centers)
+            new = backend.ccl_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
             if new is not bank:  # the reference returns a new bank: autograd still holds the old one
                 self.W = new.t()
         return loss
