@@ -28,18 +28,21 @@ e^40, and removing it from an fp32 sum afterwards would cancel every digit of wh
 ``z = c/τ`` in base-2 units, online max ``m_i`` and sum-exp ``l_i``, and — when the gradient is wanted — the
 rescaled softmax-weighted center sum ``acc_i = Σ_j p_ij W_{j,k*_ij}`` (second ``tl.dot`` on the same W tile, the
 probabilities placed at each class's argmax slot by ``_subcenter_scatter``; as in flash attention with K = V = W)
-and ``ps_i = Σ_j p_ij c_ij`` (= x̂_i · Σ_j p_ij W_{j,k*}). The epilogue recomputes the label's ``c_y`` and its
-sub-center ``k*`` (K row dots), and computes in fp32, with ``(t, t') = _target_logit(c_y)``, ``p_y = e^(t/τ − lse)``::
+and ``ps_i = Σ_j p_ij c_ij`` (= x̂_i · Σ_j p_ij W_{j,k*}), plus ``lo_i``, the sum-exp without the label's column,
+and the label's class cosine ``c_y`` and sub-center ``k*`` as its tile saw them (the very values inside ``l`` and
+``acc``: a recomputed c_y differs by rounding, which the scale and ArcFace's slope amplify). The epilogue computes
+in fp32, with ``(t, t') = _target_logit(c_y)`` and ``q = 1 − p_y = lo_i / l_i``::
 
     lse_i = m_i + log l_i,   L_i = lse_i − t/τ − 2λ c_y
-    g_i   = acc_i/(l_i τ) + a W_{y,k*},   x̂_i·g_i = ps_i/(l_i τ) + a c_y,   a = ((t' − 1) p_y − t')/τ − 2λ
+    g_i   = acc_i/(l_i τ) + a W_{y,k*},   x̂_i·g_i = ps_i/(l_i τ) + a c_y,   a = (−1 − (t' − 1) q)/τ − 2λ
     ∂L_i/∂x_i = (g_i − x̂_i (x̂_i·g_i)) / max(‖x_i‖, eps)
 
-(the term in ``t' − 1`` is the label column's chain rule through ``t``, applied once per row; it vanishes for an
-additive cosine margin; ``q = 1 − p_y`` is the sum off the label column over ``l``, accumulated on its own and
-returned as ``label_q``: recomputing it as 1 − exp(t/τ − lse) leaves fp32 rounding of lse (~1e-5 at scale 64),
-times t' (tens near c = 1 for ArcFace), where the true value of a trained query is ~0), so each D-slice of the gradient is computable on its own (``DV_SPLIT`` programs may
-share a row block, each owning ``D/DV_SPLIT`` columns of ``acc`` and recomputing ``s``). One read of W, two
+The term in ``t' − 1`` is the label column's chain rule through ``t``, applied once per row; it vanishes for an
+additive cosine margin. ``q = 1 − p_y`` is the sum off the label column over ``l``, accumulated on its own and
+returned as ``label_q``: recomputed as 1 − exp(t/τ − lse) it would be the fp32 rounding of lse (~1e-5 at scale
+64) times t' (tens near c = 1 for ArcFace), where the true value for a trained query is ~0. Each D-slice of the
+gradient is computable on its own (``DV_SPLIT`` programs may share a row block, each owning ``D/DV_SPLIT``
+columns of ``acc`` and recomputing ``s``). One read of W, two
 B×(C·KP)×D products, no B×C matrix. With ``compute_grad=False`` only the first product runs.
 
 **Split C** (flash-decoding). When ``cdiv(B, BLOCK_B)·DV_SPLIT`` programs do not fill the GPU, the C tiles are
@@ -60,8 +63,8 @@ does).
 
 **Momentum update** (``_ccl_update_kernel``). With K > 1 each query first picks the bank row it moves: the
 sub-center of its own class it is most similar to (``_ccl_assign_kernel``, from the bank before the step, first k
-on a tie); the update below then runs over bank rows instead of classes. Labels (rows) are sorted on the device (stable ``torch.sort``); B
-programs are launched and the one at each segment start sums x̂ over its segment in fixed order
+on a tie); the update below then runs over bank rows instead of classes. Labels (rows) are sorted on the device
+(stable ``torch.sort``); B programs are launched and the one at each segment start sums x̂ over its segment in fixed order
 (``UPDATE_ROWS`` rows per step, fp32), then writes ``normalize(μ W_k + (1−μ) mean)`` into the bank (cast to the
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
 bit-identical across runs; a permutation of the batch changes the sums only by rounding.
@@ -343,8 +346,9 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
     ``q`` is stored for the proxy gradient.
 
     ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``lo``: the same sum without the label's
-    column; ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols] (all unnormalised, relative to ``m2``). ``write_rows``: per-row mask of the loss/lse stores (vectors only:
-    the interpreter cannot broadcast a scalar boolean into a store mask).
+    column; ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols] (all unnormalised, relative to ``m2``). ``write_rows``:
+    per-row mask of the loss/lse stores (vectors only: the interpreter cannot broadcast a scalar boolean into a
+    store mask).
     """
     dk = tl.arange(0, BLOCK_D)
     dmask = dk < D
@@ -463,8 +467,8 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
 
     if EPILOGUE:
         _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m_i, l_i, lo_i, ps_i, acc,
-                      c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD,
-                      ANGULAR, DOT)
+                      c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D,
+                      COMPUTE_GRAD, ANGULAR, DOT)
     else:
         prow = pid_s.to(tl.int64) * B + rows
         tl.store(pm_ptr + prow, m_i, mask=first)

@@ -106,7 +106,8 @@ class _MarginSoftmaxLoss(nn.Module):
         """(B, num_classes) class cosines times the scale, without the margin (PML's ``get_logits``)."""
         bank = self._bank()
         dtype = compute_dtype(embeddings, bank)
-        return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), self.sub_centers) / self.params.temperature
+        cosines = class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), self.sub_centers)
+        return cosines / self.params.temperature
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self.params}, "
@@ -114,7 +115,8 @@ class _MarginSoftmaxLoss(nn.Module):
 
 
 def _normalize_loaded_bank(module, incompatible_keys):
-    """Momentum mode keeps unit bank rows: a loaded ``W`` (e.g. PML's, not normalised) is normalised in place."""
+    """Momentum mode keeps unit bank rows: a loaded ``W`` (e.g. PML's, not normalised) has its columns normalised
+    (and its (C·K, D) rows made contiguous) right after loading."""
     with torch.no_grad():
         module.W = normalize_rows(module.W.t()).to(module.W.dtype).contiguous().t()
 
