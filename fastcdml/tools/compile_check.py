@@ -246,7 +246,7 @@ class _Session:
                 w = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
                 hyper = (0.05, 0.1, 1.0)
                 if case["op"] == "train":
-                    _, _, lse = ccl.ccl_fwd(x, y, w, *hyper, True)
+                    _, _, lse, _ = ccl.ccl_fwd(x, y, w, *hyper, True)
                     ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper)
                     ccl.ccl_update_(w, x, y, 0.9)
                 else:
