@@ -106,6 +106,8 @@ def cases(dims=DIMS) -> list[dict]:
 
 def case_name(case: dict) -> str:
     extra = f" top_k={case['top_k']}" + (" masked" if case.get("mask") else "") if case["loss"] == "cbml" else ""
+    if case.get("margin_type") or case.get("sub_centers", 1) > 1:
+        extra = f" margin_type={case.get('margin_type', 0)} K={case.get('sub_centers', 1)}"
     prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
     return f"{case['loss']} {case['op']} D={case['d']} {case['x']}/{case['bank']}{prec}{extra}"
 
@@ -243,14 +245,17 @@ class _Session:
         torch.set_float32_matmul_precision(case["precision"])
         try:
             if case["loss"] == "ccl":
-                w = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
+                # the margin-softmax family: optional margin_type (0/1) and sub_centers (K bank rows per class)
+                k = case.get("sub_centers", 1)
+                family = (case.get("margin_type", 0), k)
+                w = torch.zeros(case["c"] * k, d, dtype=dt[case["bank"]])
                 hyper = (0.05, 0.1, 1.0)
                 if case["op"] == "train":
-                    _, _, lse, _ = ccl.ccl_fwd(x, y, w, *hyper, True)
-                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper)
-                    ccl.ccl_update_(w, x, y, 0.9)
+                    _, _, lse, q = ccl.ccl_fwd(x, y, w, *hyper, True, *family)
+                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, q)
+                    ccl.ccl_update_(w, x, y, 0.9, k)
                 else:
-                    ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused")
+                    ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused", *family)
             else:
                 m = case["m"]
                 r = torch.zeros(m, d, dtype=dt[case["bank"]])
