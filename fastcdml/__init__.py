@@ -7,7 +7,7 @@ from . import distributed, functional, ops, reference
 from ._backend import BackendUnavailable, available as backends, load_extension
 from .losses import CenterContrastiveLoss, ContrastiveBayesianLoss, ShardedCenterContrastiveLoss
 
-load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
+load_extension(build=False)  # registers the C++ CPU kernels if built; compiling waits for the first CPU op
 
 __version__ = "0.1.0"
 __all__ = [

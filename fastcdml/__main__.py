@@ -7,7 +7,6 @@ where to get them.
 from __future__ import annotations
 
 import argparse
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -24,11 +23,10 @@ def info() -> int:
     import torch
 
     import fastcdml
-    from fastcdml._backend import load_extension
+    from fastcdml import _extension
 
-    ext, reason = load_extension()
     print(f"fastcdml {fastcdml.__version__}  torch {torch.__version__}  cuda available: {torch.cuda.is_available()}")
-    print(f"C++ extension: {json.dumps(ext.build_info()) if ext else reason}")
+    print(f"C++ extension: {_extension.describe()}")
     for key, backends in fastcdml.backends().items():
         print(f"  {key:10s} " + "  ".join(f"{name}: {why}" for name, why in backends.items()))
     return 0

@@ -2,13 +2,12 @@
 extension is built, ``"reference"`` (eager PyTorch) otherwise. ``backend=`` forces one and fails clearly."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import warnings
 from functools import lru_cache
 
 import torch
 
+from . import _extension
 from ._runtime import interpreter_active
 from .ops._registry import INTERPRET, MAIN, has_kernel
 
@@ -20,17 +19,11 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run here; the message says why."""
 
 
-@lru_cache(maxsize=None)
-def load_extension():
-    """``(fastcdml._C, None)`` or ``(None, reason)``; checks the extension was built for this torch."""
-    try:
-        ext = importlib.import_module("fastcdml._C")
-    except ImportError as err:
-        return None, f"the C++ extension fastcdml._C is not built ({err})"
-    built = ext.build_info().get("torch")
-    if built != torch.__version__:
-        return None, f"fastcdml._C was built for torch {built} but torch {torch.__version__} is running; reinstall"
-    return ext, None
+def load_extension(build: bool = True):
+    """``(module, None)`` or ``(None, reason)``: the C++ CPU kernels, prebuilt or compiled on first use
+    (``build=False``: never compile); see :mod:`fastcdml._extension`."""
+    ext, _, reason = _extension.load(build)
+    return ext, reason
 
 
 def _triton_reason(loss: str, device_type: str) -> str | None:
@@ -85,7 +78,7 @@ def _resolve(backend: str, loss: str, device_type: str) -> str:
     reason = unavailable_reason(preferred, loss, device_type)
     if reason is None:
         return preferred
-    warnings.warn(f"fastcdml: {loss} on {device_type} falls back to the PyTorch reference: {reason}", stacklevel=3)
+    _extension.warn_user(f"fastcdml: {device_type} tensors fall back to the PyTorch reference: {reason}")
     return "reference"
 
 
