@@ -100,7 +100,7 @@ def replace_block(readme: Path, block: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--readme", type=Path, default=ROOT / "bench" / "README.md")
     p.add_argument("--top-readme", type=Path, default=ROOT / "README.md")

@@ -11,7 +11,7 @@ initialisation. It reports Recall@1/2/4 and MAP@R before and after training, tra
 ``results.json``, ``results.md``, ``loss_curves.png`` and ``embeddings.png`` (a PCA projection of the test
 embeddings) to ``--out``. ``--sweep`` adds a CCL sweep of ``center_weight`` × ``margin`` over three seeds.
 
-Needs scikit-learn (``pip install fastcdml[demo]``); the plots need matplotlib and are skipped without it.
+Needs scikit-learn (``pip install 'fastcdml[demo]'``); the plots need matplotlib and are skipped without it.
 Deterministic for a given ``--seed`` and ``--threads`` (default 1: faster than several threads for a network
 this small, and the same numbers on every machine with the same torch build).
 """
@@ -226,7 +226,7 @@ def plot(out: Path, runs: dict[str, Run], untrained: nn.Module, test_split: Spli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("fastcdml-demo"), help="output folder (created)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -268,7 +268,7 @@ def _run(args: argparse.Namespace) -> int:
             run = train(loss_name, train_split, test_split, **common)
         except ImportError:
             notes.append(f"{label} skipped: pytorch-metric-learning is not installed (pip install "
-                         "pytorch-metric-learning).")
+                         "'fastcdml[demo]').")
             continue
         runs[label] = run
         rows.append(_row(label, evaluate(run.model, test_split), run.seconds))

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which backends this installation has, per loss and device",
                    description=info.__doc__)
     for name, (about, _) in TOOLS.items():
-        sub.add_parser(name, help=f"{about} (source checkout; `fastcdml {name} --help`)", add_help=False)
+        sub.add_parser(name, help=f"{about} (in a source checkout; options: fastcdml {name} --help)",
+                       add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
