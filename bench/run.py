@@ -40,7 +40,8 @@ from .impls import Case
 
 MODE = "step"
 ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
-              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date")
+              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date", "load_1min",
+              "loaded")
 KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
 _MARK = "FASTCDML_BENCH_RESULT "
 
@@ -69,13 +70,13 @@ PRESETS = {
          "cbml": ("256xselfx128", "256x2048x128", "256x16384x128")},
     ),
     "cpu-targets": Preset(
-        "the C++ backend's targets (issue 5): C++ vs the eager reference",
+        "the C++ backend's target sizes: C++ vs the eager reference",
         "float32",
         {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128")},
         ("fastcdml", "reference"),
     ),
     "gpu-compass": Preset(
-        "the compass sizes of the Triton issues (3, 4) plus a C sweep at fixed B, D (default on CUDA)",
+        "the Triton kernels' target sizes plus a C sweep at fixed B, D (default on CUDA)",
         "bfloat16",
         {"ccl": ("256x100x128", "512x11318x512", "1024x10000x512", "1024x100000x512", "1024x1000000x512",
                  "4096x1000000x512"),
@@ -271,6 +272,25 @@ def environment(device: torch.device) -> dict:
             "fastcdml": __version__, "date": dt.date.today().isoformat()}
 
 
+def cores_used(device: torch.device) -> int:
+    """How many cores a case keeps busy: torch's CPU threads, or the one launching thread for CUDA."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def load_check(cores: int) -> tuple[float | None, bool]:
+    """(1-minute load average, whether it exceeds ``cores``): more runnable tasks than the cores the benchmark
+    uses means other work competes with it, and small cases then read several times slower (bench/NOTES.md)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # no load average on this platform
+        return None, False
+    return load, load > cores
+
+
+LOADED_NOTE = ("measured while the 1-minute load average exceeded the cores the benchmark used: other work "
+               "competed with it, so the time is likely inflated")
+
+
 # --------------------------------------------------------------------------------------------- reporting
 
 
@@ -291,15 +311,16 @@ def table(rows: list[dict], markdown: bool = False) -> str:
     for r in sorted(rows, key=lambda r: (r["loss"], r["variant"], r["D"], r["B"], r["C"], r["impl"])):
         base = ref.get(tuple(r[k] for k in KEY_FIELDS if k != "impl"))
         body.append([r["loss"], r["variant"], r["B"], "self" if r["variant"] == "self" else r["C"], r["D"],
-                     r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]),
+                     r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]) + (" *" if r.get("loaded") else ""),
                      f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["peak_extra_mb"]),
                      _fmt(r.get("tflops"), 2), _fmt(base / r["p50_ms"], 2) if base else "–"])
     cells = [head] + [[str(c) for c in line] for line in body]
+    note = [f"* {LOADED_NOTE}."] if any(r.get("loaded") for r in rows) else []
     if markdown:
         lines = ["| " + " | ".join(line) + " |" for line in cells]
-        return "\n".join(lines[:1] + ["|" + "---|" * len(head)] + lines[1:])
+        return "\n".join(lines[:1] + ["|" + "---|" * len(head)] + lines[1:] + (["", *note] if note else []))
     widths = [max(len(line[i]) for line in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells] + note)
 
 
 def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]:
@@ -311,7 +332,7 @@ def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], "matplotlib is not installed (pip install '.[bench]'): no plots"
+        return [], "matplotlib is not installed (pip install 'fastcdml[bench]'): no plots"
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
@@ -405,13 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     cases, skipped = plan(args, device)
     env = environment(device)
     started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
-    load0 = round(os.getloadavg()[0], 2)  # other work on the machine, at the start and the end
+    cores = cores_used(device)
+    load0, warned = load_check(cores)  # before the first case: the other work on the machine
+    if warned:
+        print(f"bench: warning: the 1-minute load average is {load0}, more than the {cores} cores this benchmark "
+              "uses: other work will compete with it and inflate the timings (rows measured so are marked *)",
+              file=sys.stderr)
     for s in skipped:
         print(f"skip {s['loss']} {s['impl']}: {s['reason']}", file=sys.stderr)
     rows = []
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.label())
+        load, loaded = load_check(cores)
+        if loaded and not warned:
+            warned = True
+            bar.write(f"bench: warning: the 1-minute load average rose to {load}, more than the {cores} cores this "
+                      "benchmark uses; rows measured so are marked *", file=sys.stderr)
         if device.type == "cuda" and not isolate:
             gc.collect()  # the previous case's tensors (also after an OOM) go back to the device
             torch.cuda.empty_cache()
@@ -422,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append({**asdict(case), "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"})
             bar.write(f"failed {case.label()}: {skipped[-1]['reason']}", file=sys.stderr)
             continue
-        fields = {**asdict(case), **env, "mode": MODE, **result}
+        fields = {**asdict(case), **env, "mode": MODE, **result, "load_1min": load, "loaded": loaded}
         rows.append({k: fields[k] for k in ROW_FIELDS})
     wall_s = time.perf_counter() - t0
     out = Path(args.out)
@@ -433,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(), "git": _git(), "backends": backends(),
             "runs": [{"command": " ".join(["python -m bench", *argv]), "preset": args.preset,
                       "isolated": isolate, "quick": args.quick, "started": started, "wall_s": round(wall_s, 1),
-                      "load_avg_1min": [load0, round(os.getloadavg()[0], 2)], "skipped": skipped}]}
+                      "load_avg_1min": [load0, load_check(cores)[0]], "cores_used": cores,
+                      "loaded_rows": sum(r["loaded"] for r in rows), "skipped": skipped}]}
     path = out / f"{stem}.json"
     merged, meta = merge(path, rows, meta)
     files, note = plot(merged, out, stem)
@@ -444,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note {impl}: {impls.NOTES[impl]}")
     for s in skipped:
         print(f"skipped {s.get('loss')} {s.get('impl')}: {s['reason']}")
+    if any(r["loaded"] for r in rows):
+        print(f"warning: {sum(r['loaded'] for r in rows)} of {len(rows)} rows were measured while the 1-minute "
+              f"load average exceeded the {cores} cores the benchmark used (marked *)", file=sys.stderr)
     print(f"wrote {path} ({len(rows)} rows this run, {len(merged)} in the file) and {len(files)} plots"
           + (f"; {note}" if note else "") + f" in {wall_s:.0f} s")
     return 0 if rows or not cases else 1
