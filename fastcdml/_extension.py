@@ -225,6 +225,7 @@ def _jit(build: bool) -> tuple[types.ModuleType | None, str, str | None]:
         module = _cached(folder)  # another process may have finished it while we waited
         if module is not None:
             return module, "jit-cached", None
+        sys.stdout.flush()  # keep the line in order with what the program printed before it
         print(f"fastcdml: compiling the C++ CPU kernels for torch {torch.__version__} into {folder} "
               f"(first use only){' after waiting for another process' if waited else ''} ...",
               end="", file=sys.stderr, flush=True)
