@@ -10,7 +10,12 @@ of repeated steps (median, p20, p80) in one fresh subprocess per case; peak extr
 growth over one step above the steady state, in a second fresh subprocess started with glibc told to return
 every freed block ≥ 64 KiB to the system (``MALLOC_MMAP_THRESHOLD_``), so retained heap cannot hide the peak.
 CUDA: ``triton.testing.do_bench`` quantiles (events, L2 flushed between runs); memory = ``max_memory_allocated``
-above ``memory_allocated`` before the step; cases run in this process unless ``--isolate``.
+above ``memory_allocated`` before the step; cases run in this process unless ``--isolate``. ``--quick`` (a smoke
+test) runs the smallest size per loss in this process, with few repetitions, and leaves out ``torch_compile``
+(whose compile alone takes longer than every other case) unless ``--impl`` names it.
+
+Every row records the 1-minute load average before its case; above the cores the benchmark uses (its torch
+threads on CPU, one on CUDA) the run warns and the tables mark the row, since other work inflates the times.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtyp
               "loaded")
 KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
 _MARK = "FASTCDML_BENCH_RESULT "
+QUICK_LEAVES_OUT = ("torch_compile",)  # unless named in --impl
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,12 @@ def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
     dtype = args.dtype or preset.dtype
     cases, skipped = [], []
     for loss in losses:
-        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 2 if args.quick else None]
+        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 1 if args.quick else None]
         if args.sizes and loss == "ccl" and not args.loss:
             sizes = [s for s in sizes if "self" not in s]
         names = [i for i in impls.IMPLS[loss] if i in (wanted or preset.impls or impls.IMPLS[loss])]
+        if args.quick and not wanted:  # its compile costs more than every other quick case together
+            names = [i for i in names if i not in QUICK_LEAVES_OUT]
         runnable = []
         for impl in names:
             reason = impls.unavailable(impl, device)
@@ -326,6 +334,13 @@ def table(rows: list[dict], markdown: bool = False) -> str:
 def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]:
     """One PNG per (loss, variant, B, D, dtype) with ≥ 2 values of C: time and memory against C, one line per
     impl, log scales. Returns the file names and a note (why no plots), if any."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
+                          []).append(r)
+    groups = {key: group for key, group in groups.items() if len({r["C"] for r in group}) >= 2}
+    if not groups:  # e.g. one size per loss: nothing to draw, and no matplotlib import (seconds) either
+        return [], None
     try:
         import matplotlib
 
@@ -333,14 +348,8 @@ def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed (pip install 'fastcdml[bench]'): no plots"
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
-                          []).append(r)
     files = []
     for (loss, variant, b, d, dtype), group in sorted(groups.items(), key=str):
-        if len({r["C"] for r in group}) < 2:
-            continue
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
         for impl in sorted({r["impl"] for r in group}):
             line = sorted((r for r in group if r["impl"] == impl), key=lambda r: r["C"])
@@ -399,10 +408,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", help="comma-separated implementations (default: the preset's, or every importable one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype (default: the preset's)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="two smallest sizes per loss, few repetitions (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test, under a minute on 2 cores: the smallest size per loss, few repetitions, every "
+                        "case in this process (so CPU memory is approximate unless --isolate), and no torch_compile "
+                        "unless --impl names it")
     p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="fresh subprocesses per case (default: on for CPU, where memory is exact only so; off for CUDA)")
+                   help="fresh subprocesses per case (default: on for CPU, where memory is exact only so, except "
+                        "with --quick; off for CUDA)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case (default 1800)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parts", default="time,memory", help=argparse.SUPPRESS)
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
     args.preset = args.preset or ("gpu-compass" if device.type == "cuda" else "cpu")
-    isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    isolate = (device.type == "cpu" and not args.quick) if args.isolate is None else args.isolate
     cases, skipped = plan(args, device)
     env = environment(device)
     started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
