@@ -4,8 +4,8 @@ ships the C++ sources inside the package either way.
 ``pip install --no-build-isolation .`` (or ``-e .``) compiles the extension against the torch that will run it
 ("prebuilt"). A plain ``pip install`` builds in an isolated environment without torch: the wheel then has no
 extension, and fastcdml compiles the shipped sources (``fastcdml/csrc``, copied from the top-level ``csrc/``)
-on the first CPU op that needs them (see ``fastcdml/_extension.py``). No extension is built when
-``FASTCDML_SKIP_EXT=1``; a failed compile only warns, and the package then runs on the PyTorch reference on CPU
+on the first CPU op that needs them (see ``fastcdml/_extension.py``). ``FASTCDML_SKIP_EXT=1`` builds no
+extension and marks the package so that it compiles nothing on first use either; a failed compile only warns, and the package then runs on the PyTorch reference on CPU
 (``python -m fastcdml info`` says so). There are no CUDA sources: on GPUs the kernels are Triton, so a
 CppExtension is all that is ever built.
 """
@@ -18,6 +18,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.h"))
+SKIP = os.environ.get("FASTCDML_SKIP_EXT") == "1"
+SKIP_MARK = "SKIP_EXT"  # fastcdml/_extension.py reads it
 
 
 class BuildPyWithSources(build_py):
@@ -29,14 +31,18 @@ class BuildPyWithSources(build_py):
         os.makedirs(target, exist_ok=True)
         for path in SOURCES:
             shutil.copy2(path, target)
+        if SKIP:  # remembered, so that the installed package does not compile them on first use either
+            with open(os.path.join(target, SKIP_MARK), "w") as f:
+                f.write("installed with FASTCDML_SKIP_EXT=1\n")
 
     def get_outputs(self, include_bytecode=1):
         target = os.path.join(self.build_lib, "fastcdml", "csrc")
-        return super().get_outputs(include_bytecode) + [os.path.join(target, os.path.basename(p)) for p in SOURCES]
+        names = [os.path.basename(p) for p in SOURCES] + ([SKIP_MARK] if SKIP else [])
+        return super().get_outputs(include_bytecode) + [os.path.join(target, n) for n in names]
 
 
 def extension_build():
-    if os.environ.get("FASTCDML_SKIP_EXT") == "1":
+    if SKIP:
         return [], {}
     try:
         import torch

@@ -16,7 +16,8 @@ an OS file lock (``fcntl.flock``, released when its holder dies), which also mak
 provably stale.
 
 This module imports only torch; ``torch.utils.cpp_extension`` (which imports setuptools) is imported only to
-compile. ``FASTCDML_SKIP_EXT=1`` turns the C++ backend off at run time as it does at build time.
+compile. ``FASTCDML_SKIP_EXT=1`` turns the C++ backend off at run time; at build time it builds no extension and
+leaves a mark in the package that turns it off for good.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 NAME = "fastcdml_C"  # the JIT module's name (the prebuilt one is fastcdml._C)
+SKIP_MARK = "SKIP_EXT"  # in fastcdml/csrc when the package was built with FASTCDML_SKIP_EXT=1 (setup.py)
 PACKAGE = Path(__file__).resolve().parent
 ALTERNATIVE = ("or install fastcdml with `pip install --no-build-isolation` next to this torch (prebuilt kernels); "
                "FASTCDML_SKIP_EXT=1 uses the reference without trying")
@@ -264,6 +266,10 @@ def load(build: bool = True) -> tuple[types.ModuleType | None, str, str | None]:
             return _STATE
         if os.environ.get("FASTCDML_SKIP_EXT") == "1":
             _STATE = (None, "unavailable", "FASTCDML_SKIP_EXT=1 is set")
+            return _STATE
+        if (PACKAGE / "csrc" / SKIP_MARK).is_file():
+            _STATE = (None, "unavailable", "fastcdml was installed with FASTCDML_SKIP_EXT=1 (no C++ backend); "
+                                           "reinstall without it to have one")
             return _STATE
         module, why_not = _prebuilt()
         if module is not None:

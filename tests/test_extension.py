@@ -124,11 +124,14 @@ def test_fallback_warns_once_at_the_users_line(monkeypatch):
     assert "Fix: install one" in str(caught[0].message)
 
 
-def test_skip_ext_turns_the_cpp_backend_off(wheel_layout, tmp_path):
+def test_skip_ext_turns_the_cpp_backend_off_at_run_time_and_from_the_build(wheel_layout, tmp_path):
     out, err = _run(wheel_layout, {"FASTCDML_SKIP_EXT": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path)},
                     "-m", "fastcdml", "info")
     assert "C++ extension: unavailable: FASTCDML_SKIP_EXT=1" in out and "compiling" not in err
-    assert not (tmp_path / "fastcdml").exists()
+    (wheel_layout / "fastcdml" / "csrc" / _extension.SKIP_MARK).write_text("installed with FASTCDML_SKIP_EXT=1\n")
+    out, err = _run(wheel_layout, {"TORCH_EXTENSIONS_DIR": str(tmp_path)}, "-m", "fastcdml", "info")
+    assert "C++ extension: unavailable: fastcdml was installed with FASTCDML_SKIP_EXT=1" in out
+    assert "compiling" not in err and not (tmp_path / "fastcdml").exists()
 
 
 def test_no_compiler_falls_back_with_cause_and_fix(wheel_layout, tmp_path):
@@ -163,3 +166,31 @@ def test_first_use_compiles_once_across_processes_and_reuses_it(wheel_layout, tm
     assert "ORIGIN jit-cached" in out and "compiling" not in err
     out, _ = _run(wheel_layout, env, "-m", "fastcdml", "info")
     assert "C++ extension: JIT-compiled earlier, cached" in out and "cpp: available" in out
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["default", "skip-ext"])
+def test_the_wheel_ships_the_sources_and_remembers_skip_ext(tmp_path, skip):
+    """A wheel built without torch in reach (FASTCDML_SKIP_EXT=1 stands in for an isolated build, which builds
+    no extension either) holds fastcdml/csrc; with FASTCDML_SKIP_EXT=1 it also holds the mark that keeps the
+    installed package from compiling on first use."""
+    import zipfile
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy2(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copytree(ROOT / "fastcdml", tree / "fastcdml", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    env = {**os.environ, "FASTCDML_SKIP_EXT": "1", "PIP_NO_INDEX": "1"}
+    if not skip:  # hide torch from setup.py as build isolation does
+        env["PYTHONPATH"] = str(tmp_path / "no-torch")
+        (tmp_path / "no-torch").mkdir()
+        (tmp_path / "no-torch" / "torch.py").write_text("raise ImportError('hidden, as in an isolated build')\n")
+        env.pop("FASTCDML_SKIP_EXT")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(tree)], check=True, env=env, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("fastcdml-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"fastcdml/csrc/{n}" for n in ("fastcdml.cpp", "ccl_cpu.cpp", "cbml_cpu.cpp", "common.h")} <= names
+    assert not [n for n in names if n.endswith((".so", ".pyd"))]
+    assert (f"fastcdml/csrc/{_extension.SKIP_MARK}" in names) == skip
