@@ -28,6 +28,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -239,9 +240,10 @@ def _jit(build: bool) -> tuple[types.ModuleType | None, str, str | None]:
             print(" failed", file=sys.stderr, flush=True)
             log = folder / "build-error.log"
             log.write_text(f"{type(err).__name__}: {err}\n")
-            lines = [line.strip() for line in str(err).splitlines() if "error" in line.lower()]
-            first = (lines[1] if len(lines) > 1 and "Error building extension" in lines[0] else
-                     (lines or [str(err).strip()])[0])[:200]
+            text = str(err).strip() or type(err).__name__
+            diagnostics = [line.strip() for line in text.splitlines() if re.search(r"\berror\b", line)
+                           and not line.startswith("Error building extension")]
+            first = (diagnostics or text.splitlines())[0][:200]
             return None, "unavailable", (f"compiling the C++ kernels failed ({first}; full log: {log}). "
                                          f"Fix: see the log, {ALTERNATIVE}")
         seconds = time.perf_counter() - start

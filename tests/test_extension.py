@@ -194,3 +194,16 @@ def test_the_wheel_ships_the_sources_and_remembers_skip_ext(tmp_path, skip):
     assert {f"fastcdml/csrc/{n}" for n in ("fastcdml.cpp", "ccl_cpu.cpp", "cbml_cpu.cpp", "common.h")} <= names
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
     assert (f"fastcdml/csrc/{_extension.SKIP_MARK}" in names) == skip
+
+
+@pytest.mark.skipif(not HAVE_TOOLS, reason="no C++ compiler, ninja or Python headers here")
+def test_a_failed_compile_falls_back_naming_the_error_and_the_log(wheel_layout, tmp_path):
+    for source in (wheel_layout / "fastcdml" / "csrc").glob("*.cpp"):  # a missing include is fatal at once
+        source.write_text('#include "deliberately_broken.h"\n' + source.read_text())
+    out, err = _user_run(wheel_layout, {"TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert "ORIGIN unavailable" in out and " failed" in err
+    (warned,) = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert "compiling the C++ kernels failed" in warned and "deliberately_broken.h" in warned
+    assert "build-error.log" in warned and "--no-build-isolation" in warned
+    (log,) = tmp_path.glob("fastcdml/*/build-error.log")
+    assert "deliberately_broken.h" in log.read_text()
