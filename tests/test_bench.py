@@ -160,6 +160,7 @@ def test_a_loaded_machine_is_warned_recorded_and_marked(tmp_path, capsys, monkey
                     "--readme", str(page), "--top-readme", str(tmp_path / "none.md")], check=True,
                    capture_output=True, text=True)
     assert " * |" in page.read_text() and bench.LOADED_NOTE in page.read_text()
+    assert "1 rows measured while it exceeded the" in page.read_text()
 
 
 def test_an_idle_machine_marks_nothing(tmp_path, capsys, monkeypatch):
