@@ -5,9 +5,10 @@ ships the C++ sources inside the package either way.
 ("prebuilt"). A plain ``pip install`` builds in an isolated environment without torch: the wheel then has no
 extension, and fastcdml compiles the shipped sources (``fastcdml/csrc``, copied from the top-level ``csrc/``)
 on the first CPU op that needs them (see ``fastcdml/_extension.py``). ``FASTCDML_SKIP_EXT=1`` builds no
-extension and marks the package so that it compiles nothing on first use either; a failed compile only warns, and the package then runs on the PyTorch reference on CPU
-(``python -m fastcdml info`` says so). There are no CUDA sources: on GPUs the kernels are Triton, so a
-CppExtension is all that is ever built.
+extension and marks the package so that it compiles nothing on first use either. A failed compile only warns
+(it is retried on first use), and the package then runs on the PyTorch reference on CPU (``python -m fastcdml
+info`` says so). There are no CUDA sources: on GPUs the kernels are Triton, so a CppExtension is all that is
+ever built.
 """
 import glob
 import os
