@@ -93,7 +93,7 @@ def unavailable(impl: str, device: torch.device) -> str | None:
     """Why ``impl`` cannot run on ``device``, or None."""
     family = impl.split("_")[0]
     if family in _PACKAGE and importlib.util.find_spec(_PACKAGE[family]) is None:
-        return f"{_DIST[family]} is not installed (pip install '.[peers]')"
+        return f"{_DIST[family]} is not installed (pip install 'fastcdml[peers]')"
     if family in _GPU_ONLY and device.type != "cuda":
         return f"{_DIST[family]} runs on CUDA only"
     return None

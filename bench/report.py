@@ -74,8 +74,11 @@ def section(path: Path, data: dict, page: Path, level: str = "##") -> str:
     lines.append("")
     for run in meta.get("runs", []):
         load = run.get("load_avg_1min")
+        loaded = run.get("loaded_rows")
         lines.append(f"- `{run['command']}` — {run['started']}, {run['wall_s']:.0f} s"
-                     + (f", 1-min load average {load[0]} → {load[1]} on the machine" if load else ""))
+                     + (f", 1-min load average {load[0]} → {load[1]} on the machine" if load else "")
+                     + (f"; {loaded} rows measured while it exceeded the {run.get('cores_used')} cores used "
+                        "(marked *)" if loaded else ""))
         lines += [f"  - skipped {s.get('loss')} {s.get('impl')}"
                   + (f" {s['B']}x{s['C']}x{s['D']}" if "B" in s else "") + f": {s['reason']}"
                   for s in run.get("skipped", [])]
@@ -147,7 +150,7 @@ def replace_block(readme: Path, block: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--readme", type=Path, default=ROOT / "bench" / "README.md")
     p.add_argument("--top-readme", type=Path, default=ROOT / "README.md")

@@ -10,7 +10,12 @@ of repeated steps (median, p20, p80) in one fresh subprocess per case; peak extr
 growth over one step above the steady state, in a second fresh subprocess started with glibc told to return
 every freed block ≥ 64 KiB to the system (``MALLOC_MMAP_THRESHOLD_``), so retained heap cannot hide the peak.
 CUDA: ``triton.testing.do_bench`` quantiles (events, L2 flushed between runs); memory = ``max_memory_allocated``
-above ``memory_allocated`` before the step; cases run in this process unless ``--isolate``.
+above ``memory_allocated`` before the step; cases run in this process unless ``--isolate``. ``--quick`` (a smoke
+test) runs the smallest size per loss in this process, with few repetitions, and leaves out ``torch_compile``
+(whose compile alone takes longer than every other case) unless ``--impl`` names it.
+
+Every row records the 1-minute load average before its case; above the cores the benchmark uses (its torch
+threads on CPU, one on CUDA) the run warns and the tables mark the row, since other work inflates the times.
 """
 from __future__ import annotations
 
@@ -40,9 +45,11 @@ from .impls import Case
 
 MODE = "step"
 ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
-              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date")
+              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date", "load_1min",
+              "loaded")
 KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
 _MARK = "FASTCDML_BENCH_RESULT "
+QUICK_LEAVES_OUT = ("torch_compile",)  # unless named in --impl
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ PRESETS = {
          "margin": ("256x1000x128", "256x10000x128", "256x100000x128")},
     ),
     "cpu-targets": Preset(
-        "the C++ backend's targets: C++ vs the eager reference",
+        "the C++ backend's target sizes: C++ vs the eager reference",
         "float32",
         {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128"), "margin": ()},
         ("fastcdml", "reference"),
@@ -113,10 +120,12 @@ def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
     dtype = args.dtype or preset.dtype
     cases, skipped = [], []
     for loss in losses:
-        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 2 if args.quick else None]
+        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 1 if args.quick else None]
         if args.sizes and loss == "ccl" and not args.loss:
             sizes = [s for s in sizes if "self" not in s]
         names = [i for i in impls.IMPLS[loss] if i in (wanted or preset.impls or impls.IMPLS[loss])]
+        if args.quick and not wanted:  # its compile costs more than every other quick case together
+            names = [i for i in names if i not in QUICK_LEAVES_OUT]
         runnable = []
         for impl in names:
             reason = impls.unavailable(impl, device)
@@ -275,6 +284,25 @@ def environment(device: torch.device) -> dict:
             "fastcdml": __version__, "date": dt.date.today().isoformat()}
 
 
+def cores_used(device: torch.device) -> int:
+    """How many cores a case keeps busy: torch's CPU threads, or the one launching thread for CUDA."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def load_check(cores: int) -> tuple[float | None, bool]:
+    """(1-minute load average, whether it exceeds ``cores``): more runnable tasks than the cores the benchmark
+    uses means other work competes with it, and small cases then read several times slower (bench/NOTES.md)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # no load average on this platform
+        return None, False
+    return load, load > cores
+
+
+LOADED_NOTE = ("measured while the 1-minute load average exceeded the cores the benchmark used: other work "
+               "competed with it, so the time is likely inflated")
+
+
 # --------------------------------------------------------------------------------------------- reporting
 
 
@@ -295,35 +323,37 @@ def table(rows: list[dict], markdown: bool = False) -> str:
     for r in sorted(rows, key=lambda r: (r["loss"], r["variant"], r["D"], r["B"], r["C"], r["impl"])):
         base = ref.get(tuple(r[k] for k in KEY_FIELDS if k != "impl"))
         body.append([r["loss"], r["variant"], r["B"], "self" if r["variant"] == "self" else r["C"], r["D"],
-                     r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]),
+                     r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]) + (" *" if r.get("loaded") else ""),
                      f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["peak_extra_mb"]),
                      _fmt(r.get("tflops"), 2), _fmt(base / r["p50_ms"], 2) if base else "–"])
     cells = [head] + [[str(c) for c in line] for line in body]
+    note = [f"* {LOADED_NOTE}."] if any(r.get("loaded") for r in rows) else []
     if markdown:
         lines = ["| " + " | ".join(line) + " |" for line in cells]
-        return "\n".join(lines[:1] + ["|" + "---|" * len(head)] + lines[1:])
+        return "\n".join(lines[:1] + ["|" + "---|" * len(head)] + lines[1:] + (["", *note] if note else []))
     widths = [max(len(line[i]) for line in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return "\n".join(["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells] + note)
 
 
 def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]:
     """One PNG per (loss, variant, B, D, dtype) with ≥ 2 values of C: time and memory against C, one line per
     impl, log scales. Returns the file names and a note (why no plots), if any."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
+                          []).append(r)
+    groups = {key: group for key, group in groups.items() if len({r["C"] for r in group}) >= 2}
+    if not groups:  # e.g. one size per loss: nothing to draw, and no matplotlib import (seconds) either
+        return [], None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], "matplotlib is not installed (pip install '.[bench]'): no plots"
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["loss"], r["variant"], None if r["variant"] == "self" else r["B"], r["D"], r["dtype"]),
-                          []).append(r)
+        return [], "matplotlib is not installed (pip install 'fastcdml[bench]'): no plots"
     files = []
     for (loss, variant, b, d, dtype), group in sorted(groups.items(), key=str):
-        if len({r["C"] for r in group}) < 2:
-            continue
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
         for impl in sorted({r["impl"] for r in group}):
             line = sorted((r for r in group if r["impl"] == impl), key=lambda r: r["C"])
@@ -382,10 +412,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", help="comma-separated implementations (default: the preset's, or every importable one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="input dtype (default: the preset's)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="two smallest sizes per loss, few repetitions (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test, under a minute on 2 cores: the smallest size per loss, few repetitions, every "
+                        "case in this process (so CPU memory is approximate unless --isolate), and no torch_compile "
+                        "unless --impl names it")
     p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="fresh subprocesses per case (default: on for CPU, where memory is exact only so; off for CUDA)")
+                   help="fresh subprocesses per case (default: on for CPU, where memory is exact only so, except "
+                        "with --quick; off for CUDA)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case (default 1800)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parts", default="time,memory", help=argparse.SUPPRESS)
@@ -405,17 +439,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
     args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    isolate = (device.type == "cpu" and not args.quick) if args.isolate is None else args.isolate
     cases, skipped = plan(args, device)
     env = environment(device)
     started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
-    load0 = round(os.getloadavg()[0], 2)  # other work on the machine, at the start and the end
+    cores = cores_used(device)
+    load0, warned = load_check(cores)  # before the first case: the other work on the machine
+    if warned:
+        print(f"bench: warning: the 1-minute load average is {load0}, more than the {cores} cores this benchmark "
+              "uses: other work will compete with it and inflate the timings (rows measured so are marked *)",
+              file=sys.stderr)
     for s in skipped:
         print(f"skip {s['loss']} {s['impl']}: {s['reason']}", file=sys.stderr)
     rows = []
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr)
     for case in bar:
         bar.set_postfix_str(case.label())
+        load, loaded = load_check(cores)
+        if loaded and not warned:
+            warned = True
+            bar.write(f"bench: warning: the 1-minute load average rose to {load}, more than the {cores} cores this "
+                      "benchmark uses; rows measured so are marked *", file=sys.stderr)
         if device.type == "cuda" and not isolate:
             gc.collect()  # the previous case's tensors (also after an OOM) go back to the device
             torch.cuda.empty_cache()
@@ -426,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append({**asdict(case), "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"})
             bar.write(f"failed {case.label()}: {skipped[-1]['reason']}", file=sys.stderr)
             continue
-        fields = {**asdict(case), **env, "mode": MODE, **result}
+        fields = {**asdict(case), **env, "mode": MODE, **result, "load_1min": load, "loaded": loaded}
         rows.append({k: fields[k] for k in ROW_FIELDS})
     wall_s = time.perf_counter() - t0
     out = Path(args.out)
@@ -437,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(), "git": _git(), "backends": backends(),
             "runs": [{"command": " ".join(["python -m bench", *argv]), "preset": args.preset,
                       "isolated": isolate, "quick": args.quick, "started": started, "wall_s": round(wall_s, 1),
-                      "load_avg_1min": [load0, round(os.getloadavg()[0], 2)], "skipped": skipped}]}
+                      "load_avg_1min": [load0, load_check(cores)[0]], "cores_used": cores,
+                      "loaded_rows": sum(r["loaded"] for r in rows), "skipped": skipped}]}
     path = out / f"{stem}.json"
     merged, meta = merge(path, rows, meta)
     files, note = plot(merged, out, stem)
@@ -448,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note {impl}: {impls.NOTES[impl]}")
     for s in skipped:
         print(f"skipped {s.get('loss')} {s.get('impl')}: {s['reason']}")
+    if any(r["loaded"] for r in rows):
+        print(f"warning: {sum(r['loaded'] for r in rows)} of {len(rows)} rows were measured while the 1-minute "
+              f"load average exceeded the {cores} cores the benchmark used (marked *)", file=sys.stderr)
     print(f"wrote {path} ({len(rows)} rows this run, {len(merged)} in the file) and {len(files)} plots"
           + (f"; {note}" if note else "") + f" in {wall_s:.0f} s")
     return 0 if rows or not cases else 1

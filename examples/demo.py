@@ -362,7 +362,7 @@ def plot(out: Path, runs: dict[str, Run], untrained: nn.Module, test_split: Spli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("fastcdml-demo"), help="output folder (created)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)

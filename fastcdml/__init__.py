@@ -8,8 +8,7 @@ metrics) and ``fastcdml.datasets`` (CUB, Cars196, SOP, In-Shop, an m-per-class s
 import importlib
 
 from . import distributed, functional, ops, reference
-from ._backend import BackendUnavailable, available as backends
-from ._extension import load as _load_extension
+from ._backend import BackendUnavailable, available as backends, load_extension
 from .losses import (
     ArcFaceLoss,
     CenterContrastiveLoss,
@@ -21,7 +20,7 @@ from .losses import (
 )
 from .params import BayesianParams, CenterParams
 
-_load_extension()  # registers the C++ CPU kernels against the op schemas, if the extension is built
+load_extension(build=False)  # registers the C++ CPU kernels if built; compiling waits for the first CPU op
 
 __version__ = "0.1.0"
 _LAZY = ("evaluation", "datasets")

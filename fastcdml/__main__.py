@@ -7,7 +7,6 @@ where to get them.
 from __future__ import annotations
 
 import argparse
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -26,9 +25,8 @@ def info() -> int:
     import fastcdml
     from fastcdml import _extension
 
-    ext = _extension.load()
     print(f"fastcdml {fastcdml.__version__}  torch {torch.__version__}  cuda available: {torch.cuda.is_available()}")
-    print(f"C++ extension ({ext.origin}): {json.dumps(ext.module.build_info()) if ext.module else ext.reason}")
+    print(f"C++ extension: {_extension.describe()}")
     for key, backends in fastcdml.backends().items():
         print(f"  {key:10s} " + "  ".join(f"{name}: {why}" for name, why in backends.items()))
     return 0
@@ -65,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("compile-check", help="compile every Triton kernel for sm_90a, sm_80 and sm_86 without a GPU "
                    "(`fastcdml compile-check --help`)", add_help=False)
     for name, (about, _) in TOOLS.items():
-        sub.add_parser(name, help=f"{about} (source checkout; `fastcdml {name} --help`)", add_help=False)
+        sub.add_parser(name, help=f"{about} (in a source checkout; options: fastcdml {name} --help)",
+                       add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:

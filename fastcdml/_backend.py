@@ -12,8 +12,6 @@ import ``torch._dynamo``; ``tests/test_compile.py`` fails if the marker stops wo
 from __future__ import annotations
 
 import importlib.util
-import sys
-import warnings
 from functools import lru_cache
 
 import torch
@@ -119,6 +117,13 @@ _INSTANCES = {
 }
 
 
+def load_extension(build: bool = True):
+    """``(module, None)`` or ``(None, reason)``: the C++ CPU kernels, prebuilt or compiled on first use
+    (``build=False``: never compile); see :mod:`fastcdml._extension`."""
+    ext, _, reason = _extension.load(build)
+    return ext, reason
+
+
 def _triton_reason(loss: str, device_type: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -134,9 +139,9 @@ def _triton_reason(loss: str, device_type: str) -> str | None:
 def _cpp_reason(loss: str, device_type: str) -> str | None:
     if device_type != "cpu":
         return f"the C++ backend runs on CPU tensors, got a {device_type} tensor"
-    ext = _extension.load()
-    if ext.module is None:
-        return ext.reason
+    ext, reason = load_extension()
+    if ext is None:
+        return reason
     if not has_kernel(MAIN, _FIRST_OP[loss], "CPU"):
         return f"fastcdml._C has no CPU kernel for {loss}"
     return None
@@ -164,19 +169,9 @@ def _resolve_name(backend: str, loss: str, device_type: str) -> str:
     reason = unavailable_reason(preferred, loss, device_type)
     if reason is None:
         return preferred
-    warnings.warn(f"fastcdml: {loss} on {device_type} tensors runs on the PyTorch reference (slower, more memory): "
-                  f"{reason}", stacklevel=_user_stacklevel())
+    _extension.warn_user(f"fastcdml: {loss} on {device_type} tensors runs on the PyTorch reference (slower, "
+                         f"more memory): {reason}")
     return "reference"
-
-
-def _user_stacklevel() -> int:
-    """The stack level of the first frame outside fastcdml (and torch's module call machinery), so that a
-    warning points at the user's line."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] in ("fastcdml", "torch",
-                                                                                      "functools")):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _resolve_key(backend: str, loss: str, device_type: str) -> tuple[str, str | None]:

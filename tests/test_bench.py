@@ -147,3 +147,52 @@ def test_report_regenerates_readmes(tmp_path):
     top.write_text("no markers\n")
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert top.read_text() == "no markers\n" and "markers" in proc.stderr
+
+
+def _sweep(tmp_path, *extra):
+    return bench.main(["--loss", "ccl", "--impl", "reference", "--sizes", "8x16x8", "--quick", "--device", "cpu",
+                       "--out", str(tmp_path), *extra])
+
+
+def test_a_loaded_machine_is_warned_recorded_and_marked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    assert _sweep(tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "warning: the 1-minute load average is 99.0, more than the" in err and "marked *" in err
+    data = _results(tmp_path)
+    (row,) = data["rows"]
+    assert row["loaded"] is True and row["load_1min"] == 99.0
+    assert data["meta"]["runs"][0]["loaded_rows"] == 1
+    assert data["meta"]["runs"][0]["cores_used"] == torch.get_num_threads()
+    text, markdown = bench.table(data["rows"]), bench.table(data["rows"], markdown=True)
+    assert " *" in text and bench.LOADED_NOTE in text and bench.LOADED_NOTE in markdown
+    # the generated pages carry the mark and the note
+    page = tmp_path / "bench.md"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), "--results", str(tmp_path),
+                    "--readme", str(page), "--top-readme", str(tmp_path / "none.md")], check=True,
+                   capture_output=True, text=True)
+    assert " * |" in page.read_text() and bench.LOADED_NOTE in page.read_text()
+    assert "1 rows measured while it exceeded the" in page.read_text()
+
+
+def test_an_idle_machine_marks_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert _sweep(tmp_path) == 0
+    assert "load average" not in capsys.readouterr().err
+    (row,) = _results(tmp_path)["rows"]
+    assert row["loaded"] is False and row["load_1min"] == 0.0
+    assert bench.LOADED_NOTE not in bench.table([row])
+
+
+def test_quick_runs_the_smallest_size_per_loss_in_process(tmp_path, monkeypatch):
+    args = bench._parser().parse_args(["--quick", "--impl", "fastcdml,reference", "--device", "cpu"])
+    args.preset = "cpu"
+    cases, _ = bench.plan(args, torch.device("cpu"))
+    assert {(c.loss, c.impl) for c in cases} == {(l, i) for l in ("ccl", "cbml") for i in ("fastcdml", "reference")}
+    assert len(cases) == 4  # one size each
+    args = bench._parser().parse_args(["--quick", "--device", "cpu"])
+    args.preset = "cpu"
+    assert "torch_compile" not in {c.impl for c in bench.plan(args, torch.device("cpu"))[0]}
+    monkeypatch.setattr(bench, "measure_isolated", lambda *a, **k: pytest.fail("--quick must not start workers"))
+    assert _sweep(tmp_path) == 0
+    assert _results(tmp_path)["meta"]["runs"][0]["isolated"] is False

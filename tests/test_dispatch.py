@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import fastcdml
-from fastcdml import _backend
+from fastcdml import _backend, _extension
 from fastcdml.functional import center_contrastive_loss, contrastive_bayesian_loss
 
 
 @pytest.fixture
 def fresh_cache():
     _backend._resolve_name.cache_clear()
+    _extension._WARNED.clear()  # the fallback warning is given once per message
     yield
     _backend._resolve_name.cache_clear()
 
