@@ -23,7 +23,7 @@ writes ``results.json``, ``results.md``, ``loss_curves.png`` and ``embeddings.pn
 test embeddings) to ``--out``. ``--sweep`` adds a CCL sweep of ``center_weight`` × ``margin`` over three seeds
 (about three more minutes of CPU).
 
-Needs scikit-learn and pytorch-metric-learning (``pip install fastcdml[demo]``); the plots need matplotlib and
+Needs scikit-learn and pytorch-metric-learning (``pip install 'fastcdml[demo]'``); the plots need matplotlib and
 are skipped without it. Deterministic for a given ``--seed`` and ``--threads`` (default 1: faster than several
 threads for a network this small, and the same numbers on every machine with the same torch build). PML's
 sampler draws from numpy's global generator, which is therefore seeded before each run.

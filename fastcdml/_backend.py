@@ -169,8 +169,8 @@ def _resolve_name(backend: str, loss: str, device_type: str) -> str:
     reason = unavailable_reason(preferred, loss, device_type)
     if reason is None:
         return preferred
-    _extension.warn_user(f"fastcdml: {loss} on {device_type} tensors runs on the PyTorch reference (slower, "
-                         f"more memory): {reason}")
+    _extension.warn_user(f"fastcdml: {device_type} tensors fall back to the PyTorch reference (slower, more "
+                         f"memory): {reason}")
     return "reference"
 
 

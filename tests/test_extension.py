@@ -106,7 +106,7 @@ def test_fallback_warns_once_at_the_users_line(monkeypatch):
     """Unavailable C++ kernels: the reference runs both losses, with a single warning pointing here."""
     monkeypatch.setattr(_extension, "_STATE", (None, "unavailable", "simulated: no compiler. Fix: install one"))
     monkeypatch.setattr(_extension, "_WARNED", set())
-    _backend._resolve.cache_clear()
+    _backend._resolve_name.cache_clear()
     x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -117,7 +117,7 @@ def test_fallback_warns_once_at_the_users_line(monkeypatch):
         with pytest.raises(fastcdml.BackendUnavailable, match="simulated: no compiler"):
             contrastive_bayesian_loss(x, y, backend="cpp")
     finally:
-        _backend._resolve.cache_clear()
+        _backend._resolve_name.cache_clear()
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert caught[0].filename == __file__
     assert "falls back" in str(caught[0].message) or "fall back" in str(caught[0].message)
