@@ -181,8 +181,8 @@ class _Session:
         from fastcdml.kernels import _device
 
         t = self.target
-        _device.limits = lambda device: _device.Limits(t.sms, t.smem_per_block, t.smem_per_sm, 65536,
-                                                       t.threads_per_sm)
+        _device.limits = lambda device: _device.Limits(t.capability, t.sms, t.smem_per_block, t.smem_per_sm,
+                                                       65536, t.threads_per_sm)
         _device.resources = lambda kernel: (self.kernels[kernel.hash]["regs"] or 255,
                                             kernel.metadata.shared)
 
@@ -206,7 +206,8 @@ class _Session:
             md = kernel.metadata
             ptx = kernel.asm.get("ptx", "")
             row = dict(target=self.name, kernel=name, case=self.case, x=self.x_dtype, cases=0,
-                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not isinstance(v, (bool, float))),
+                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
+                                       if not isinstance(v, (bool, float))),
                        flags=" ".join(k for k, v in sorted(kwargs.items()) if v is True),
                        num_warps=md.num_warps, num_stages=md.num_stages, smem=md.shared,
                        smem_limit=self.target.smem_per_block, fits=md.shared <= self.target.smem_per_block,
