@@ -64,7 +64,19 @@ WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kern
                  "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
 SPILL_BUDGET = 512  # bytes of spill stores per thread
 MAX_COMPILE_S = 60.0
-OVER_BUDGET: dict[str, str] = {}  # kernel -> why its spills exceed SPILL_BUDGET (also in bench/NOTES.md)
+# Kernels allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, regular expression
+# that the config string must match, targets, reason).
+OVER_BUDGET: list[tuple[str, str, tuple[str, ...], str]] = [
+    ("_ccl_fwd_kernel", r"BLOCK_D=1024 DOT=(bf16|fp16)", ("sm_90a",),
+     "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=fp32 .*PREC=tf32 ", ("sm_90a",),
+     "'high' fp32 operands, 64 × 512 query tile: 1.1 KB; 32 rows would lose wgmma"),
+]
+
+
+def _allowed_over_budget(target: str, row: dict) -> bool:
+    return any(row["kernel"] == k and re.search(rx, row["config"] + " ") and target in ts
+               for k, rx, ts, _ in OVER_BUDGET)
 
 
 def cases(dims=DIMS) -> list[dict]:
@@ -331,7 +343,7 @@ def gates(result: dict) -> list[str]:
             if t["target"] == "sm_90a" and _wgmma_expected(row) and not row["wgmma"]:
                 bad.append(f"{where}: no wgmma")
             spill = row["spill_stores"] or 0
-            if spill > _spill_limit(row) and row["kernel"] not in OVER_BUDGET:
+            if spill > _spill_limit(row) and not (_spill_limit(row) and _allowed_over_budget(t["target"], row)):
                 bad.append(f"{where}: {spill} B spill stores > {_spill_limit(row)} B")
             if row["seconds"] > MAX_COMPILE_S:
                 bad.append(f"{where}: {row['seconds']} s to compile > {MAX_COMPILE_S} s")
