@@ -71,6 +71,15 @@ OVER_BUDGET: list[tuple[str, str, tuple[str, ...], str]] = [
      "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split"),
     ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=fp32 .*PREC=tf32 ", ("sm_90a",),
      "'high' fp32 operands, 64 × 512 query tile: 1.1 KB; 32 rows would lose wgmma"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=(bf16|fp16)", ("sm_90a", "sm_80"),
+     "64 rows × 512: the fp32 accumulator alone is 128 registers per thread at 8 warps; 1.1–1.9 KB, also with "
+     "the D split (it halves the accumulator but adds the PV operand tile)"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=128 DOT=fp32 .*PREC=tf32x3", ("sm_90a",),
+     "tf32x3 keeps hi and lo parts of both operands: 680 B at 64 × 128"),
+    ("_cbml_grad_query_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+     "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.5–0.7 KB"),
+    ("_cbml_grad_ref_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+     "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.7–1.1 KB"),
 ]
 
 
