@@ -642,14 +642,14 @@ def _config(D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype, device: torch.
     """Fixed heuristic blocks. BLOCK_B/N/D must be shared by every S-computing kernel of one call. 64 query rows:
     the M of a Hopper wgmma (top-K mode too: its key buffers live in global scratch, not registers); 8 warps:
     with 4, the 64×64 int64 key tile (top-K) and the 64×128 gradient accumulator spilled 0.3–1.1 KB per thread.
-    tf32x3 products (hi/lo operand parts) before Hopper: 32 rows (mma.sync keeps the operand fragments in
-    registers: 64 rows spilled 2.2–3.7 KB per thread on sm_86)."""
+    tf32x3 products (hi/lo operand parts) before Hopper: 32 rows and 64 gradient columns (mma.sync keeps the
+    operand fragments in registers: 64 rows spilled 2.2–3.7 KB per thread on sm_86)."""
     if interpreter_active():
         return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
     tf32x3 = ((x_dtype == torch.float32 or ref_dtype != x_dtype)
               and _FP32_PRECISION[torch.get_float32_matmul_precision()] == "tf32x3")
     rows = 32 if tf32x3 and _device.limits(device).capability < 90 else 64
-    return dict(BLOCK_B=rows, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(128, _pow2(D)), num_warps=8,
+    return dict(BLOCK_B=rows, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(2 * rows, _pow2(D)), num_warps=8,
                 num_stages=3)
 
 
