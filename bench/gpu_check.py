@@ -93,7 +93,8 @@ def stage_bench(out: Path, env: dict, dry: bool) -> tuple[str, bool]:
     log.write_text("")
     jobs = ([("ccl", "32x1000x64")] if dry else
             [(loss, size) for loss, sizes in PRESETS["gpu"].sizes.items() for size in sizes])
-    extra = ["--device", "cpu", "--impl", "fastcdml,reference", "--quick", "--no-isolate"] if dry else ["--preset", "gpu"]
+    extra = (["--device", "cpu", "--impl", "fastcdml,reference", "--quick", "--no-isolate"] if dry
+             else ["--preset", "gpu"])
     done, skipped, failed = [], [], []
     t_end = time.perf_counter() + BUDGET_S["bench"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ import torch
 
 
 class Limits(NamedTuple):
+    capability: int  # 10·major + minor, e.g. 90 for H100
     sms: int
     smem_per_block: int  # bytes a program may use (opt-in maximum)
     smem_per_sm: int  # bytes shared by the programs resident on one SM
@@ -25,7 +26,8 @@ class Limits(NamedTuple):
 def _cuda_limits(index: int) -> Limits:
     p = torch.cuda.get_device_properties(index)
     smem_sm = p.shared_memory_per_multiprocessor
-    return Limits(p.multi_processor_count, smem_sm - 1024, smem_sm, 65536, p.max_threads_per_multi_processor)
+    return Limits(10 * p.major + p.minor, p.multi_processor_count, smem_sm - 1024, smem_sm, 65536,
+                  p.max_threads_per_multi_processor)
 
 
 def limits(device: torch.device) -> Limits:

@@ -32,8 +32,9 @@ selections (ties, top-K threshold, minP/maxN indices) agree. With 16-bit inputs 
 that dtype (G is split into hi + lo 16-bit parts for the backward products); fp32 or mixed inputs use fp32
 operands with the precision ``torch.get_float32_matmul_precision()`` asks for: ``tf32x3`` (≈ fp32) for
 "highest", one tf32 product for "high" and "medium". Offsets that can pass 2³¹ (partial gradient slices
-``split·B·D``, top-K buffers ``split·B·KP``) are int64. Under the interpreter S is a broadcast sum (numpy's matmul gives unequal
-results for equal columns, which would break exact ties) and bf16 backward operands are upcast.
+``split·B·D``, top-K buffers ``split·B·KP``) are int64. Under the interpreter S is a broadcast sum (numpy's
+matmul gives unequal results for equal columns, which would break exact ties) and bf16 backward operands are
+upcast.
 Tuning: fixed heuristic blocks (``_config``); ``FASTCDML_AUTOTUNE=1`` times whole-pipeline candidates once per
 shape bucket (the blocks of all stages must agree, so per-kernel ``triton.autotune`` cannot be used).
 """
@@ -655,13 +656,18 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def _config(D: int) -> dict:
+def _config(D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype, device: torch.device) -> dict:
     """Fixed heuristic blocks. BLOCK_B/N/D must be shared by every S-computing kernel of one call. 64 query rows:
     the M of a Hopper wgmma (top-K mode too: its key buffers live in global scratch, not registers); 8 warps:
-    with 4, the 64×64 int64 key tile (top-K) and the 64×128 gradient accumulator spilled 0.3–1.1 KB per thread."""
+    with 4, the 64×64 int64 key tile (top-K) and the 64×128 gradient accumulator spilled 0.3–1.1 KB per thread.
+    tf32x3 products (hi/lo operand parts) before Hopper: 32 rows and 64 gradient columns (mma.sync keeps the
+    operand fragments in registers: 64 rows spilled 2.2–3.7 KB per thread on sm_86)."""
     if interpreter_active():
         return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(128, _pow2(D)), num_warps=8,
+    tf32x3 = ((x_dtype == torch.float32 or ref_dtype != x_dtype)
+              and _FP32_PRECISION[torch.get_float32_matmul_precision()] == "tf32x3")
+    rows = 32 if tf32x3 and _device.limits(device).capability < 90 else 64
+    return dict(BLOCK_B=rows, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(2 * rows, _pow2(D)), num_warps=8,
                 num_stages=3)
 
 
@@ -683,7 +689,7 @@ def _tuned_config(args: tuple, key: tuple) -> dict:
 
     if key not in _TUNED:
         D = args[0].shape[1]
-        heuristic = _config(D)
+        heuristic = _config(D, args[0].dtype, args[2].dtype, args[0].device)
         best = None
         for cand in (heuristic,) + _CANDIDATES:
             cand = dict(cand, BLOCK_D=min(cand["BLOCK_D"], _pow2(D)), BLOCK_DO=min(cand["BLOCK_DO"], _pow2(D)))
@@ -706,7 +712,7 @@ def cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, 
         key = (_pow2(x.shape[0]), _pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
                _pow2(top_k) if top_k else 0, grad_x, grad_ref, pair_mask is not None)
         return _run(*args, cfg=_tuned_config(args, key))
-    return _run(*args, cfg=_config(x.shape[1]))
+    return _run(*args, cfg=_config(x.shape[1], x.dtype, ref.dtype, x.device))
 
 
 def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:

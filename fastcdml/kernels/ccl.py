@@ -78,26 +78,21 @@ rounded to bf16 and then computed in fp32 (its bf16 ``tl.dot`` is wrong) and fp3
 path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
 where B·D, C·D or split·B·D can pass 2³¹.
 
-**Configs and tuning knobs.** ``FWD_CONFIGS`` maps the padded D (``BLOCK_D``) and the bank's element size to a
-``Config(rows, cols, dv_split, num_warps, num_stages, occupancy)``; the proxy-gradient kernel uses the same
-table with the roles of rows and columns swapped. The register budget is the constraint at large D: the fp32
-accumulator is ``rows × D/dv_split`` floats. D = 512 on H100: 64 rows × 512 fp32 is 128 KB, i.e. 128
-registers/thread with 8 warps (expected: two warpgroups, each holding 256 of the 512 columns — the PV accumulator
-split across warps, with no recomputation of ``s``), and 64 rows is the smallest M of a Hopper wgmma, so
-``BLOCK_B = 64, num_warps = 8``. Shared memory: x̂ (64×512 bf16 = 64 KB) plus a 32-row W tile (32 KB bf16,
-64 KB as fp32 before the cast) per stage; ``BLOCK_C = 32`` keeps two stages under the 227 KB limit for a bf16
-bank, one stage for an fp32 bank. ``dv_split = 2`` (two programs per row block, each recomputing ``s``:
-1.5× the FLOPs) is the alternative if the single-program layout spills; it is not the default.
-No timing exists yet (no GPU so far). Compiled offline for sm_90a (``triton.compile`` with a ``GPUTarget`` +
-``ptxas -v``, triton 3.9), forward loop without the epilogue: D=512 bf16 bank (64, 32, 1, 8 warps, 2 stages)
-255 registers, 324 B spilled, 128 KB smem; with ``dv_split=2`` 0 B spilled, 96 KB; 16 warps or 128 rows spill
-more. D=128 (64, 64, 3 stages): 452 B spilled with 4 warps, 52 B with 8 (hence 8). The fused epilogue adds
-spills (≈4 KB/thread at D=128), paid once per program, not per tile. If a config does not fit (``OutOfResources``),
-the launcher retries with fewer stages, then fewer columns, then fewer rows, and remembers what worked. ``config=``
-and ``split=`` (keyword-only) on the launchers override the heuristics; ``FASTCDML_AUTOTUNE=1`` autotunes the
-forward and proxy-gradient kernels over ``_TUNE_SPACE`` (never the in-place update). Under the interpreter: one
-small fixed config. Configs exist for D ≤ 1024; a larger D needs a K-loop over D for ``s`` (not implemented: it may not fit
-on a GPU).
+**Configs and tuning knobs.** ``FWD_CONFIGS`` (forward) and ``BWD_CONFIGS`` (proxy gradient, roles of rows and
+columns swapped) map (padded D, bank element size, product kind) to one ``Config(rows, cols, dv_split,
+num_warps, num_stages)`` per shared-memory class of ``SMEM_CLASSES`` (sm_90 227 KB, sm_80 163 KB, sm_86/89
+99 KB), so that the launcher's first choice fits the GPU it runs on. Shared memory is about
+``(rows + cols·stages)·D`` operand elements (fp32 bank tiles are staged as fp32; tf32x3 doubles the fp32
+operands); registers are dominated by the fp32 accumulator, ``rows × D/dv_split`` floats. Rows stay at 64 (the
+smallest M of a Hopper wgmma) wherever they fit, 8 warps from D = 128 (two warpgroups share the accumulator);
+past that, fewer columns and stages, the D split of the accumulator (``dv_split`` programs per row block, each
+recomputing ``s``: more FLOPs, fewer registers), and fewer rows last. The entries come from the offline compile
+check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``). If a
+config does not fit anyway (``OutOfResources``), the launcher retries along ``_shrink`` and remembers what worked.
+``config=`` and ``split=`` (keyword-only) on the launchers override the heuristics; ``FASTCDML_AUTOTUNE=1``
+autotunes the forward and proxy-gradient kernels over ``_TUNE_SPACE`` (never the in-place update). Under the
+interpreter: one small fixed config. Configs exist for D ≤ 1024; a larger D needs a K-loop over D for ``s``
+(not implemented).
 """
 from __future__ import annotations
 
@@ -140,34 +135,38 @@ C = Config
 # bytes); 64 rows wherever they fit (the M of a Hopper wgmma), then fewer columns and stages before fewer rows.
 # Offline compile figures per entry: bench/NOTES.md ("GPU-ready without a GPU").
 FWD_CONFIGS = {
-    (64, 2, "16"): (C(64, 128, 1, 4, 3),) * 3,
+    (64, 2, "16"): (C(64, 64, 1, 4, 3),) * 3,
     (64, 4, "16"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
     (128, 2, "16"): (C(64, 64, 1, 8, 3),) * 2 + (C(64, 64, 1, 8, 2),),
     (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
     (256, 2, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
     (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 1)),
-    (512, 2, "16"): (C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
-    (512, 4, "16"): (C(64, 16, 1, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
-    (1024, 2, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
-    (1024, 4, "16"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 4, 1)),
+    (512, 2, "16"): (C(64, 32, 2, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
+    (512, 4, "16"): (C(64, 32, 2, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
+    (1024, 2, "16"): (C(64, 16, 4, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
+    (1024, 4, "16"): (C(64, 16, 4, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
     (64, 4, "tf32"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
     (128, 4, "tf32"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
     (256, 4, "tf32"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
-    (512, 4, "tf32"): (C(64, 32, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
+    (512, 4, "tf32"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
     (1024, 4, "tf32"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
-    (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2),) * 2 + (C(64, 32, 1, 4, 2),),
-    (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2),) * 2 + (C(32, 32, 1, 8, 1),),
+    (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2), C(32, 64, 1, 4, 2), C(32, 32, 1, 4, 2)),  # mma.sync: 64 rows spill
+    (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 2), C(32, 32, 1, 8, 1)),
     (256, 4, "tf32x3"): (None,) * 3,  # 64 rows: 192 KB and 1.7 KB spilled per thread on sm_90a
     (512, 4, "tf32x3"): (None,) * 3,  # 5–11 KB spilled per thread at any row count that fits
     (1024, 4, "tf32x3"): (None,) * 3,
-    (256, 4, "ieee"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
+    (256, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
     (512, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
     (1024, 4, "ieee"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
 }
 # The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
 BWD_CONFIGS = {**FWD_CONFIGS,
+               (64, 2, "16"): (C(64, 64, 1, 4, 2),) * 3, (64, 4, "16"): (C(64, 64, 1, 4, 2),) * 3,
+               (256, 2, "16"): (C(64, 32, 1, 8, 2),) * 3,
                (512, 2, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
-               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1))}
+               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1)),
+               (256, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3, (512, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3,
+               (1024, 4, "ieee"): (C(16, 16, 2, 8, 1),) * 2 + (None,)}
 del C
 # Where a kind has no config: fp32-accurate tf32x3 gives way to fp32-accurate FMA products (silently), and a
 # kind that still does not fit to a less accurate one (with a warning).

@@ -64,7 +64,30 @@ WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kern
                  "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
 SPILL_BUDGET = 512  # bytes of spill stores per thread
 MAX_COMPILE_S = 60.0
-OVER_BUDGET: dict[str, str] = {}  # kernel -> why its spills exceed SPILL_BUDGET (also in bench/NOTES.md)
+# Kernels allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, regular expression
+# that the config string must match, targets, reason).
+OVER_BUDGET: list[tuple[str, str, tuple[str, ...], str]] = [
+    ("_ccl_fwd_kernel", r"BLOCK_D=1024 DOT=(bf16|fp16)", ("sm_90a",),
+     "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=fp32 .*PREC=tf32 ", ("sm_90a",),
+     "'high' fp32 operands, 64 × 512 query tile: 1.1 KB; 32 rows would lose wgmma"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=(bf16|fp16)", ("sm_90a", "sm_80", "sm_86"),
+     "64 rows × 512: the fp32 accumulator alone is 128 registers per thread at 8 warps; 1.1–1.9 KB, also with "
+     "the D split (it halves the accumulator but adds the PV operand tile)"),
+    ("_ccl_fwd_kernel", r"BLOCK_D=128 DOT=fp32 .*PREC=tf32x3", ("sm_90a",),
+     "tf32x3 keeps hi and lo parts of both operands: 680 B at 64 × 128"),
+    ("_cbml_stats_kernel", r"PRECISION=tf32x3 TOPK=1", ("sm_90a",),
+     "fp32 or mixed inputs at 'highest', top-K: hi/lo operand parts next to the 64 × 64 int64 key tile, 0.4–0.6 KB"),
+    ("_cbml_grad_query_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+     "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.5–0.7 KB"),
+    ("_cbml_grad_ref_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+     "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.7–1.1 KB"),
+]
+
+
+def _allowed_over_budget(target: str, row: dict) -> bool:
+    return any(row["kernel"] == k and re.search(rx, row["config"] + " ") and target in ts
+               for k, rx, ts, _ in OVER_BUDGET)
 
 
 def cases(dims=DIMS) -> list[dict]:
@@ -73,10 +96,10 @@ def cases(dims=DIMS) -> list[dict]:
     once):
 
     - CCL training step (forward + query gradient, proxy gradient, momentum update: both update modes' kernels)
-      for every (x, bank) dtype pair at D = 128 and the largest D ≤ 512, and for the main pairs (fp32 / bf16 /
-      fp16 queries with the fp32 bank, the bf16 bank) at every D; fp32 products at each
-      ``torch.set_float32_matmul_precision`` setting at D = 128 and 512; the fused-epilogue path (a batch that
-      fills the GPU, so no split of C) and the forward without gradient.
+      for every (x, bank) dtype pair at D = 128 and 512, and for fp32 and bf16 queries with the fp32 bank and
+      the bf16 bank at every D; fp32 products at each ``torch.set_float32_matmul_precision`` setting at D = 512
+      (at D = 128 "highest" only); the fused-epilogue path (a batch that fills the GPU, so no split of C) and
+      the forward without gradient.
     - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
       K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
       reference set without the batch; a mined-pair mask (adaptive and top-K).
@@ -85,9 +108,9 @@ def cases(dims=DIMS) -> list[dict]:
     out = []
     ccl = dict(loss="ccl", op="train", precision="highest", b=256, c=1000)
     for d in dims:
-        pairs = CCL_PAIRS if d in mid else (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))
+        pairs = CCL_PAIRS if d in mid else (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
         out += [dict(ccl, d=d, x=x, bank=w) for x, w in pairs]
-        if d in mid:
+        if d == mid[-1]:
             out += [dict(ccl, d=d, x="fp32", bank="fp32", precision=p) for p in PRECISIONS[1:]]
     out += [dict(ccl, op="fused", d=mid[0], x=x, bank=w, b=32768) for x, w in (("bf16", "fp32"), ("fp32", "fp32"))]
     out.append(dict(ccl, op="fused", d=mid[-1], x="bf16", bank="bf16", b=32768))
@@ -184,8 +207,8 @@ class _Session:
         from fastcdml.kernels import _device
 
         t = self.target
-        _device.limits = lambda device: _device.Limits(t.sms, t.smem_per_block, t.smem_per_sm, 65536,
-                                                       t.threads_per_sm)
+        _device.limits = lambda device: _device.Limits(t.capability, t.sms, t.smem_per_block, t.smem_per_sm,
+                                                       65536, t.threads_per_sm)
         _device.resources = lambda kernel: (self.kernels[kernel.hash]["regs"] or 255,
                                             kernel.metadata.shared)
 
@@ -209,7 +232,8 @@ class _Session:
             md = kernel.metadata
             ptx = kernel.asm.get("ptx", "")
             row = dict(target=self.name, kernel=name, case=self.case, x=self.x_dtype, cases=0,
-                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not isinstance(v, (bool, float))),
+                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
+                                       if not isinstance(v, (bool, float))),
                        flags=" ".join(k for k, v in sorted(kwargs.items()) if v is True),
                        num_warps=md.num_warps, num_stages=md.num_stages, smem=md.shared,
                        smem_limit=self.target.smem_per_block, fits=md.shared <= self.target.smem_per_block,
@@ -338,7 +362,7 @@ def gates(result: dict) -> list[str]:
             if t["target"] == "sm_90a" and _wgmma_expected(row) and not row["wgmma"]:
                 bad.append(f"{where}: no wgmma")
             spill = row["spill_stores"] or 0
-            if spill > _spill_limit(row) and row["kernel"] not in OVER_BUDGET:
+            if spill > _spill_limit(row) and not (_spill_limit(row) and _allowed_over_budget(t["target"], row)):
                 bad.append(f"{where}: {spill} B spill stores > {_spill_limit(row)} B")
             if row["seconds"] > MAX_COMPILE_S:
                 bad.append(f"{where}: {row['seconds']} s to compile > {MAX_COMPILE_S} s")
