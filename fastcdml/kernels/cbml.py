@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the Contrastive Bayesian loss (math: ``shared/spec/losses.md`` §2 and
+"""Fused Triton kernels for the Contrastive Bayesian loss (math: ``docs/spec.md`` and
 :mod:`fastcdml.reference.cbml`). No B×M matrix is ever stored; every stage recomputes ``S`` tile by tile.
 
 Reference set R = [x (B rows, if include_self)] ++ [ref (M rows)], n = |R|; column j of the self part is x_j,
