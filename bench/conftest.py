@@ -1,6 +1,6 @@
 """pytest-benchmark suite for CPU regression tracking: ``pytest bench/ --benchmark-only`` (not part of CI's test
-command). One training step, as ``python -m fastcdml bench`` defines it, at the C++ backend's target sizes
-(the ``cpu-targets`` preset); time only; peak memory is ``python -m fastcdml bench --preset cpu-targets``'s job."""
+command). One training step, as ``python -m bench`` defines it, at the C++ backend's target sizes
+(the ``cpu-targets`` preset); time only; peak memory is ``python -m bench --preset cpu-targets``'s job."""
 import pytest
 import torch
 
