@@ -57,6 +57,18 @@ class Backend:
         K > 1 each query moves the sub-center of its class it is most similar to."""
         raise NotImplementedError
 
+    def ccl_partials(self, x, labels, centers, params: CenterParams, compute_grad: bool
+                     ) -> ccl_reference.SlicePartials:
+        """The online-softmax partials of ``x`` over the bank slice ``centers`` (labels outside ``[0, C)`` belong
+        to other slices; ``fastcdml.reference.ccl.ccl_partials``), no autograd."""
+        raise NotImplementedError
+
+    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params: CenterParams
+                               ) -> torch.Tensor:
+        """``Σ_i g_i ∂L_i/∂W`` for the bank slice ``centers`` from the rows' global lse and 1 − p_y
+        (``fastcdml.reference.ccl.ccl_slice_centers_grad``)."""
+        raise NotImplementedError
+
     def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
              pair_mask=None) -> torch.Tensor:
         """The CBML loss ``Σ_i L_i / B`` (0-d) of ``x`` against ``[x if include_self] ++ ref`` (``ref`` (M, D),
@@ -79,6 +91,15 @@ class ReferenceBackend(Backend):
 
     def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
         return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum, sub_centers)
+
+    def ccl_partials(self, x, labels, centers, params, compute_grad):
+        return ccl_reference.ccl_partials(x, labels, centers, params.temperature, params.margin, compute_grad,
+                                          params.margin_type, params.sub_centers)
+
+    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
+        return ccl_reference.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params.temperature,
+                                                    params.margin, params.center_weight, params.margin_type,
+                                                    params.sub_centers)
 
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_reference.cbml_loss(
@@ -104,6 +125,13 @@ class FusedBackend(Backend):
     def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
         ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace, sub_centers=sub_centers)
         return centers
+
+    def ccl_partials(self, x, labels, centers, params, compute_grad):
+        return ccl_reference.SlicePartials(*ccl_ops.ccl_partials(x, labels, centers, params, compute_grad,
+                                                                 self.namespace))
+
+    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
+        return ccl_ops.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params, self.namespace)
 
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, pair_mask, self.namespace)

@@ -1,4 +1,4 @@
-"""Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``fastcdml::ccl_bwd_centers``, ``fastcdml::ccl_update_``.
+"""Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``ccl_fwd_partials``, ``ccl_bwd_centers``, ``ccl_update_``.
 
 Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
@@ -14,10 +14,20 @@ Schemas (every backend implements exactly these; the math is in ``docs/spec.md``
     autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32:
     logsumexp_j z_ij, kept for ∂L/∂W.  label_q (B,) fp32: 1 − p_{i,y_i}, summed off the label column so that it
     stays accurate as p_{i,y_i} → 1 (1 − exp(z_y − lse) in fp32 is rounding noise there), kept for ∂L/∂W.
+``ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, margin_type=0, sub_centers=1)
+-> (m, l, lo, ps, acc, c_y, row_y)``
+    The forward over one slice of a class-sharded bank, stopped before the epilogue: per query, the online-softmax
+    partials that combine across slices (``fastcdml.reference.ccl.ccl_partials`` gives the math and the combine).
+    A label in [0, C) is owned by the slice, any other label belongs to another slice (no NaN). m, l, lo, c_y
+    (B,) fp32; ps (B,) and acc (B, D) fp32 when ``compute_grad`` else (0,) and (0, D); row_y (B,) int64, the
+    owned label's argmax bank row or −1. An empty slice gives m = −inf and zero sums. Not differentiable.
 ``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-sub_centers=1, label_q=None) -> grad_centers``
+sub_centers=1, label_q=None, foreign_labels=False) -> grad_centers``
     grad_centers (C·K, D) fp32: Σ_i g_i ∂L_i/∂W (learnable-proxy mode); each class's gradient lands on the
     sub-center row that gave its max. Without ``label_q`` the label column's 1 − p is recomputed from lse.
+    ``foreign_labels``: ``centers`` is a slice of a sharded bank and ``lse``, ``label_q`` are the rows' global
+    values; a row whose label lies outside [0, C) still contributes its negatives (without it such a row, a NaN
+    loss row, contributes nothing); ``fastcdml.reference.ccl.ccl_slice_centers_grad``.
 ``ccl_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
     In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
     rows untouched), deterministic. With K > 1 each query moves the sub-center of its class it is most similar
@@ -34,8 +44,11 @@ from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
       "bool compute_grad, int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor, Tensor)"
+PARTIALS = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, bool compute_grad, " \
+           "int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad_rows, float temperature, " \
-              "float margin, float center_weight, int margin_type=0, int sub_centers=1, Tensor? label_q=None) -> Tensor"
+              "float margin, float center_weight, int margin_type=0, int sub_centers=1, Tensor? label_q=None, " \
+              "bool foreign_labels=False) -> Tensor"
 UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"
 
 
@@ -46,8 +59,16 @@ def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_gr
             x.new_empty(b, dtype=f32), x.new_empty(b, dtype=f32))
 
 
+def _partials_fake(x, labels, centers, temperature, margin, compute_grad, margin_type=0, sub_centers=1):
+    b, d = x.shape
+    n = b if compute_grad else 0
+    f32 = torch.float32
+    return (*(x.new_empty(b, dtype=f32) for _ in range(3)), x.new_empty(n, dtype=f32),
+            x.new_empty((n, d), dtype=f32), x.new_empty(b, dtype=f32), x.new_empty(b, dtype=torch.int64))
+
+
 def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                      sub_centers=1, label_q=None):
+                      sub_centers=1, label_q=None, foreign_labels=False):
     return centers.new_empty(centers.shape, dtype=torch.float32)
 
 
@@ -92,6 +113,12 @@ def _fwd_triton(*args):
     return kernels.ccl_fwd(*args)
 
 
+def _partials_triton(*args):
+    from ..kernels import ccl as kernels
+
+    return kernels.ccl_fwd_partials(*args)
+
+
 def _bwd_centers_triton(*args):
     from ..kernels import ccl as kernels
 
@@ -106,6 +133,7 @@ def _update_triton(*args):
 
 for _ns in namespaces():
     define(_ns, "ccl_fwd", FWD, _fwd_fake, _fwd_triton, _make_backward(_ns), _setup_context)
+    define(_ns, "ccl_fwd_partials", PARTIALS, _partials_fake, _partials_triton)
     define(_ns, "ccl_bwd_centers", BWD_CENTERS, _bwd_centers_fake, _bwd_centers_triton)
     define(_ns, "ccl_update_", UPDATE, _update_fake, _update_triton)
 
@@ -124,3 +152,20 @@ def ccl_update_(centers, x, labels, momentum, namespace="fastcdml", *, sub_cente
     """In-place momentum update of a contiguous bank through ``namespace``'s ops."""
     getattr(torch.ops, namespace).ccl_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum,
                                               sub_centers)
+
+
+def ccl_partials(x, labels, centers, params: CenterParams, compute_grad, namespace="fastcdml"):
+    """The fields of :class:`fastcdml.reference.ccl.SlicePartials` of ``x`` over the bank slice ``centers``
+    through ``namespace``'s ops (no autograd)."""
+    return getattr(torch.ops, namespace).ccl_fwd_partials(
+        x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(), params.temperature,
+        params.margin, compute_grad, params.margin_type, params.sub_centers)
+
+
+def ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params: CenterParams, namespace="fastcdml"):
+    """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32 for the bank slice ``centers`` given the rows' global lse and 1 − p_y
+    (``ccl_bwd_centers`` with ``foreign_labels``)."""
+    return getattr(torch.ops, namespace).ccl_bwd_centers(
+        x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(), lse.float().contiguous(),
+        grad_rows.float().contiguous(), params.temperature, params.margin, params.center_weight,
+        params.margin_type, params.sub_centers, label_q.float().contiguous(), True)

@@ -28,6 +28,7 @@ caller's input checks normally reject them first).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -97,6 +98,124 @@ def ccl_loss_rows(
     z = torch.where(is_y, t_y[:, None], c) / temperature
     loss = torch.logsumexp(z, dim=1) - t_y / temperature - 2.0 * center_weight * c_y
     return torch.where(valid, loss, torch.full_like(loss, float("nan")))
+
+
+class SlicePartials(NamedTuple):
+    """Online-softmax partials of B queries over one bank slice (:func:`ccl_partials`)."""
+
+    m: torch.Tensor  # (B,) max_j z_ij (−inf over an empty slice)
+    l: torch.Tensor  # (B,) Σ_j exp(z_ij − m_i)
+    lo: torch.Tensor  # (B,) the same sum without the label's column
+    ps: torch.Tensor  # (B,) Σ_j exp(z_ij − m_i)·c_ij, or (0,) without compute_grad
+    acc: torch.Tensor  # (B, D) Σ_j exp(z_ij − m_i)·W_{jK+k*_ij}, or (0, D) without compute_grad
+    c_y: torch.Tensor  # (B,) the label's class cosine where the slice owns it, else 0
+    row_y: torch.Tensor  # (B,) int64: the label's bank row y_i·K + k*_i where the slice owns it, else −1
+
+
+def ccl_partials(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    temperature: float = 0.05,
+    margin: float = 0.1,
+    compute_grad: bool = True,
+    margin_type: int = ADDITIVE_COSINE,
+    sub_centers: int = 1,
+    chunk: int | None = None,
+) -> SlicePartials:
+    """What the loss needs from one slice of the bank, for every query (no gradient flows through it).
+
+    ``centers`` (C·K, D) is a slice of a larger bank and ``labels`` index it: a label in ``[0, C)`` is owned by
+    the slice (its column carries the target transform), any other label belongs to another slice (the row only
+    has negatives here). With ``z_ij`` as in the module docstring over the slice's classes, the partials of
+    :class:`SlicePartials` combine across slices exactly as the online softmax of flash attention does: with
+    ``M = max_r m_r`` and ``e_r = exp(m_r − M)``, ``lse = M + log Σ_r e_r l_r``, ``1 − p_y = Σ_r e_r lo_r / Σ_r e_r l_r``,
+    ``Σ_j p_j W_j = Σ_r e_r acc_r / Σ_r e_r l_r`` and ``x̂·Σ_j p_j W_j = Σ_r e_r ps_r / Σ_r e_r l_r``; then
+    ``L = lse − t(c_y)/τ − 2λ c_y`` and the query gradient follow as in the single-bank kernels (``docs/spec.md``).
+    An empty slice gives ``m = −inf`` and zero sums. The classes are taken ``chunk`` at a time (default: B·chunk ≤
+    2²² logits), so memory is O(B·(D + chunk)); results in the computation dtype.
+    """
+    if sub_centers < 1 or centers.shape[0] % sub_centers:
+        raise ValueError(f"centers has {centers.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+    dtype = compute_dtype(x, centers)
+    xh = normalize_rows(x.detach(), dtype)
+    b, d = xh.shape
+    num_classes = centers.shape[0] // sub_centers
+    own = (labels >= 0) & (labels < num_classes)
+    m = xh.new_full((b,), -math.inf)
+    l, lo, ps, c_y = xh.new_zeros(b), xh.new_zeros(b), xh.new_zeros(b), xh.new_zeros(b)
+    acc = xh.new_zeros(b, d)
+    row_y = torch.full((b,), -1, dtype=torch.int64, device=xh.device)
+    rows = torch.arange(b, device=xh.device)
+    step = chunk or max(1, (1 << 22) // max(b * sub_centers, 1))
+    for c0 in range(0, num_classes, step):
+        w = centers.detach()[c0 * sub_centers: (c0 + step) * sub_centers].to(dtype)
+        s = (xh @ w.t()).view(b, -1, sub_centers)
+        c, k = s.max(dim=2)
+        col = labels.long() - c0
+        hit = own & (col >= 0) & (col < c.shape[1])
+        c_y[hit] = c[rows[hit], col[hit]]
+        row_y[hit] = labels[hit].long() * sub_centers + k[rows[hit], col[hit]]
+        z = c.clone()
+        z[rows[hit], col[hit]] = target_logit(c[rows[hit], col[hit]], margin, margin_type)
+        z /= temperature
+        m_new = torch.maximum(m, z.max(dim=1).values)
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(z - m_new[:, None])
+        l = l * alpha + p.sum(dim=1)
+        p_off = p.clone()
+        p_off[rows[hit], col[hit]] = 0.0
+        lo = lo * alpha + p_off.sum(dim=1)
+        if compute_grad:
+            ps = ps * alpha + (p * c).sum(dim=1)
+            routed = torch.zeros_like(s).scatter_(2, k[:, :, None], p[:, :, None]).view(b, -1)
+            acc = acc * alpha[:, None] + routed @ w
+        m = m_new
+    if not compute_grad:
+        ps, acc = ps[:0], acc[:0]
+    return SlicePartials(m, l, lo, ps, acc, c_y, row_y)
+
+
+def ccl_slice_centers_grad(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor,
+    lse: torch.Tensor,
+    label_q: torch.Tensor,
+    grad_rows: torch.Tensor,
+    temperature: float = 0.05,
+    margin: float = 0.1,
+    center_weight: float = 1.0,
+    margin_type: int = ADDITIVE_COSINE,
+    sub_centers: int = 1,
+) -> torch.Tensor:
+    """``Σ_i g_i ∂L_i/∂W`` (C·K, D) for a slice ``centers`` of a larger bank, given each row's global ``lse`` and
+    ``label_q`` = 1 − p_{i,y_i} (from the combined :func:`ccl_partials`) and ``grad_rows`` g (B,)::
+
+        ∂L_i/∂c_ij = p_ij / τ off the label,   −t'(c_iy)·q_i / τ − 2λ at it,    p_ij = exp(z_ij − lse_i)
+
+    routed to the argmax sub-center row of each class (``∂c_ij/∂W_{jK+k*} = x̂_i``). Labels outside ``[0, C)`` belong
+    to other slices: their rows contribute their negatives only. In the computation dtype.
+    """
+    dtype = compute_dtype(x, centers)
+    xh = normalize_rows(x.detach(), dtype)
+    w = centers.detach().to(dtype)
+    b = xh.shape[0]
+    num_classes = w.shape[0] // sub_centers
+    s = (xh @ w.t()).view(b, num_classes, sub_centers)
+    c, k = s.max(dim=2)
+    own = (labels >= 0) & (labels < num_classes)
+    rows, cols = torch.nonzero(own).squeeze(1), labels[own].long()
+    c_y = c[rows, cols]
+    t_y = target_logit(c_y, margin, margin_type)
+    dt_y = torch.func.grad(lambda v: target_logit(v, margin, margin_type).sum())(c_y)
+    z = c.clone()
+    z[rows, cols] = t_y
+    coef = torch.exp(z / temperature - lse.to(dtype)[:, None]) / temperature
+    coef[rows, cols] = -dt_y * label_q.to(dtype)[own] / temperature - 2.0 * center_weight
+    coef = coef * grad_rows.to(dtype)[:, None]
+    routed = torch.zeros_like(s).scatter_(2, k[:, :, None], coef[:, :, None]).view(b, -1)
+    return routed.t() @ xh
 
 
 def subcenter_rows(centers: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, sub_centers: int) -> torch.Tensor:
