@@ -1,12 +1,14 @@
-// Center Contrastive Loss and its margin-softmax family, CPU kernels for fastcdml::ccl_fwd, ccl_bwd_centers and
-// ccl_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
+// Center Contrastive Loss and its margin-softmax family, CPU kernels for fastcdml::ccl_fwd, ccl_fwd_partials,
+// ccl_bwd_centers and ccl_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
 //
-// ccl_fwd streams the bank in chunks of chunk_size(D) classes (K sub-center rows each) per block of kRowBlock
-// queries: one GEMM gives the similarity tile, the class cosine is the max over each class's K columns (K = 1: the
-// tile itself), the label column gets the target transform, an online softmax (flash-attention style running
-// max / sum in fp32) turns the class tile into probabilities in place, and a second GEMM adds them, placed at
-// each class's argmax sub-center, times the chunk into the running Σ_j p_ij W_j, rescaled whenever the running
-// max moves. Memory: O(B·D + threads · kRowBlock · chunk · K), never B×C.
+// ccl_fwd and ccl_fwd_partials share one streaming pass (stream_bank): the bank in chunks of chunk_size(D) classes
+// (K sub-center rows each) per block of kRowBlock queries: one GEMM gives the similarity tile, the class cosine is
+// the max over each class's K columns (K = 1: the tile itself), the label column gets the target transform, an
+// online softmax (flash-attention style running max / sum in fp32) turns the class tile into probabilities in
+// place, and a second GEMM adds them, placed at each class's argmax sub-center, times the chunk into the running
+// Σ_j p_ij W_j, rescaled whenever the running max moves. ccl_fwd's epilogue turns the per-row results into the loss
+// and query gradient; ccl_fwd_partials returns them for combining across the slices of a sharded bank.
+// Memory: O(B·D + threads · kRowBlock · chunk · K), never B×C.
 #include "common.h"
 
 #include <torch/library.h>
@@ -109,8 +111,90 @@ void softmax_grad_row(float* s, int64_t n, float inv_tau, float lse, float coef)
   for (int64_t j = 0; j < n; ++j) s[j] = coef * fast_exp(s[j] * inv_tau - lse);
 }
 
+// The per-row results of streaming one block of rows ≤ kRowBlock queries over a whole bank (stream_bank), in
+// natural units z = logit/τ: m = max_j z_j, l = Σ_j e^{z_j − m}, lo = the same sum without the label's column,
+// acc (rows, D) = Σ_j e^{z_j − m} W_{jK+k*_j} (only with compute_grad), and for a label the bank owns (in [0, C))
+// its class cosine before the margin sy = c_y and its bank row ky = y·K + k*_y; sy = 0 and ky = −1 for any other
+// label. An empty bank (C = 0) leaves m = −inf and every sum 0.
+struct RowBlock {
+  int64_t r0 = 0, rows = 0;
+  std::vector<float> m, l, lo, sy;
+  std::vector<int64_t> ky;
+  Tensor acc;  // (kRowBlock, D) fp32; rows [0, rows) hold this block's sums when compute_grad
+};
+
+// The streaming pass shared by ccl_fwd and ccl_fwd_partials (the math: the comment at the top), one block of
+// kRowBlock queries per task of parallel_for; consume(block) then turns the block's RowBlock into the caller's
+// outputs, on the same thread (it writes only that block's rows).
+template <typename Consumer>
+void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64_t K, const TargetLogit& target,
+                 float inv_tau, bool compute_grad, const Consumer& consume) {
+  const int64_t B = xh.size(0), D = xh.size(1), C = centers.size(0) / K;
+  const int64_t CC = chunk_size(D), RB = kRowBlock;
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const auto f32 = xh.options();
+  parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
+    Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
+    RowBlock st;
+    st.m.resize(RB), st.l.resize(RB), st.lo.resize(RB), st.sy.resize(RB), st.ky.resize(RB);
+    st.acc = at::empty({RB, D}, f32);
+    std::vector<float> alpha(RB), cls(K > 1 ? RB * CC : 0);
+    std::vector<int64_t> arg(K > 1 ? RB * CC : 0);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
+      st.r0 = r0, st.rows = rb;
+      const Tensor xb = xh.narrow(0, r0, rb);
+      Tensor accb = st.acc.narrow(0, 0, rb);
+      if (compute_grad) accb.zero_();
+      std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(st.l.begin(), st.l.end(), 0.f);
+      std::fill(st.lo.begin(), st.lo.end(), 0.f);
+      std::fill(st.sy.begin(), st.sy.end(), 0.f);
+      std::fill(st.ky.begin(), st.ky.end(), -1);
+      for (int64_t c0 = 0; c0 < C; c0 += CC) {
+        const int64_t cc = std::min(CC, C - c0);
+        const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
+        Tensor s = tile(sbuf, rb, cc * K);
+        at::mm_out(s, xb, wc.t());
+        float* sp = s.data_ptr<float>();
+        float* cp = K == 1 ? sp : cls.data();
+        if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
+        for (int64_t r = 0; r < rb; ++r) {
+          float* row = cp + r * cc;
+          const int64_t yi = yp[r0 + r];
+          const bool here = yi >= c0 && yi < c0 + cc;  // never for a label outside [0, C)
+          if (here) {
+            float dt;
+            st.sy[r] = row[yi - c0];
+            st.ky[r] = yi * K + (K > 1 ? arg[r * cc + yi - c0] : 0);
+            row[yi - c0] = target(st.sy[r], &dt);
+          }
+          float chunk_sum;
+          alpha[r] = online_softmax_row(row, cc, inv_tau, st.m[r], st.l[r], chunk_sum);
+          if (here) {  // the same sum without the label's term, added up again rather than subtracted
+            chunk_sum = 0.f;
+            for (int64_t j = 0; j < cc; ++j)
+              if (j != yi - c0) chunk_sum += row[j];
+          }
+          st.lo[r] = st.lo[r] * alpha[r] + chunk_sum;
+        }
+        if (compute_grad) {
+          float* ap = accb.data_ptr<float>();
+          for (int64_t r = 0; r < rb; ++r)
+            if (alpha[r] != 1.f)
+              for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
+          if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
+          accb.addmm_(s, wc);
+        }
+      }
+      consume(static_cast<const RowBlock&>(st));
+    }
+  });
+}
+
 // Outputs (loss, grad, lse, label_q) with label_q = 1 − p_{i,y_i} = (Σ_{j≠y} e^{z_j − m}) / l: the off-label sum is
 // kept on its own so that it stays accurate when p_y → 1 (where 1 − exp(z_y − lse) would be rounding noise).
+// The epilogue of stream_bank: L = m + log l − t(c_y)/τ − 2λ c_y, and the query gradient from acc.
 std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels,
                                                    const Tensor& centers_in, double temperature, double margin,
                                                    double center_weight, bool compute_grad, int64_t margin_type,
@@ -129,98 +213,97 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Ten
 
   const float inv_tau = static_cast<float>(1.0 / temperature);
   const float lam2 = static_cast<float>(2.0 * center_weight);
-  const int64_t CC = chunk_size(D), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* xhp = xh.data_ptr<float>();
   const float* nrm = norm.data_ptr<float>();
 
-  parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
-    Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32), acc = at::empty({RB, D}, f32);
+  stream_bank(xh, y, centers, K, target, inv_tau, compute_grad, [&](const RowBlock& st) {
+    const int64_t r0 = st.r0;
+    float* lossp = loss.data_ptr<float>() + r0;
+    float* lsep = lse.data_ptr<float>() + r0;
+    float* qp = label_q.data_ptr<float>() + r0;
     Tensor wy = at::empty({D}, f32);
-    std::vector<float> m(RB), l(RB), lo(RB), sy(RB), alpha(RB), cls(K > 1 ? RB * CC : 0);
-    std::vector<int64_t> ky(RB), arg(K > 1 ? RB * CC : 0);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
-      const Tensor xb = xh.narrow(0, r0, rb);
-      Tensor accb = acc.narrow(0, 0, rb);
-      if (compute_grad) accb.zero_();
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(lo.begin(), lo.end(), 0.f);
-      std::fill(sy.begin(), sy.end(), std::numeric_limits<float>::quiet_NaN());
-      for (int64_t c0 = 0; c0 < C; c0 += CC) {
-        const int64_t cc = std::min(CC, C - c0);
-        const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
-        Tensor s = tile(sbuf, rb, cc * K);
-        at::mm_out(s, xb, wc.t());
-        float* sp = s.data_ptr<float>();
-        float* cp = K == 1 ? sp : cls.data();
-        if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
-        for (int64_t r = 0; r < rb; ++r) {
-          float* row = cp + r * cc;
-          const int64_t yi = yp[r0 + r];
-          const bool here = yi >= c0 && yi < c0 + cc;
-          if (here) {
-            float dt;
-            sy[r] = row[yi - c0];
-            ky[r] = yi * K + (K > 1 ? arg[r * cc + yi - c0] : 0);
-            row[yi - c0] = target(sy[r], &dt);
-          }
-          float chunk_sum;
-          alpha[r] = online_softmax_row(row, cc, inv_tau, m[r], l[r], chunk_sum);
-          if (here) {  // the same sum without the label's term, added up again rather than subtracted
-            chunk_sum = 0.f;
-            for (int64_t j = 0; j < cc; ++j)
-              if (j != yi - c0) chunk_sum += row[j];
-          }
-          lo[r] = lo[r] * alpha[r] + chunk_sum;
-        }
-        if (compute_grad) {
-          float* ap = accb.data_ptr<float>();
-          for (int64_t r = 0; r < rb; ++r)
-            if (alpha[r] != 1.f)
-              for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
-          if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
-          accb.addmm_(s, wc);
-        }
+    for (int64_t r = 0; r < st.rows; ++r) {
+      const int64_t yi = yp[r0 + r];
+      const bool valid = yi >= 0 && yi < C;
+      float dt;
+      const float t = target(st.sy[r], &dt);
+      lsep[r] = st.m[r] + std::log(st.l[r]);
+      qp[r] = st.lo[r] / st.l[r];
+      lossp[r] = valid ? lsep[r] - t * inv_tau - lam2 * st.sy[r] : std::numeric_limits<float>::quiet_NaN();
+      if (!compute_grad) continue;
+      float* g = grad.data_ptr<float>() + (r0 + r) * D;
+      if (!valid) {  // the loss row is NaN by contract; it contributes no gradient (as in the reference)
+        std::fill(g, g + D, 0.f);
+        continue;
       }
-      float* lossp = loss.data_ptr<float>() + r0;
-      float* lsep = lse.data_ptr<float>() + r0;
-      float* qp = label_q.data_ptr<float>() + r0;
-      for (int64_t r = 0; r < rb; ++r) {
-        const int64_t yi = yp[r0 + r];
-        const bool valid = yi >= 0 && yi < C;
-        float dt;
-        const float t = target(sy[r], &dt);
-        lsep[r] = m[r] + std::log(l[r]);
-        qp[r] = lo[r] / l[r];
-        lossp[r] = valid ? lsep[r] - t * inv_tau - lam2 * sy[r] : std::numeric_limits<float>::quiet_NaN();
-        if (!compute_grad) continue;
-        float* g = grad.data_ptr<float>() + (r0 + r) * D;
-        if (!valid) {  // the loss row is NaN by contract; it contributes no gradient (as in the reference)
-          std::fill(g, g + D, 0.f);
-          continue;
-        }
-        // g = acc/(l τ) + a W_{y k*},  a = (−1 − (t' − 1) q)/τ − 2λ: the chain rule through t at the label
-        const float a_y = (-1.f - (dt - 1.f) * qp[r]) * inv_tau - lam2;
-        wy.copy_(centers[ky[r]]);
-        const float* wyp = wy.data_ptr<float>();
-        const float* a = accb.data_ptr<float>() + r * D;
-        const float scale = inv_tau / l[r];
-        for (int64_t k = 0; k < D; ++k) g[k] = a[k] * scale + a_y * wyp[k];
-        normalize_backward_row(g, xhp + (r0 + r) * D, nrm[r0 + r], D);
-      }
+      // g = acc/(l τ) + a W_{y k*},  a = (−1 − (t' − 1) q)/τ − 2λ: the chain rule through t at the label
+      const float a_y = (-1.f - (dt - 1.f) * qp[r]) * inv_tau - lam2;
+      wy.copy_(centers[st.ky[r]]);
+      const float* wyp = wy.data_ptr<float>();
+      const float* a = st.acc.data_ptr<float>() + r * D;
+      const float scale = inv_tau / st.l[r];
+      for (int64_t k = 0; k < D; ++k) g[k] = a[k] * scale + a_y * wyp[k];
+      normalize_backward_row(g, xhp + (r0 + r) * D, nrm[r0 + r], D);
     }
   });
   return {loss, grad, lse, label_q};
 }
 
+// The forward over one slice of a class-sharded bank, stopped before the epilogue (fastcdml/reference/ccl.py
+// ccl_partials): stream_bank's per-row results as they are, labels outside [0, C) belonging to other slices.
+// Outputs (m, l, lo, ps, acc, c_y, row_y). ps = Σ_j e^{z_j − m} c_j is computed after the pass as x̂·acc (c_j =
+// x̂·W_{jK+k*_j}, so the two are equal up to rounding) rather than accumulated, so the streaming pass is unchanged.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ccl_fwd_partials(
+    const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, double temperature, double margin,
+    bool compute_grad, int64_t margin_type, int64_t sub_centers) {
+  check_centers(x_in, centers_in);
+  const TargetLogit target(margin_type, margin);
+  const int64_t K = check_sub_centers(centers_in, sub_centers);
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  const Tensor y = check_labels(labels, B, "labels");
+  const Tensor centers = centers_in.contiguous();
+  const Tensor xh = normalize_rows(x_in).first;
+  const auto f32 = xh.options();
+  const int64_t n = compute_grad ? B : 0;
+  Tensor m = at::empty({B}, f32), l = at::empty({B}, f32), lo = at::empty({B}, f32), c_y = at::empty({B}, f32);
+  Tensor ps = at::empty({n}, f32), acc = at::empty({n, D}, f32);
+  Tensor row_y = at::empty({B}, f32.dtype(at::kLong));
+  if (B == 0) return {m, l, lo, ps, acc, c_y, row_y};
+
+  const float* xhp = xh.data_ptr<float>();
+  stream_bank(xh, y, centers, K, target, static_cast<float>(1.0 / temperature), compute_grad,
+              [&](const RowBlock& st) {
+                const int64_t r0 = st.r0, rb = st.rows;
+                std::copy_n(st.m.begin(), rb, m.data_ptr<float>() + r0);
+                std::copy_n(st.l.begin(), rb, l.data_ptr<float>() + r0);
+                std::copy_n(st.lo.begin(), rb, lo.data_ptr<float>() + r0);
+                std::copy_n(st.sy.begin(), rb, c_y.data_ptr<float>() + r0);
+                std::copy_n(st.ky.begin(), rb, row_y.data_ptr<int64_t>() + r0);
+                if (!compute_grad) return;
+                const float* a = st.acc.data_ptr<float>();
+                std::copy_n(a, rb * D, acc.data_ptr<float>() + r0 * D);
+                float* psp = ps.data_ptr<float>() + r0;
+                for (int64_t r = 0; r < rb; ++r) {
+                  const float* xr = xhp + (r0 + r) * D;
+                  float dot = 0.f;
+                  for (int64_t k = 0; k < D; ++k) dot += xr[k] * a[r * D + k];
+                  psp[r] = dot;
+                }
+              });
+  return {m, l, lo, ps, acc, c_y, row_y};
+}
+
 // ∂L/∂W_{jK+k*} = Σ_i g_i ∂L_i/∂c_ij x̂_i with ∂L_i/∂c_ij = p_ij/τ off the label and ((p_iy − 1) t' /τ − 2λ) at it,
 // parallel over class chunks (each task owns its rows of the output), rows of the batch in fixed blocks: G tile =
 // the recomputed softmax placed at each class's argmax sub-center, then dW_c += Gᵀ x̂_b.
+// foreign_labels: centers is one slice of a class-sharded bank and lse, label_q are the rows' global values; a
+// label outside [0, C) belongs to another slice, so its row has only negatives here, p_ij/τ·g_i on every column
+// (fastcdml/reference/ccl.py ccl_slice_centers_grad). Without it such a row has a NaN loss and no gradient.
 Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, const Tensor& lse_in,
                        const Tensor& grad_rows_in, double temperature, double margin, double center_weight,
-                       int64_t margin_type, int64_t sub_centers, const std::optional<Tensor>& label_q_in) {
+                       int64_t margin_type, int64_t sub_centers, const std::optional<Tensor>& label_q_in,
+                       bool foreign_labels) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
@@ -263,7 +346,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
-          if (yi < 0 || yi >= C) {  // NaN loss row: no gradient, as in the reference
+          if (!foreign_labels && (yi < 0 || yi >= C)) {  // NaN loss row: no gradient, as in the reference
             std::fill(row, row + cc, 0.f);
             continue;
           }
@@ -361,6 +444,7 @@ void ccl_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels
 
 TORCH_LIBRARY_IMPL(fastcdml, CPU, m) {
   m.impl("ccl_fwd", &ccl_fwd);
+  m.impl("ccl_fwd_partials", &ccl_fwd_partials);
   m.impl("ccl_bwd_centers", &ccl_bwd_centers);
   m.impl("ccl_update_", &ccl_update_);
 }

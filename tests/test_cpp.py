@@ -219,6 +219,8 @@ def _all_outputs():
     x, y, w = _ccl_inputs(200, 40, 3000, torch.bfloat16, torch.float32)
     out = list(ops.ccl_fwd(x, y, w, *HYPER, True))
     out.append(ops.ccl_bwd_centers(x, y, w, out[2], torch.randn(200), *HYPER))
+    out += ops.ccl_fwd_partials(x, y - 1000, w[:2000], 0.05, 0.1, True)  # a slice owning some labels
+    out.append(ops.ccl_bwd_centers(x, y - 1000, w[:2000], out[2], torch.randn(200), *HYPER, 0, 1, out[3], True))
     bank = w.clone()
     ops.ccl_update_(bank, x, y % 50, 0.9)
     out.append(bank)
@@ -250,6 +252,10 @@ def test_opcheck():
     lse = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[2]
     torch.library.opcheck(ops.ccl_bwd_centers.default, (x.detach(), y, w, lse, torch.randn(37), *HYPER))
     torch.library.opcheck(ops.ccl_update_.default, (w.clone(), x.detach(), y, 0.9))
+    torch.library.opcheck(ops.ccl_fwd_partials.default, (x.detach(), y - 100, w[:150], 0.05, 0.1, True, 1, 3))
+    lq = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[3]
+    torch.library.opcheck(ops.ccl_bwd_centers.default,
+                          (x.detach(), y - 100, w[:150], lse, torch.randn(37), *HYPER, 0, 1, lq, True))
     xb, yb, r, yr = _cbml_inputs(45, 60, 24, torch.float32, torch.float32)
     r.requires_grad_()
     hyper = (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 5, True, True)
@@ -289,3 +295,175 @@ def test_bad_inputs():
         ops.ccl_fwd(x.double(), y, w, *HYPER, True)
     with pytest.raises(ValueError, match="reference set is empty"):
         ops.cbml_fwd(x, y, x[:0], y[:0], None, False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 0, False, False)
+
+
+# ---------------------------------------------------------------- sharded bank: ccl_fwd_partials, foreign_labels
+
+ref_ccl = fastcdml.reference.ccl
+PARTIAL_SHAPES = [(1, 1, 1, 1), (37, 72, 203, 1), (70, 72, 1100, 1), (37, 24, 203, 3), (9, 72, 1100, 3)]  # B, D, C, K
+FAMILY = [(0.05, 0.1, 0), (0.1, 0.3, 1)]  # temperature, margin, margin_type
+PARTIAL_FIELDS = ("m", "l", "lo", "ps", "acc", "c_y")
+
+
+def _partial_labels(b, c, owned):
+    """Labels of a slice of c classes: all owned, none owned (negative and ≥ c), or a mix."""
+    if owned == "all":
+        return torch.randint(0, c, (b,))
+    if owned == "none":
+        y = torch.randint(0, 5, (b,))
+        return torch.where(torch.rand(b) < 0.5, -1 - y, c + y)
+    return torch.randint(-3, c + 3, (b,))
+
+
+def _check_partials(got, exp, low, dtype, what):
+    assert len(got) == 7 and got[6].dtype == torch.int64 and all(t.dtype == torch.float32 for t in got[:6])
+    for name, a, e, lw in zip(PARTIAL_FIELDS, got, exp, low):
+        assert_close(a, e, lw, dtype, f"partials {name} {what}")
+    assert torch.equal(got[6], exp.row_y), f"partials row_y {what}"
+
+
+@pytest.mark.parametrize("owned", ["all", "none", "mixed"])
+@pytest.mark.parametrize("family", FAMILY, ids=["cosine", "angular"])
+@pytest.mark.parametrize("shape", PARTIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ccl_partials_matches_reference(shape, family, owned):
+    b, d, c, k = shape
+    tau, margin, mt = family
+    for dtype, bank_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                              (torch.float16, torch.float32)):
+        x, w = torch.randn(b, d).to(dtype), unit_rows(c * k, d, bank_dtype)
+        y = _partial_labels(b, c, owned).to(torch.int32 if b % 2 else torch.int64)
+        hyper = (tau, margin, True, mt, k)
+        got = ops.ccl_fwd_partials(x, y, w, *hyper)
+        exp = ref_ccl.ccl_partials(x.double(), y, w.double(), *hyper)
+        low = ref_ccl.ccl_partials(x, y, w, *hyper)
+        tol = dtype if dtype != torch.float32 else bank_dtype
+        _check_partials(got, exp, low, tol, f"{shape} {family} {owned} {dtype} {bank_dtype}")
+        own = (y >= 0) & (y < c)
+        assert torch.equal(got[6] >= 0, own) and torch.equal(got[5][~own], torch.zeros(int((~own).sum())))
+
+
+@pytest.mark.parametrize("b", [0, 5])
+def test_ccl_partials_empty_slice_and_shapes(b):
+    d = 12
+    x, y = torch.randn(b, d), torch.randint(-2, 4, (b,))
+    for k in (1, 3):
+        for compute_grad in (True, False):
+            m, l, lo, ps, acc, c_y, row_y = ops.ccl_fwd_partials(x, y, torch.empty(0, d), 0.05, 0.1, compute_grad, 0, k)
+            n = b if compute_grad else 0
+            assert (m.shape, ps.shape, acc.shape, row_y.shape) == ((b,), (n,), (n, d), (b,))
+            assert torch.equal(m, torch.full((b,), float("-inf")))
+            for t in (l, lo, ps, acc, c_y):
+                assert torch.equal(t, torch.zeros_like(t))
+            assert torch.equal(row_y, torch.full((b,), -1))
+    # compute_grad=False on a real slice: the same m, l, lo, c_y, row_y, and empty ps / acc
+    w = unit_rows(30, d)
+    full = ops.ccl_fwd_partials(x, y, w, 0.05, 0.1, True)
+    part = ops.ccl_fwd_partials(x, y, w, 0.05, 0.1, False)
+    assert part[3].shape == (0,) and part[4].shape == (0, d)
+    for i in (0, 1, 2, 5, 6):
+        assert torch.equal(full[i], part[i])
+
+
+def _slices(c, cuts):
+    """[(start, stop)] of uneven slices of c classes at the given cut points (an empty slice allowed)."""
+    edges = [0, *cuts, c]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _dt(c, margin, mt):
+    return torch.func.grad(lambda v: ref_ccl.target_logit(v, margin, mt).sum())(c)
+
+
+@pytest.mark.parametrize("case", [(37, 72, 203, 1, (50, 51)), (70, 24, 1300, 3, (1100,)), (16, 8, 9, 2, (3, 3, 7))],
+                         ids=["3-slices", "2-slices-K3", "with-empty"])
+@pytest.mark.parametrize("family", FAMILY, ids=["cosine", "angular"])
+def test_ccl_partials_combine_to_loss(case, family):
+    """Partials of uneven slices, combined as the ccl_partials docstring says, give the loss rows of the whole
+    bank and (through acc and ps) the query gradient."""
+    b, d, c, k, cuts = case
+    tau, margin, mt = family
+    lam = 1.0
+    x, w = torch.randn(b, d), unit_rows(c * k, d)
+    y = torch.randint(0, c, (b,))
+    parts = [[t.double() for t in ops.ccl_fwd_partials(x, y - c0, w[c0 * k:c1 * k], tau, margin, True, mt, k)]
+             for c0, c1 in _slices(c, cuts)]
+    m, l, lo, ps, acc, c_y, row_y = (torch.stack([p[i] for p in parts]) for i in range(7))
+    big = m.max(0).values
+    e = torch.exp(m - big)
+    den = (e * l).sum(0)
+    lse, q = big + den.log(), (e * lo).sum(0) / den
+    cy = c_y.sum(0)  # only the owning slice has it
+    offsets = torch.tensor([c0 * k for c0, _ in _slices(c, cuts)], dtype=torch.float64)[:, None]
+    row = ((row_y + offsets) * (row_y >= 0)).sum(0).long()  # each slice's row_y is slice-local
+    assert torch.equal(row, ref_ccl.subcenter_rows(w, x, y, k))
+    loss = lse - ref_ccl.target_logit(cy, margin, mt) / tau - 2 * lam * cy
+
+    xd, wd = x.double().requires_grad_(), w.double()
+    rows = ref_ccl.ccl_loss_rows(xd, y, wd, tau, margin, lam, mt, k)
+    go = torch.randn(b, dtype=torch.float64)
+    (rows * go).sum().backward()
+    low = ref_ccl.ccl_loss_rows(x, y, w, tau, margin, lam, mt, k)
+    assert_close(loss, rows, low, torch.float32, "combined loss rows")
+
+    # ∂L/∂x̂ = Σ_j p_j W_j / τ + a_y W_{row}, a_y = (−1 − (t' − 1) q)/τ − 2λ, then the normalisation backward with
+    # x̂·∂L/∂x̂ = ps/(Σ e l)/τ + a_y c_y
+    a_y = (-1 - (_dt(cy, margin, mt) - 1) * q) / tau - 2 * lam
+    gh = (e[:, :, None] * acc).sum(0) / den[:, None] / tau + a_y[:, None] * wd[row]
+    dot = (e * ps).sum(0) / den / tau + a_y * cy
+    xh, nrm = ref_ccl.normalize_rows(xd.detach()), xd.detach().norm(dim=1)
+    gx = (gh - xh * dot[:, None]) / nrm[:, None] * go[:, None]
+    xl = x.clone().requires_grad_()
+    (ref_ccl.ccl_loss_rows(xl, y, w, tau, margin, lam, mt, k) * go.float()).sum().backward()
+    assert_close(gx, xd.grad, xl.grad, torch.float32, "combined query gradient")
+
+
+@pytest.mark.parametrize("case", [(37, 72, 203, 1, (50, 51)), (70, 24, 1300, 3, (1100,)), (16, 8, 9, 2, (3, 3, 7))],
+                         ids=["3-slices", "2-slices-K3", "with-empty"])
+@pytest.mark.parametrize("family", FAMILY, ids=["cosine", "angular"])
+def test_ccl_bwd_centers_foreign_labels(case, family):
+    """Each slice's gradient with foreign_labels vs ccl_slice_centers_grad, and their concatenation vs autograd of
+    the whole bank's loss."""
+    b, d, c, k, cuts = case
+    tau, margin, mt = family
+    lam = 0.5
+    x, w = torch.randn(b, d), unit_rows(c * k, d)
+    y = torch.randint(0, c, (b,))
+    g = torch.randn(b)
+    _, _, lse, q = ops.ccl_fwd(x, y, w, tau, margin, lam, False, mt, k)
+    p64 = ref_ccl.ccl_partials(x.double(), y, w.double(), tau, margin, False, mt, k)
+    lse64, q64 = p64.m + p64.l.log(), p64.lo / p64.l
+    hyper = (tau, margin, lam, mt, k)
+    grads = []
+    for c0, c1 in _slices(c, cuts):
+        ys, ws = y - c0, w[c0 * k:c1 * k]
+        got = ops.ccl_bwd_centers(x, ys, ws, lse, g, *hyper, q, True)
+        exp = ref_ccl.ccl_slice_centers_grad(x.double(), ys, ws.double(), lse64, q64, g.double(), *hyper)
+        low = ref_ccl.ccl_slice_centers_grad(x, ys, ws, lse, q, g, *hyper)
+        assert got.shape == ws.shape and got.dtype == torch.float32
+        assert_close(got, exp, low, torch.float32, f"slice grad [{c0}, {c1})")
+        # without the flag a foreign row contributes nothing: the same as the flag with its grad_output zeroed
+        own = (ys >= 0) & (ys < c1 - c0)
+        plain = ops.ccl_bwd_centers(x, ys, ws, lse, g, *hyper, q)
+        assert torch.equal(plain, ops.ccl_bwd_centers(x, ys, ws, lse, g * own, *hyper, q, True))
+        grads.append(got)
+    wd = w.double().requires_grad_()
+    (ref_ccl.ccl_loss_rows(x.double(), y, wd, *hyper) * g.double()).sum().backward()
+    wl = w.clone().requires_grad_()
+    (ref_ccl.ccl_loss_rows(x, y, wl, *hyper) * g).sum().backward()
+    assert_close(torch.cat(grads), wd.grad, wl.grad, torch.float32, "sum of slice grads vs the bank's gradient")
+
+
+def test_ccl_partials_bad_inputs():
+    x, y, w = _ccl_inputs(8, 16, 10, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"centers must have shape \(C, 16\)"):
+        ops.ccl_fwd_partials(x, y, w[:, :8], 0.05, 0.1, True)
+    with pytest.raises(ValueError, match="not a multiple of sub_centers=3"):
+        ops.ccl_fwd_partials(x, y, w, 0.05, 0.1, True, 0, 3)
+    with pytest.raises(ValueError, match=r"labels must have shape \(8,\)"):
+        ops.ccl_fwd_partials(x, y[:5], w, 0.05, 0.1, True)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        ops.ccl_fwd_partials(x.double(), y, w, 0.05, 0.1, True)
+    with pytest.raises(ValueError, match="margin_type must be 0"):
+        ops.ccl_fwd_partials(x, y, w, 0.05, 0.1, True, 2)
+    with pytest.raises(ValueError, match=r"centers must have shape \(C, 16\)"):
+        ops.ccl_bwd_centers(x, y, w[:, :8], torch.zeros(8), torch.ones(8), *HYPER, 0, 1, None, True)
