@@ -4,6 +4,7 @@ On a machine without CUDA the kernels run in the Triton interpreter on CPU tenso
 conftest sets ``TRITON_INTERPRET=1``); with CUDA the same tests run on the GPU, plus the ``gpu``-marked ones.
 Every kernel output is poisoned (NaN) before the kernel runs (autouse fixture in conftest).
 """
+import math
 import os
 import subprocess
 import sys
@@ -174,6 +175,94 @@ def test_proxy_gradient_dv_split():
     assert_close(gw, gw64, gw32, F32, "center gradient")
 
 
+# --- per-slice partials (the class-sharded step) ----------------------------------------------------------------
+
+def normalized_partials(p):
+    """What the combine uses from partials, free of the arbitrary max: (lse, q = lo/l, acc/l, ps/l, c_y)."""
+    return (p[0] + torch.log(p[1]), p[2] / p[1], p[4] / p[1][:, None], p[3] / p[1], p[5])
+
+
+SLICE_LABELS = {"owned": lambda y, c: y, "foreign": lambda y, c: torch.where(y % 2 == 0, -1 - y, c + y),
+                "mixed": lambda y, c: torch.where(y % 3 == 0, c + y, y)}
+
+
+@pytest.mark.parametrize("x_dtype,bank_dtype,b,c,d,k,margin_type,owner,split", [
+    (F32, F32, 1, 1, 1, 1, 0, "owned", None),
+    (F32, F32, 37, 203, 72, 1, 0, "mixed", None),
+    (BF16, F32, 37, 203, 72, 1, 1, "owned", 1),
+    (F16, F32, 37, 61, 40, 1, 0, "foreign", None),
+    (F32, BF16, 20, 61, 40, 3, 1, "mixed", 3),
+    (BF16, BF16, 20, 30, 24, 2, 0, "mixed", None),
+])
+def test_partials_match_reference(x_dtype, bank_dtype, b, c, d, k, margin_type, owner, split):
+    """``ccl_fwd_partials`` over one slice vs the float64 reference: labels of the slice, of other slices (negative
+    and ≥ C) or both; ragged sizes, sub-centers, both margins, split and unsplit passes."""
+    x, y, _ = make(b, c, d, x_dtype, bank_dtype)
+    w = unit_rows(c * k, d, bank_dtype, DEVICE)
+    y = SLICE_LABELS[owner](y, c)
+    hyper = (0.1, 0.3 if margin_type else 0.2)
+    out = kernels().ccl_fwd_partials(x, y, w, *hyper, True, margin_type, k, split=split)
+    r64 = ref.ccl_partials(x.double(), y, w.double(), *hyper, True, margin_type, k)
+    r_lp = ref.ccl_partials(x, y, w, *hyper, True, margin_type, k)
+    assert [t.dtype for t in out] == [F32] * 6 + [torch.int64]
+    dtype = lowest(x_dtype, bank_dtype)
+    names = ("lse", "1 - p_y", "acc / l", "ps / l", "c_y")
+    for name, a, e, e_lp in zip(names, *map(normalized_partials, (out, r64, r_lp))):
+        if k > 1 and dtype != F32 and name in ("acc / l", "ps / l"):
+            continue  # 16-bit operands may pick the other sub-center of a near tie (test_margin_kernels.py)
+        assert_close(a, e, e_lp, dtype, name)
+    owned = (y >= 0) & (y < c)
+    assert torch.equal(out[6] >= 0, owned) and torch.equal(out[5][~owned], torch.zeros_like(out[5][~owned]))
+    if dtype == F32:  # the argmax sub-center (16-bit operands may flip a near tie)
+        assert torch.equal(out[6], r64.row_y)
+    no_grad = kernels().ccl_fwd_partials(x, y, w, *hyper, False, margin_type, k, split=split)
+    assert no_grad[3].shape == (0,) and no_grad[4].shape == (0, d)
+    for a, e in zip(no_grad[:3] + no_grad[5:], out[:3] + out[5:]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [0, 5])
+def test_partials_of_an_empty_slice(b):
+    x, y, _ = make(max(b, 1), 4, 24)
+    x, y = x[:b], y[:b]
+    m, l, lo, ps, acc, c_y, row_y = ops().ccl_fwd_partials(x, y, torch.empty(0, 24, device=DEVICE), 0.1, 0.1, True)
+    assert m.shape == (b,) and bool((m == -math.inf).all()) and acc.shape == (b, 24)
+    for t in (l, lo, ps, acc, c_y):
+        assert not t.any()
+    assert bool((row_y == -1).all())
+
+
+@pytest.mark.parametrize("k,margin_type", [(1, 0), (3, 1)])
+def test_slice_proxy_gradients_add_up(k, margin_type):
+    """``ccl_bwd_centers(foreign_labels=True)`` per slice from the combined global lse and q: each slice matches the
+    reference, and the slices together give the proxy gradient of the whole bank (against float64 autograd)."""
+    b, c, d = 29, 23, 40
+    x, y, _ = make(b, c, d)
+    w = unit_rows(c * k, d, F32, DEVICE)
+    hyper = dict(temperature=0.1, margin=0.3, center_weight=0.5, margin_type=margin_type, sub_centers=k)
+    bounds = [0, 9, 9, 23]  # uneven, one empty
+    slices = [(a * k, e * k, y - a) for a, e in zip(bounds, bounds[1:])]
+    parts = [ops().ccl_fwd_partials(x, local, w[r0:r1], hyper["temperature"], hyper["margin"], False, margin_type, k)
+             for r0, r1, local in slices]
+    m_all = torch.stack([p[0] for p in parts]).max(dim=0).values
+    scale = [torch.exp(p[0] - m_all) for p in parts]
+    l_all = sum(s * p[1] for s, p in zip(scale, parts))
+    lse, q = m_all + torch.log(l_all), sum(s * p[2] for s, p in zip(scale, parts)) / l_all
+    g = torch.randn(b, device=DEVICE)
+    grads = []
+    for r0, r1, local in slices:
+        got = ops().ccl_bwd_centers(x, local, w[r0:r1], lse, g, *hyper.values(), q, True)
+        expected = ref.ccl_slice_centers_grad(x.double(), local, w[r0:r1].double(), lse.double(), q.double(),
+                                              g.double(), *hyper.values())
+        assert_close(got, expected, expected.float(), F32, f"slice [{r0}, {r1}) gradient")
+        grads.append(got)
+    wr = w.double().requires_grad_()
+    (full,) = torch.autograd.grad(ref.ccl_loss_rows(x.double(), y, wr, *hyper.values()), wr, g.double())
+    assert rel_err(torch.cat(grads), full) < 1e-4
+    unflagged = ops().ccl_bwd_centers(x, slices[2][2], w[slices[2][0]:], lse, g, *hyper.values(), q)
+    assert rel_err(unflagged, grads[2]) > 1e-2  # without the flag the foreign rows' negatives are missing
+
+
 # --- momentum update ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x_dtype,bank_dtype", DTYPE_PAIRS)
@@ -244,6 +333,9 @@ def test_opcheck():
     torch.library.opcheck(ops().ccl_fwd, (x, y, w.detach(), 0.1, 0.0, 0.5, False))
     torch.library.opcheck(ops().ccl_bwd_centers, (x, y, w.detach(), lse, g, 0.1, 0.1, 1.0))
     torch.library.opcheck(ops().ccl_update_, (w.detach().clone(), x, y, 0.9))
+    torch.library.opcheck(ops().ccl_fwd_partials, (x, y - 3, w.detach(), 0.1, 0.1, True, 1, 1))
+    torch.library.opcheck(ops().ccl_bwd_centers, (x, y - 3, w.detach(), lse, g, 0.1, 0.1, 1.0, 0, 1, lse.sigmoid(),
+                                                  True))
 
 
 def test_module_compiles_fullgraph():

@@ -524,10 +524,12 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
                             qk_scale, inv_temp, margin, cos_m, sin_m, pull,
                             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                             DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, HAS_Q: tl.constexpr,
-                            DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                            FOREIGN: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C // KP)·DV_SPLIT,). A program owns the K sub-center rows of BLOCK_C // KP classes;
     out[row of (j, k*_ij)] += Σ_i coef_ij · (g_i/τ) x̂_i with coef = p_ij off the label and −t'·q_i − pull at it
-    (pull = 2λτ, t' = ∂t/∂c, q_i = 1 − p_iy: the forward's when HAS_Q, else recomputed from lse)."""
+    (pull = 2λτ, t' = ∂t/∂c, q_i = 1 − p_iy: the forward's when HAS_Q, else recomputed from lse). A row whose
+    label lies outside [0, C) contributes nothing (its loss is NaN), or with FOREIGN (the bank is one slice of a
+    class-sharded bank, lse global) its negatives."""
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
     pid = tl.program_id(0)
@@ -560,8 +562,9 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
         else:
             c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-        live = rmask & (lab >= 0) & (lab < C)
-        is_y = tl.where(live, lab, -1).to(tl.int32)[:, None] == cols[None, :]
+        own = rmask & (lab >= 0) & (lab < C)
+        live = rmask if FOREIGN else own  # FOREIGN: a label of another slice leaves the row's negatives here
+        is_y = tl.where(own, lab, -1).to(tl.int32)[:, None] == cols[None, :]
         t, dt = _target_logit(c, margin, cos_m, sin_m, ANGULAR)
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
         p = tl.exp2(tl.where(is_y, t, c) * qk_scale - lse2[:, None])
@@ -661,7 +664,7 @@ def _autotuned(kernel, key):
 
 if AUTOTUNE:
     _FWD = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "DOT"])
-    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "HAS_Q", "DOT"])
+    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "HAS_Q", "FOREIGN", "DOT"])
 else:
     _FWD, _BWD = _ccl_fwd_kernel, _ccl_bwd_centers_kernel
 
@@ -696,17 +699,62 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     partials, fused epilogue); a config streaming fewer bank rows than the padded K is widened to K.
     """
     b, d = x.shape
+    f32 = torch.float32
+    loss = new_output((b,), f32, x.device)
+    grad = new_output((b if compute_grad else 0, d), f32, x.device)
+    lse = new_output((b,), f32, x.device)
+    q = new_output((b,), f32, x.device)
+    if b == 0:
+        return loss, grad, lse, q
+    parts, hyper, flags = _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type,
+                                  sub_centers, (loss, grad, lse, q), config, split)
+    if parts is not None:
+        rows = max(1, min(16, 2048 // block_d(d)))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
+        _ccl_combine_kernel[(triton.cdiv(b, rows),)](
+            x, labels, centers, loss, grad, lse, q, *parts, b, centers.shape[0] // sub_centers, d, sub_centers,
+            parts[0].shape[0], **hyper, BLOCK_B=rows, BLOCK_D=block_d(d), COMPUTE_GRAD=compute_grad, **flags,
+            DOT=_dot_types(x.dtype, centers.dtype, _products(x.dtype, centers.dtype))[0])
+    return loss, grad, lse, q
+
+
+def ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, margin_type=0, sub_centers=1, *,
+                     config: Config | None = None, split: int | None = None):
+    """``(m, l, lo, ps, acc, c_y, row_y)`` of ``x`` over the bank slice ``centers`` (``fastcdml.reference.ccl.
+    ccl_partials``): the forward kernel without its epilogue, its ``split`` partial states per row (the split-C
+    heuristic as in :func:`ccl_fwd`) merged here by the same online-softmax rescaling. A label outside [0, C)
+    belongs to another slice (the kernel masks it like a padding column). m is returned in natural units."""
+    b, d = x.shape
+    k = sub_centers
+    c = centers.shape[0] // k
+    f32, dev = torch.float32, x.device
+    n = b if compute_grad else 0
+    if b == 0 or c == 0:
+        return (torch.full((b,), -math.inf, dtype=f32, device=dev), *(torch.zeros(b, dtype=f32, device=dev)
+                for _ in range(2)), torch.zeros(n, dtype=f32, device=dev), torch.zeros(n, d, dtype=f32, device=dev),
+                torch.zeros(b, dtype=f32, device=dev), torch.full((b,), -1, dtype=torch.int64, device=dev))
+    pm, pl, pps, pacc, plab = _stream(x, labels, centers, temperature, margin, 0.0, compute_grad, margin_type, k,
+                                      None, config, split)[0]
+    m2 = pm.max(dim=0).values
+    a = torch.where(pm == -math.inf, 0.0, torch.exp2(pm - m2))  # a split without classes: m = −inf, sums 0
+    owned = (labels >= 0) & (labels < c)
+    row_y = torch.where(owned, labels.long() * k + plab[1].sum(dim=0).long(), -1)
+    ps = (a * pps).sum(dim=0) if compute_grad else pps[0, :0]
+    acc = (a[:, :, None] * pacc).sum(dim=0) if compute_grad else pacc.view(0, d)
+    return (m2 * (1.0 / LOG2E), (a * pl).sum(dim=0), (a * plab[2]).sum(dim=0), ps, acc, plab[0].sum(dim=0), row_y)
+
+
+def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type, sub_centers, outputs,
+            config, split):
+    """Launch ``_ccl_fwd_kernel`` over the whole bank. With ``outputs`` (loss, grad, lse, q) and one split the
+    kernel runs its epilogue into them and the partials are None; otherwise (more splits, or ``outputs`` None:
+    the partials op) it writes the partial states ``(pm, pl, pps, pacc, plab)``, one per split. Also returns the
+    scalar and constexpr arguments of the epilogue."""
+    b, d = x.shape
     k = sub_centers
     hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
     c = centers.shape[0] // k
     dev = x.device
     f32 = torch.float32
-    loss = new_output((b,), f32, dev)
-    grad = new_output((b if compute_grad else 0, d), f32, dev)
-    lse = new_output((b,), f32, dev)
-    q = new_output((b,), f32, dev)
-    if b == 0:
-        return loss, grad, lse, q
     heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
     cfg = config or heuristic
     cfg = cfg._replace(cols=max(cfg.cols, kp))
@@ -714,22 +762,27 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper["two_lambda"] = 2.0 * center_weight
     key = (d, x.dtype, centers.dtype, compute_grad, kind, kp)
-    parts = {}
+    launched = {}
 
     def run(cfg, split, warmup=False):
         """Launch (or, with ``warmup``, only compile) the forward kernel with ``split`` programs per row block."""
-        if split > 1 and not warmup:
-            pm, pl, pps = (new_output((split, b), f32, dev) for _ in range(3))
-            pacc = new_output((split, b, d) if compute_grad else (0,), f32, dev)
-            plab = new_output((3, split, b), f32, dev)
+        epilogue = split == 1 and outputs is not None
+        if not (epilogue or warmup):
+            parts = (*(new_output((split, b), f32, dev) for _ in range(3)),
+                     new_output((split, b, d) if compute_grad else (split, 0, d), f32, dev),
+                     new_output((3, split, b), f32, dev))
         else:
-            pm = pl = pps = pacc = plab = loss  # unused (or, compiling only, stand-ins of the same type)
-        parts.update(pm=pm, pl=pl, pps=pps, pacc=pacc, plab=plab, split=split)
+            parts = None
+        launched.update(parts=parts)
+        # unused fp32 pointers (or, compiling only, pointers of the launch's types)
+        stand_in = outputs[0] if outputs is not None else x.new_empty(1, dtype=f32)
+        loss, grad, lse, q = outputs if outputs is not None else (stand_in,) * 4
+        pm, pl, pps, pacc, plab = parts or (stand_in,) * 5
         grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
         kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
         return kernel(x, labels, centers, loss, grad, lse, q, pm, pl, pps, pacc, plab, b, c, d, k, split,
                       LOG2E / temperature, **hyper, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
-                      EPILOGUE=split == 1, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
+                      EPILOGUE=epilogue, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
                       **_meta(cfg, "BLOCK_B", "BLOCK_C"))
 
     def launch(cfg):  # the split heuristic counts bank-row tiles (classes × KP slots)
@@ -737,13 +790,7 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
                                         *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
     _launch("fwd", key, cfg, launch)
-    if parts["split"] > 1:
-        rows = max(1, min(16, 2048 // bd))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
-        _ccl_combine_kernel[(triton.cdiv(b, rows),)](
-            x, labels, centers, loss, grad, lse, q, parts["pm"], parts["pl"], parts["pps"], parts["pacc"],
-            parts["plab"], b, c, d, k, parts["split"], **hyper, BLOCK_B=rows, BLOCK_D=bd, COMPUTE_GRAD=compute_grad,
-            **flags, DOT=dot)
-    return loss, grad, lse, q
+    return launched["parts"], hyper, flags
 
 
 def _smem(dev: torch.device) -> int:
@@ -769,9 +816,10 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                    sub_centers=1, label_q=None, *, config: Config | None = None):
+                    sub_centers=1, label_q=None, foreign_labels=False, *, config: Config | None = None):
     """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse and label_q (without it, 1 − p_{i,y_i} is
-    recomputed from lse: inaccurate when p_{i,y_i} → 1); ``config`` overrides the heuristic."""
+    recomputed from lse: inaccurate when p_{i,y_i} → 1); ``foreign_labels``: ``centers`` is a slice of a sharded
+    bank and a label outside it leaves the row's negatives; ``config`` overrides the heuristic."""
     b, d = x.shape
     k = sub_centers
     hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
@@ -791,10 +839,10 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"] // kp) * meta["DV_SPLIT"],)  # noqa: E731
         _BWD[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
                    LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, BLOCK_D=block_d(d), KP=kp,
-                   **flags, HAS_Q=label_q is not None, DOT=dot,
+                   **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels, DOT=dot,
                    UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp), cfg, launch)
+    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp, foreign_labels), cfg, launch)
     return out
 
 

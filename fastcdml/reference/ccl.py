@@ -61,6 +61,16 @@ def target_logit(c: torch.Tensor, margin: float, margin_type: int = ADDITIVE_COS
     return torch.where(cc >= -cos_m, cc * cos_m - sin_theta * sin_m, cc - margin * sin_m)
 
 
+def target_logit_and_slope(c: torch.Tensor, margin: float, margin_type: int = ADDITIVE_COSINE
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t(c), ∂t/∂c)`` elementwise, the slope by autograd through :func:`target_logit` (no graph is kept)."""
+    with torch.enable_grad():
+        leaf = c.detach().requires_grad_()
+        t = target_logit(leaf, margin, margin_type)
+        (slope,) = torch.autograd.grad(t.sum(), leaf)
+    return t.detach(), slope
+
+
 def class_cosines(xh: torch.Tensor, centers: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
     """``c_ij = max_k x̂_i · W_{jK+k}`` (B, C) for normalised queries ``xh`` and a (C·K, D) bank."""
     s = xh @ centers.t()
@@ -206,9 +216,7 @@ def ccl_slice_centers_grad(
     c, k = s.max(dim=2)
     own = (labels >= 0) & (labels < num_classes)
     rows, cols = torch.nonzero(own).squeeze(1), labels[own].long()
-    c_y = c[rows, cols]
-    t_y = target_logit(c_y, margin, margin_type)
-    dt_y = torch.func.grad(lambda v: target_logit(v, margin, margin_type).sum())(c_y)
+    t_y, dt_y = target_logit_and_slope(c[rows, cols], margin, margin_type)
     z = c.clone()
     z[rows, cols] = t_y
     coef = torch.exp(z / temperature - lse.to(dtype)[:, None]) / temperature

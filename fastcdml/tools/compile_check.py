@@ -103,6 +103,9 @@ def cases(dims=DIMS) -> list[dict]:
       the bf16 bank at every D; fp32 products at each ``torch.set_float32_matmul_precision`` setting at D = 512
       (at D = 128 "highest" only); the fused-epilogue path (a batch that fills the GPU, so no split of C) and
       the forward without gradient.
+    - The class-sharded step (per-slice partials, the forward kernel without its epilogue, and the slice's proxy
+      gradient with foreign labels) for fp32 and bf16 queries with the fp32 bank at every D, and the bf16 bank
+      at D = 128 and 512.
     - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
       K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
       reference set without the batch; a mined-pair mask (adaptive and top-K).
@@ -118,6 +121,9 @@ def cases(dims=DIMS) -> list[dict]:
     out += [dict(ccl, op="fused", d=mid[0], x=x, bank=w, b=32768) for x, w in (("bf16", "fp32"), ("fp32", "fp32"))]
     out.append(dict(ccl, op="fused", d=mid[-1], x="bf16", bank="bf16", b=32768))
     out.append(dict(ccl, op="eval", d=mid[-1], x="bf16", bank="fp32"))
+    for d in dims:
+        pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in mid else ())
+        out += [dict(ccl, op="sharded", d=d, x=x, bank=w) for x, w in pairs]
     cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True)
     for d in dims:
         pairs = CBML_PAIRS if d == mid[0] else (("fp32", "fp32"), ("bf16", "bf16"))
@@ -281,6 +287,10 @@ class _Session:
                     _, _, lse, q = ccl.ccl_fwd(x, y, w, *hyper, True, *family)
                     ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, q)
                     ccl.ccl_update_(w, x, y, 0.9, k)
+                elif case["op"] == "sharded":
+                    ccl.ccl_fwd_partials(x, y, w, *hyper[:2], True, *family)
+                    lse = torch.zeros(b)
+                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, lse, True)
                 else:
                     ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused", *family)
             else:
