@@ -15,7 +15,11 @@ from .losses import (
     ContrastiveBayesianLoss,
     CosFaceLoss,
     NormalizedSoftmaxLoss,
+    ShardedArcFaceLoss,
     ShardedCenterContrastiveLoss,
+    ShardedCosFaceLoss,
+    ShardedNormalizedSoftmaxLoss,
+    ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
 )
 from .params import BayesianParams, CenterParams
@@ -32,6 +36,10 @@ __all__ = [
     "CosFaceLoss",
     "ArcFaceLoss",
     "SubCenterArcFaceLoss",
+    "ShardedNormalizedSoftmaxLoss",
+    "ShardedCosFaceLoss",
+    "ShardedArcFaceLoss",
+    "ShardedSubCenterArcFaceLoss",
     "CenterParams",
     "BayesianParams",
     "BackendUnavailable",

@@ -86,20 +86,23 @@ class CommStats:
         self.steps, self.last_step, self.total = 0, {}, {}
 
 
-def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, compute_itemsize: int = 4
-               ) -> dict[str, int]:
+def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, compute_itemsize: int = 4,
+               query_grad: bool = True, bank_grad: bool = False) -> dict[str, int]:
     """The closed form of :attr:`CommStats.last_step` for one training step with per-rank batch sizes ``sizes``
     (W = len(sizes), B = Σ sizes, B_max = max sizes), embeddings of ``dim`` columns and ``itemsize`` bytes::
 
         all_gather:status      32·W                  preflight: [failed, B_r, D, dtype] as int64 per rank
-        all_gather:embeddings  W·B_max·D·itemsize    the global batch, rows padded to B_max       (B > 0)
-        all_gather:labels      W·B_max·8             int64                                        (B > 0)
-        all_reduce:max         B·c                   sharded only: the row maxima                  (B > 0)
-        all_reduce:sum         B·(2D + 2)·c          sharded only: [V·e^(m−M), W_y, S·e^(m−M), s_y] (B > 0)
+        all_gather:embeddings  W·B_max·D·itemsize    the global batch, rows padded to B_max            (B > 0)
+        all_gather:labels      W·B_max·8             int64                                             (B > 0)
+        all_reduce:max         B·c                   sharded only: the row maxima                       (B > 0)
+        all_reduce:sum         B·(2D + 4)·c          sharded only: [acc·e, W_y, l·e, lo·e, c_y, ps·e]    (B > 0)
+                               B·3·c                 the same without a query gradient: [l·e, lo·e, c_y]
+        all_gather:grad_rows   W·B_max·c             sharded, learnable bank: backward's grad_output    (B > 0)
 
-    with ``c = compute_itemsize`` (4: float32 accumulation; 8 for float64 embeddings). No gradient travels: the
-    sharded loss computes the query gradient in forward from the SUM all-reduce, and backward is local. The data
-    parallel ``CenterContrastiveLoss`` has only the first three (and none in evaluation mode).
+    with ``c = compute_itemsize`` (4: float32 accumulation; 8 for float64 embeddings). The sharded loss computes
+    the query gradient in forward from the SUM all-reduce; only a learnable bank (``bank_grad``) needs the rows'
+    grad_output in backward, counted in the step of its forward. The data parallel ``CenterContrastiveLoss`` has
+    only the first three (and none in evaluation mode).
     """
     w, b = len(sizes), sum(sizes)
     out = {"all_gather:status": _STATUS_FIELDS * 8 * w}
@@ -109,7 +112,9 @@ def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, com
     out["all_gather:labels"] = w * max(sizes) * _LABEL_ITEMSIZE
     if sharded:
         out["all_reduce:max"] = b * compute_itemsize
-        out["all_reduce:sum"] = b * (2 * dim + 2) * compute_itemsize
+        out["all_reduce:sum"] = b * ((2 * dim + 4) if query_grad else 3) * compute_itemsize
+        if bank_grad:
+            out["all_gather:grad_rows"] = w * max(sizes) * compute_itemsize
     return out
 
 

@@ -8,6 +8,7 @@ size (started once: importing torch costs seconds per process); every wait has a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -24,14 +25,19 @@ import fastcdml
 from fastcdml.distributed import enabled, gather_batch, gather_references, shard_range
 from fastcdml.functional import contrastive_bayesian_loss
 from fastcdml.losses.sharded_ccl import merge_shards
-from fastcdml.reference import cbml_loss_rows
+from fastcdml.reference import cbml_loss_rows, ccl_loss_rows
 
+from .conftest import DEVICE
 from .helpers import FLOOR, rel_err
 
 SCENARIO_TIMEOUT_S = 60  # per scenario, on top of STARTUP_TIMEOUT_S for the first one of a pool
 STARTUP_TIMEOUT_S = 180  # spawning and importing torch in every rank, on a busy machine
 C, D = 13, 8  # 13 classes: uneven slices over 2 and 3 ranks
+DEVICE_TYPE = DEVICE.type
 DTYPE_BACKENDS = [(torch.float64, "reference"), (torch.float32, "auto")]  # float64 only in the reference
+# every backend of the sharded step: the reference, the C++ kernels, the Triton kernels (interpreted on a CPU)
+EVERY_BACKEND = [(torch.float64, "reference"), (torch.float32, "cpp" if DEVICE_TYPE == "cpu" else "auto"),
+                 (torch.float32, "triton")]
 
 
 # --- the pool of ranks -----------------------------------------------------------------------------------------
@@ -235,6 +241,101 @@ def _sharded_matches_unsharded(rank, world, dtype, backend, shard_sizes):
     assert torch.equal(sharded.centers, before)
 
 
+def _learnable_step(sharded_loss, single_rows, single_params, x_all, y_all, world, step, rank, dtype, what):
+    """One optimizer-free step: the rank's loss and embedding gradient against the single process, and the bank
+    gradient of the sharded slice against the single-process gradient of Σ_r (rank r's mean loss) / W (DDP's
+    average of the ranks' gradients). ``single_rows(x)`` gives the single process's per-row losses on the whole
+    batch; ``sharded_loss(x, y)`` the rank's loss. Returns (sharded bank gradient, single bank gradients)."""
+    x = _part(x_all, world, step, rank).clone().requires_grad_()
+    loss = sharded_loss(x, _part(y_all, world, step, rank))
+    loss.backward()  # a collective in gradient mode: every rank calls it
+    xr = x_all.clone().requires_grad_()
+    rows = single_rows(xr)
+    means = [(_part(rows, world, step, r).mean() if _sizes(world, step)[r] else rows.sum() * 0.0)
+             for r in range(world)]
+    (ref_grad,) = torch.autograd.grad(means[rank], xr, retain_graph=True)
+    _close(loss, means[rank], dtype, f"{what} loss, step {step}")
+    _close(x.grad, _part(ref_grad, world, step, rank), dtype, f"{what} embedding gradient, step {step}")
+    return torch.autograd.grad(sum(means) / world, single_params)
+
+
+def _sharded_learnable_matches_single_process(rank, world, dtype, backend, shard_sizes):
+    kw = dict(centers=_bank(), backend=backend, update="gradient", temperature=0.1, margin=0.2, center_weight=0.25)
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, shard_sizes=shard_sizes, **kw)
+    single = fastcdml.CenterContrastiveLoss(C, D, reduction="none", distributed=False, **kw)
+    assert isinstance(sharded.centers, torch.nn.Parameter)
+    start, stop = sharded.start, sharded.stop
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (sharded, single)]
+    for step in range(4):  # step 1: every label in rank 0's slice
+        x_all, y_all = _batch(world, step, dtype, label_hi=sharded.shard_sizes[0] if step == 1 else C)
+        for opt in opts:
+            opt.zero_grad()
+        (single_grad,) = _learnable_step(sharded, lambda xr: single(xr, y_all), [single.centers], x_all, y_all,
+                                         world, step, rank, dtype, "learnable sharded")
+        _close(sharded.centers.grad, single_grad[start:stop], dtype, f"slice gradient, step {step}")
+        single.centers.grad = single_grad
+        for opt in opts:
+            opt.step()
+        _close(sharded.centers, single.centers[start:stop], dtype, f"slice after step {step}")
+    # it trains: the global loss of a fixed batch (the mean over all ranks' rows) falls
+    x_all, y_all = _batch(world, 0, dtype)
+    x, y = _part(x_all, world, 0, rank), _part(y_all, world, 0, rank)
+    losses = []
+    for _ in range(8):
+        opts[0].zero_grad()
+        loss = sharded(x, y)
+        loss.backward()
+        opts[0].step()
+        total = loss.detach() * x.shape[0]
+        dist.all_reduce(total)
+        losses.append(total.item() / x_all.shape[0])
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def _sharded_margin_dropins_match(rank, world, backend):
+    from fastcdml.losses import sharded_margin
+
+    cases = [("NormalizedSoftmaxLoss", dict(temperature=0.1)), ("CosFaceLoss", dict(margin=0.2, scale=8)),
+             ("ArcFaceLoss", dict(margin=20.0, scale=8)), ("SubCenterArcFaceLoss", dict(scale=8, sub_centers=2))]
+    for name, kw in cases:
+        single = getattr(fastcdml, name)(C, D, **kw)
+        sharded = getattr(sharded_margin, "Sharded" + name)(C, D, backend=backend, shard_sizes=[5, 0, 8][:world]
+                                                             if world == 3 else None, **kw)
+        sharded.load_state_dict(single.state_dict())  # PML's full W: each rank keeps its columns
+        k = single.sub_centers
+        cols = slice(sharded.start * k, sharded.stop * k)
+        assert torch.equal(sharded.W, single.W[:, cols])
+        opts = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (sharded, single)]
+        for step in range(3):
+            x_all, y_all = _batch(world, step, torch.float32)
+            for opt in opts:
+                opt.zero_grad()
+
+            def rows(xr):  # the single process's per-row losses: the reference on its normalised W
+                return ccl_loss_rows(xr, y_all, single._bank(), *dataclasses.astuple(single.params))
+
+            (single_grad,) = _learnable_step(sharded, rows, [single.W], x_all, y_all, world, step, rank,
+                                             torch.float32, f"Sharded{name}")
+            _close(sharded.W.grad, single_grad[:, cols], torch.float32, f"Sharded{name} W gradient, step {step}")
+            single.W.grad = single_grad
+            for opt in opts:
+                opt.step()
+        _close(sharded.W, single.W[:, cols], torch.float32, f"Sharded{name} W after 3 steps")
+        full = sharded.full_state_dict(dst=None)
+        _close(full["W"], single.W, torch.float32, f"Sharded{name} gathered W")
+        logits = sharded.get_logits(x_all)
+        _close(logits, single.get_logits(x_all)[:, sharded.start: sharded.stop], torch.float32, "slice logits")
+    # momentum mode with sub-centers: the slice moves as the single-process bank does
+    single = fastcdml.SubCenterArcFaceLoss(C, D, sub_centers=2, update="momentum", backend=backend)
+    sharded = sharded_margin.ShardedSubCenterArcFaceLoss(C, D, sub_centers=2, update="momentum", backend=backend)
+    sharded.load_state_dict(single.state_dict())
+    for step in range(3):
+        x_all, y_all = _batch(world, step, torch.float32)
+        sharded(_part(x_all, world, step, rank), _part(y_all, world, step, rank))
+        single(x_all, y_all)
+        _close(sharded.W, single.W[:, sharded.start * 2: sharded.stop * 2], torch.float32, f"momentum W, {step}")
+
+
 def _sharded_sampling(rank, world):
     full = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none")
     sampled = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none",
@@ -246,6 +347,16 @@ def _sharded_sampling(rank, world):
     assert torch.isfinite(rows_sampled).all() and (rows_sampled <= rows_full + 1e-5).all()
     assert (rows_sampled < rows_full - 1e-3).any() or x.shape[0] == 0
     assert torch.equal(sampled.centers, full.centers)
+    # gradient mode: only the scored centers (every class of the batch among them) get a gradient
+    learnable = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", update="gradient",
+                                                      sample_rate=0.3)
+    learnable(x.clone().requires_grad_(), y).backward()
+    touched = learnable.centers.grad.abs().sum(dim=1) > 0
+    local = y_all - learnable.start
+    present = torch.zeros_like(touched)
+    present[local[(local >= 0) & (local < touched.numel())]] = True
+    budget = max(-(-3 * touched.numel() // 10), int(present.sum()))
+    assert bool(touched[present].all()) and int(touched.sum()) <= budget
 
 
 def _checkpoint_save_two(rank, world, directory):
@@ -327,11 +438,12 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
     e = torch.empty((), dtype=dtype).element_size()
     c = 8 if dtype == torch.float64 else 4  # the accumulation dtype's size
     sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend=backend)
+    learnable = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend=backend, update="gradient")
     dp = fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), backend=backend)
     logger, handler = logging.getLogger("fastcdml.distributed"), _Records()
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
-    totals = {id(sharded): {}, id(dp): {}}
+    totals = {id(sharded): {}, id(learnable): {}, id(dp): {}}
     try:
         # uneven sizes with an empty rank at steps 1 (world 3) and 3, then a step where every rank is empty
         for step in range(5):
@@ -345,18 +457,21 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
             if b:  # the gathered batch is bit-exact in every dtype (2-byte floats travel as raw bytes)
                 xg, yg, got_sizes = gather_batch(x, y)
                 assert got_sizes == sizes and torch.equal(xg, x_all) and torch.equal(yg, y_all)
-            for loss_fn, is_sharded in ((sharded, True), (dp, False)):
+            for loss_fn, is_sharded in ((sharded, True), (learnable, True), (dp, False)):
                 # the formula of step_bytes' docstring, written out
+                bank_grad = loss_fn is learnable
                 expected = {"all_gather:status": 32 * w}
                 if b:
                     expected.update({"all_gather:embeddings": w * b_max * D * e, "all_gather:labels": w * b_max * 8})
                     if is_sharded:
-                        expected.update({"all_reduce:max": b * c, "all_reduce:sum": b * (2 * D + 2) * c})
+                        expected.update({"all_reduce:max": b * c, "all_reduce:sum": b * (2 * D + 4) * c})
+                    if bank_grad:  # backward returns every row's grad_output to the ranks
+                        expected["all_gather:grad_rows"] = w * b_max * c
                 with _traffic() as seen:
-                    loss_fn(x.clone().requires_grad_(), y).backward()  # backward moves nothing
+                    loss_fn(x.clone().requires_grad_(), y).backward()  # moves nothing unless the bank learns
                 name = type(loss_fn).__name__
                 assert loss_fn.stats.last_step == expected, f"{name} step {step}: {loss_fn.stats.last_step}"
-                assert step_bytes(sizes, D, e, is_sharded, c) == expected
+                assert step_bytes(sizes, D, e, is_sharded, c, bank_grad=bank_grad) == expected
                 # the counters saw every collective that ran, with its real size
                 measured = {}
                 for collective, nbytes in seen:
@@ -368,11 +483,17 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
                 ring = sum(RING_FACTORS[k.split(":")[0]](w) * n for k, n in expected.items())
                 assert loss_fn.stats.ring_bytes() == pytest.approx(ring)
                 assert handler.messages[-1].startswith(f"{name} rank {rank}/{world} step {step + 1}:")
-                assert f"{sum(expected.values())} B logical" in handler.messages[-1]
+                logged = sum(n for key, n in expected.items() if key != "all_gather:grad_rows")  # before backward
+                assert f"{logged} B logical" in handler.messages[-1]
                 for key, nbytes in expected.items():
                     totals[id(loss_fn)][key] = totals[id(loss_fn)].get(key, 0) + nbytes
-        for loss_fn in (sharded, dp):
+        for loss_fn in (sharded, learnable, dp):
             assert loss_fn.stats.steps == 5 and loss_fn.stats.total == totals[id(loss_fn)]
+        x_all, y_all = _batch(world, 0, dtype)
+        with torch.no_grad():  # no query gradient: the SUM all-reduce carries [l·e, lo·e, c_y] only
+            sharded.eval()(_part(x_all, world, 0, rank), _part(y_all, world, 0, rank))
+        assert sharded.stats.last_step["all_reduce:sum"] == x_all.shape[0] * 3 * c
+        assert step_bytes(_sizes(world, 0), D, e, True, c, query_grad=False) == sharded.stats.last_step
         dp.eval()
         with _traffic() as seen:
             dp(x, y)  # evaluation mode: no momentum update, nothing gathered, nothing counted
@@ -391,6 +512,15 @@ def _nccl_world_one(rank, world):
             x_all, y_all = (t.cuda() for t in _batch(world, step, torch.float32))
             _check_step(loss_fn, ref, x_all, y_all, world, step, rank, torch.float32, type(loss_fn).__name__)
             _close(loss_fn.centers, ref.centers, torch.float32, f"bank after step {step}")
+    kw = dict(centers=_bank(), update="gradient")
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, **kw).cuda()
+    single = fastcdml.CenterContrastiveLoss(C, D, reduction="none", distributed=False, **kw).cuda()
+    for step in range(3):
+        x_all, y_all = (t.cuda() for t in _batch(world, step, torch.float32))
+        sharded.zero_grad()
+        (grad,) = _learnable_step(sharded, lambda xr: single(xr, y_all), [single.centers], x_all, y_all, world,
+                                  step, rank, torch.float32, "learnable sharded on NCCL")
+        _close(sharded.centers.grad, grad, torch.float32, f"learnable bank gradient, step {step}")
 
 
 # --- tests -----------------------------------------------------------------------------------------------------
@@ -412,9 +542,21 @@ def test_cbml_cross_rank_references(ranks):
 
 @pytest.mark.parametrize("world,shard_sizes", [(2, None), (3, None), (3, [6, 0, 7]), (2, [12, 1])],
                          ids=["2-even", "3-even", "3-empty-slice", "2-uneven"])
-@pytest.mark.parametrize("dtype,backend", DTYPE_BACKENDS, ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype,backend", EVERY_BACKEND, ids=["float64", "float32-cpp", "float32-triton"])
 def test_sharded_matches_unsharded(ranks, world, shard_sizes, dtype, backend):
     ranks(world, "_sharded_matches_unsharded", dtype, backend, shard_sizes)
+
+
+@pytest.mark.parametrize("world,shard_sizes", [(2, None), (3, [6, 0, 7])], ids=["2-even", "3-empty-slice"])
+@pytest.mark.parametrize("dtype,backend", EVERY_BACKEND, ids=["float64", "float32-cpp", "float32-triton"])
+def test_sharded_learnable_matches_single_process(ranks, world, shard_sizes, dtype, backend):
+    ranks(world, "_sharded_learnable_matches_single_process", dtype, backend, shard_sizes)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sharded_margin_dropins_match_single_process(ranks, world, backend):
+    ranks(world, "_sharded_margin_dropins_match", backend)
 
 
 @pytest.mark.parametrize("world", [2, 3])

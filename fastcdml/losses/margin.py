@@ -43,19 +43,36 @@ from . import _pml
 UPDATES = ("gradient", "momentum")
 
 
+def normalized_softmax_params(temperature: float) -> CenterParams:
+    return CenterParams(temperature, 0.0, 0.0)
+
+
+def cosface_params(margin: float, scale: float) -> CenterParams:
+    return CenterParams(1.0 / scale, margin, 0.0, ADDITIVE_COSINE)
+
+
+def arcface_params(margin_degrees: float, scale: float, sub_centers: int = 1) -> CenterParams:
+    return CenterParams(1.0 / scale, math.radians(margin_degrees), 0.0, ADDITIVE_ANGULAR, sub_centers)
+
+
+def check_args(name: str, num_classes, embedding_size, update, momentum, backend, pml_kwargs) -> None:
+    """The constructor checks the margin drop-ins share with their sharded versions."""
+    _pml.reject_options(name, pml_kwargs)
+    if num_classes < 2 or embedding_size < 1:
+        raise ValueError(f"num_classes must be >= 2 and embedding_size >= 1, got {num_classes}, {embedding_size}")
+    _checks.choice(update, "update", UPDATES)
+    _checks.choice(backend, "backend", BACKENDS)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+
 class _MarginSoftmaxLoss(nn.Module):
     """The shared module: state (``W``), PML's call contract, backend choice; subclasses set the parameters."""
 
     def __init__(self, num_classes, embedding_size, params: CenterParams, update, momentum, backend, check_inputs,
                  weight_init_func, pml_kwargs):
         super().__init__()
-        _pml.reject_options(type(self).__name__, pml_kwargs)
-        if num_classes < 2 or embedding_size < 1:
-            raise ValueError(f"num_classes must be >= 2 and embedding_size >= 1, got {num_classes}, {embedding_size}")
-        _checks.choice(update, "update", UPDATES)
-        _checks.choice(backend, "backend", BACKENDS)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_args(type(self).__name__, num_classes, embedding_size, update, momentum, backend, pml_kwargs)
         self.params = params
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.update, self.momentum, self.backend, self.check_inputs = update, momentum, backend, check_inputs
@@ -104,14 +121,17 @@ class _MarginSoftmaxLoss(nn.Module):
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class cosines times the scale, without the margin (PML's ``get_logits``)."""
-        bank = self._bank()
-        dtype = compute_dtype(embeddings, bank)
-        cosines = class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), self.sub_centers)
-        return cosines / self.params.temperature
+        return scaled_cosines(embeddings, self._bank(), self.params)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self.params}, "
                 f"update={self.update!r}, backend={self.backend!r}")
+
+
+def scaled_cosines(embeddings: torch.Tensor, bank: torch.Tensor, params: CenterParams) -> torch.Tensor:
+    """Class cosines of ``embeddings`` against the (C·K, D) ``bank`` times the scale 1/τ, no margin (B, C)."""
+    dtype = compute_dtype(embeddings, bank)
+    return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), params.sub_centers) / params.temperature
 
 
 def _normalize_loaded_bank(module, incompatible_keys):
@@ -128,7 +148,7 @@ class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, *,
                  update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
                  weight_init_func=None, **kwargs):
-        super().__init__(num_classes, embedding_size, CenterParams(temperature, 0.0, 0.0), update, momentum,
+        super().__init__(num_classes, embedding_size, normalized_softmax_params(temperature), update, momentum,
                          backend, check_inputs, weight_init_func, kwargs)
         self.temperature = temperature
 
@@ -139,8 +159,8 @@ class CosFaceLoss(_MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64, *,
                  update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
                  weight_init_func=None, **kwargs):
-        super().__init__(num_classes, embedding_size, CenterParams(1.0 / scale, margin, 0.0, ADDITIVE_COSINE),
-                         update, momentum, backend, check_inputs, weight_init_func, kwargs)
+        super().__init__(num_classes, embedding_size, cosface_params(margin, scale), update, momentum, backend,
+                         check_inputs, weight_init_func, kwargs)
         self.margin, self.scale = margin, scale
 
 
@@ -152,7 +172,7 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64, *,
                  update: str = "gradient", momentum: float = 0.9, backend: str = "auto", check_inputs: bool = True,
                  weight_init_func=None, sub_centers: int = 1, **kwargs):
-        params = CenterParams(1.0 / scale, math.radians(margin), 0.0, ADDITIVE_ANGULAR, sub_centers)
+        params = arcface_params(margin, scale, sub_centers)
         super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs,
                          weight_init_func, kwargs)
         self.margin, self.scale = params.margin, scale

@@ -1,33 +1,34 @@
-"""Class-sharded (model-parallel) Center Contrastive Loss: rank r holds the centers of a contiguous class slice.
+"""Class-sharded (model-parallel) Center Contrastive Loss: rank r holds the bank rows of a contiguous class slice.
 
-Per step (B_global = the sum of the ranks' batch sizes, C_r = the classes of rank r):
+:class:`ShardedBank` is the machinery; :class:`ShardedCenterContrastiveLoss` and the sharded margin-softmax
+drop-ins (``fastcdml.losses.sharded_margin``) are its user APIs. Per step (B = B_global, the sum of the ranks'
+batch sizes; C_r the classes of rank r, K bank rows per class):
 
 1. :func:`fastcdml.distributed.gather_batch` checks the inputs on every rank (a bad label anywhere raises the same
    error everywhere) and all-gathers the embeddings and labels (detached).
-2. Each rank computes, for every global row i, partials over its own classes with the online softmax of flash
-   attention: ``m_i = max_j z_ij``, ``s_i = Σ_j exp(z_ij − m_i)``, ``v_i = Σ_j exp(z_ij − m_i)·W_j``, and, when
-   it owns ``y_i``, the target center ``W_{y_i}`` and cosine ``s_{i,y_i}``.
-3. An all-reduce MAX of ``m`` (B_global floats) and one all-reduce SUM of the rescaled
-   ``[v·e^{m−M}, W_y, s·e^{m−M}, s_y]`` (B_global × (2D + 2)) give the exact global
-   ``lse_i = M_i + log S_i`` and ``Σ_j p_ij W_j = V_i / S_i``, hence the loss rows and the query gradient
-   ``g_x̂_i = (V_i/S_i − W_{y_i})/τ − 2λ·W_{y_i}`` (``docs/spec.md``), computed in forward like the fused op does.
-4. Each rank returns the loss of its own rows (reduced over its own batch, as under DDP); backward multiplies
-   the saved gradient rows by grad_output and needs no communication.
-5. In training mode each rank applies the momentum update to its own slice with the global rows whose labels
-   fall in it (through the backend's fused ``ccl_update_`` op when available).
+2. Each rank runs the backend's ``ccl_partials`` (the fused ``ccl_fwd_partials`` op: the Triton or C++ forward
+   kernel without its epilogue; or the reference) for every global row over its slice, labels mapped into it
+   (a label of another slice is −1): the online-softmax partials of flash attention ``m``, ``l = Σ e^{z−m}``,
+   ``lo`` (the same without the label's column), ``ps = Σ e^{z−m} c``, ``acc = Σ e^{z−m} W``, and where the slice
+   owns the label its class cosine ``c_y`` and bank row (whose ``W_y`` the rank contributes).
+3. An all-reduce MAX of ``m`` (B floats) and one all-reduce SUM of ``[acc·e, W_y, l·e, lo·e, c_y, ps·e]``,
+   ``e = exp(m − M)`` (B × (2D + 4); B × 3 without a query gradient: ``[l·e, lo·e, c_y]``) give every rank the
+   exact global ``lse = M + log L``, ``q = 1 − p_y = LO/L`` and ``Σ_j p_j W_j = ACC/L`` of every row, hence the loss
+   rows ``lse − t(c_y)/τ − 2λ c_y`` and the query gradient of the fused epilogue (``docs/spec.md``), computed in
+   forward.
+4. Each rank returns the loss of its own rows; backward of the embeddings multiplies the saved gradient rows by
+   grad_output. In gradient mode it also all-gathers every row's grad_output (the gradient return, B_max floats
+   per rank) and computes its slice's proxy gradient locally with the backend's ``ccl_slice_centers_grad``
+   (``ccl_bwd_centers`` with ``foreign_labels``) from the global lse and q: W's gradient is never all-reduced.
+5. In momentum mode, in training, each rank applies the momentum update to its own slice with the global rows
+   whose labels fall in it (the backend's ``ccl_update``).
 
-Communication per step and rank (logical payload, counted in the module's ``stats``, formula in
+Communication per step and rank (logical payload, counted in ``stats``, formula in
 :func:`fastcdml.distributed.step_bytes`): the preflight status table (32·W bytes), the all-gather of the
 embeddings (W·B_max·D·itemsize, rows padded to the largest batch B_max) and labels (W·B_max·8), the MAX
-all-reduce (B_global·4) and the SUM all-reduce (B_global·(2D + 2)·4; 8-byte floats for float64 embeddings). No
-gradient is returned: backward is local. A ring sends (W−1)/W of each all-gather and 2(W−1)/W of each
-all-reduce per rank.
-
-Step 2 is a chunked PyTorch computation (at most ``B_global × chunk`` logits at a time, ``chunk`` chosen so a
-tile holds ≤ 2²² elements), not the fused ``ccl_fwd`` op: that op's schema returns the slice's lse and a
-gradient already projected through the row normalisation, and it rejects rows whose label lies outside the slice
-(NaN), so it cannot produce the separate sum-exp and softmax-weighted center sum partials. A ``ccl_fwd_partials``
-op would let the Triton kernel do this step. Memory per rank: the C_r × D slice plus O(B_global · D).
+all-reduce (B·c) and the SUM all-reduce (B·(2D + 4)·c), c = 4 (8 for float64 embeddings); in gradient mode the
+backward's all-gather of grad_output (W·B_max·c). A ring sends (W−1)/W of each all-gather and 2(W−1)/W of each
+all-reduce per rank. Memory per rank: the C_r·K × D slice plus O(B·D).
 """
 from __future__ import annotations
 
@@ -42,10 +43,9 @@ from .. import _checks
 from .._backend import resolve
 from ..params import CenterParams
 from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, shard_range
-from ..reference.ccl import EPS, compute_dtype, normalize_rows
-from .ccl import _check_module_args, _empty, center_momentum_update_
+from ..reference.ccl import EPS, normalize_rows, target_logit_and_slope
+from .ccl import UPDATES, _check_module_args, _empty
 
-_TILE_ELEMENTS = 1 << 22  # logits per chunk: B_global × chunk ≤ this
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
 
 
@@ -61,73 +61,72 @@ def _random_rows(start: int, stop: int, dim: int, generator: torch.Generator | N
     return torch.cat(rows) if rows else torch.empty(0, dim)
 
 
-def _slice_partials(xh, local_labels, centers, temperature, margin):
-    """Online-softmax partials of ``xh`` (N, D) against ``centers`` (C_r, D), margin at ``local_labels`` (N,)
-    where it lies in [0, C_r): ``(m, s, v)`` with shapes (N,), (N,), (N, D) in ``xh``'s dtype."""
-    n, d = xh.shape
-    m = xh.new_full((n,), -math.inf)
-    s, v = xh.new_zeros(n), xh.new_zeros(n, d)
-    chunk = max(1, _TILE_ELEMENTS // max(n, 1))
-    rows = torch.arange(n, device=xh.device)
-    for c0 in range(0, centers.shape[0], chunk):
-        w = centers[c0: c0 + chunk].to(xh.dtype)
-        z = xh @ w.t()
-        col = local_labels - c0
-        hit = (col >= 0) & (col < w.shape[0])
-        z[rows[hit], col[hit]] -= margin
-        z /= temperature
-        m_new = torch.maximum(m, z.max(dim=1).values)
-        scale = torch.exp(m - m_new)
-        p = torch.exp(z - m_new[:, None])
-        s = s * scale + p.sum(dim=1)
-        v = v * scale[:, None] + p @ w
-        m = m_new
-    return m, s, v
-
-
-def _part_of(t: torch.Tensor, sizes, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s rows of a gathered tensor."""
-    start = sum(sizes[:rank])
-    return t[start: start + sizes[rank]]
-
-
 class _ShardedRows(torch.autograd.Function):
-    """Loss rows of this rank's queries against the sharded bank; the query gradient is computed in forward."""
+    """Loss rows of this rank's queries against the sharded bank (module docstring, steps 2–4). The query
+    gradient is computed in forward; the slice's proxy gradient (learnable mode) in backward."""
 
     @staticmethod
-    def forward(ctx, x, xg, local_labels, centers, offset, temperature, margin, center_weight, group, stats):
-        dtype = compute_dtype(xg, centers)
-        xh = normalize_rows(xg, dtype)
-        m, s, v = _slice_partials(xh, local_labels, centers, temperature, margin)
-        own = (local_labels >= 0) & (local_labels < centers.shape[0])
-        w_y = xh.new_zeros(xh.shape)
-        w_y[own] = centers[local_labels[own]].to(dtype)
-        s_y = (xh * w_y).sum(dim=1)
-        m_all = m.clone()
+    def forward(ctx, x, bank, xg, local_labels, valid, sizes, params: CenterParams, backend, group, stats):
+        rank = dist.get_rank(group)
+        query_grad = ctx.needs_input_grad[0]
+        p = backend.ccl_partials(xg, local_labels, bank, params, query_grad)
+        m_all = p.m.clone()
         all_reduce(m_all, dist.ReduceOp.MAX, group, stats, "max")
-        scale = torch.exp(m - m_all)  # 0 on a rank without classes (m = −inf)
-        packed = torch.cat([v * scale[:, None], w_y, (s * scale)[:, None], s_y[:, None]], dim=1)
+        e = torch.exp(p.m - m_all)  # 0 on a rank without classes (m = −inf)
+        scalars = [p.l * e, p.lo * e, p.c_y]
+        if query_grad:
+            w_y = p.acc.new_zeros(p.acc.shape)
+            owned = p.row_y >= 0
+            w_y[owned] = bank[p.row_y[owned]].to(w_y.dtype)
+            scalars.append(p.ps * e)
+            packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
+        else:
+            packed = torch.stack(scalars, dim=1)
         all_reduce(packed, dist.ReduceOp.SUM, group, stats, "sum")
-        d = xh.shape[1]
-        rows = slice(offset, offset + x.shape[0])
-        v, w_y, s, s_y = packed[rows, :d], packed[rows, d: 2 * d], packed[rows, 2 * d], packed[rows, 2 * d + 1]
-        loss = m_all[rows] + torch.log(s) - (s_y - margin) / temperature - 2.0 * center_weight * s_y
-        g_hat = (v / s[:, None] - w_y) / temperature - 2.0 * center_weight * w_y
-        xh_local = xh[rows]
-        norm = xg[rows].to(dtype).norm(dim=1, keepdim=True).clamp_min(EPS)
-        ctx.save_for_backward((g_hat - xh_local * (xh_local * g_hat).sum(dim=1, keepdim=True)) / norm)
-        ctx.x_dtype = x.dtype
+        d = xg.shape[1]
+        l_all, lo_all = packed[:, -4 if query_grad else -3], packed[:, -3 if query_grad else -2]
+        lse_all, q_all = m_all + torch.log(l_all), lo_all / l_all
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        l, c_y = l_all[mine], packed[mine, -2 if query_grad else -1]
+        t, slope = target_logit_and_slope(c_y, params.margin, params.margin_type)
+        tau, two_lambda = params.temperature, 2.0 * params.center_weight
+        loss = lse_all[mine] - t / tau - two_lambda * c_y
+        loss = torch.where(valid[mine], loss, torch.full_like(loss, math.nan))
+        grad = None
+        if query_grad:  # the fused epilogue (fastcdml/kernels/ccl.py), on the combined partials
+            acc, w_y, ps = packed[mine, :d], packed[mine, d: 2 * d], packed[mine, -1]
+            a = (-1.0 - (slope - 1.0) * q_all[mine]) / tau - two_lambda
+            g = acc / (l * tau)[:, None] + a[:, None] * w_y
+            xg_dot = ps / (l * tau) + a * c_y
+            x_own = xg[mine].to(g.dtype)
+            norm = x_own.norm(dim=1, keepdim=True).clamp_min(EPS)
+            xh = x_own / norm
+            grad = torch.where(valid[mine, None], (g - xh * xg_dot[:, None]) / norm, 0.0)
+        ctx.needs_bank_grad = ctx.needs_input_grad[1]
+        ctx.meta = (x.dtype, bank.dtype, sizes, params, backend, group, stats)
+        saved = (xg, local_labels, bank, lse_all, q_all, valid) if ctx.needs_bank_grad else ()
+        ctx.save_for_backward(grad, *saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        (grad_x,) = ctx.saved_tensors
-        return (grad_rows[:, None] * grad_x).to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
+        grad, *saved = ctx.saved_tensors
+        x_dtype, bank_dtype, sizes, params, backend, group, stats = ctx.meta
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (grad_rows[:, None] * grad).to(x_dtype)
+        if ctx.needs_bank_grad:  # the gradient return: every row's grad_output, from the rank that owns the row
+            xg, local_labels, bank, lse, q, valid = saved
+            g_all = gather_rows(grad_rows, sizes, group=group, stats=stats, name="grad_rows")
+            g_all = torch.where(valid, g_all, 0.0) / dist.get_world_size(group)
+            gw = backend.ccl_slice_centers_grad(xg, local_labels, bank, lse, q, g_all, params).to(bank_dtype)
+        return gx, gw, None, None, None, None, None, None, None, None
 
 
 def merge_shards(state_dicts: Sequence[dict]) -> dict:
-    """Offline: the per-rank ``state_dict()``s of one sharded bank (any order) → ``{"centers": (C, D)}``, a full
-    bank loadable by :class:`ShardedCenterContrastiveLoss` at any world size and by ``CenterContrastiveLoss``."""
+    """Offline: the per-rank ``state_dict()``s of one sharded loss (any order) → the full bank, ``{"centers":
+    (C, D)}`` (:class:`ShardedCenterContrastiveLoss`) or ``{"W": (D, C·K)}`` (the sharded margin losses), loadable
+    at any world size and by the single-process loss."""
     shards = sorted(state_dicts, key=lambda sd: sd["_extra_state"]["start"])
     num_classes, stop = shards[0]["_extra_state"]["num_classes"], 0
     for sd in shards:
@@ -138,20 +137,187 @@ def merge_shards(state_dicts: Sequence[dict]) -> dict:
         stop = extra["stop"]
     if stop != num_classes:
         raise ValueError(f"shards cover classes [0, {stop}) of {num_classes}")
-    return {"centers": torch.cat([sd["centers"] for sd in shards])}
+    if "centers" in shards[0]:
+        return {"centers": torch.cat([sd["centers"] for sd in shards])}
+    return {"W": torch.cat([sd["W"] for sd in shards], dim=1)}
 
 
-class ShardedCenterContrastiveLoss(nn.Module):
+class ShardedBank(nn.Module):
+    """What the class-sharded losses share: the slice of the bank this rank owns, its checkpoints, the step.
+
+    The slice is stored under ``KEY``: as bank rows ``(C_r·K, D)`` or, with ``COLUMNS``, as PML's ``(D, C_r·K)``
+    ``W`` whose columns are the bank rows. ``update="momentum"``: a buffer of unit rows moved by the momentum
+    update; ``"gradient"``: a Parameter (normalised in forward) trained by the optimizer on the local slice.
+    """
+
+    KEY, COLUMNS = "centers", False
+
+    def __init__(self, num_classes: int, embedding_dim: int, params: CenterParams, update: str, momentum: float,
+                 backend: str, check_inputs: bool, bank: torch.Tensor | None, dtype: torch.dtype,
+                 generator: torch.Generator | None, shard_sizes: Sequence[int] | None, sample_rate: float,
+                 process_group, normalize_init: bool = True, init=None):
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{type(self).__name__} needs torch.distributed.init_process_group() first")
+        _checks.choice(update, "update", UPDATES)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.params, self.update, self.momentum = params, update, momentum
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.backend, self.check_inputs = backend, check_inputs
+        self.sample_rate, self.process_group = sample_rate, process_group
+        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self.shard_sizes = [e - s for s, e in (shard_range(num_classes, self.world_size, r, shard_sizes)
+                                               for r in range(self.world_size))]
+        self.start, self.stop = shard_range(num_classes, self.world_size, self.rank, self.shard_sizes)
+        k = params.sub_centers
+        local = (self.stop - self.start) * k
+        if bank is None and init is not None:  # PML's weight_init_func, on this rank's (D, C_r·K) columns
+            bank = torch.empty(embedding_dim, local)
+            init(bank)
+            bank = bank.t()
+        elif bank is None:
+            bank = _random_rows(self.start * k, self.stop * k, embedding_dim, generator)
+        elif tuple(bank.shape) == (num_classes * k, embedding_dim):
+            bank = bank[self.start * k: self.stop * k]
+        elif tuple(bank.shape) != (local, embedding_dim):
+            raise ValueError(f"the bank must have {num_classes * k} rows (all classes) or this rank's {local} rows "
+                             f"of {embedding_dim} values, got {tuple(bank.shape)}")
+        rows = (normalize_rows(bank.detach()) if normalize_init else bank.detach()).to(dtype).contiguous()
+        if update == "gradient":
+            self.register_parameter(self.KEY, nn.Parameter(rows.t().contiguous() if self.COLUMNS else rows))
+        else:
+            self.register_buffer(self.KEY, rows.t() if self.COLUMNS else rows)
+        self.stats = CommStats(self.world_size)
+
+    def _stored_rows(self) -> torch.Tensor:
+        stored = getattr(self, self.KEY)
+        return stored.t() if self.COLUMNS else stored
+
+    def bank_rows(self) -> torch.Tensor:
+        """The (C_r·K, D) rows the kernels read: normalised in gradient mode (differentiable), contiguous."""
+        rows = self._stored_rows()
+        if self.update == "gradient":
+            return rows / rows.float().norm(dim=1, keepdim=True).clamp_min(EPS)
+        if not rows.is_contiguous():  # e.g. after a load that did not keep the layout
+            self._set_rows(rows.contiguous())
+        return self._stored_rows()
+
+    def _set_rows(self, rows: torch.Tensor) -> None:
+        setattr(self, self.KEY, rows.t() if self.COLUMNS else rows)
+
+    def _check(self, embeddings, labels):
+        backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
+        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_dim, self.check_inputs)
+        _checks.same_device(getattr(self, self.KEY), self.KEY, embeddings, "embeddings",
+                            "; move the loss with .to(device)")
+        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
+
+    def _sampled(self, bank, local_labels):
+        """Partial FC: (bank rows of the kept classes, labels remapped into them), every class of the batch kept."""
+        c, k = bank.shape[0] // self.params.sub_centers, self.params.sub_centers
+        own = local_labels >= 0
+        score = torch.rand(c, device=bank.device)
+        score[local_labels[own]] = 2.0
+        keep = score.topk(max(math.ceil(self.sample_rate * c), int((score > 1.0).sum()))).indices.sort().values
+        remap = torch.full((c,), -1, dtype=torch.long, device=keep.device)
+        remap[keep] = torch.arange(keep.numel(), device=keep.device)
+        rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).flatten()
+        return bank[rows], torch.where(own, remap[local_labels.clamp(0, max(c - 1, 0))], -1)
+
+    def loss_rows(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Collective: the loss rows (B_r,) of this rank's batch; in training mode, the momentum step."""
+        self.stats.start_step(self.process_group)
+        try:
+            return self._step(embeddings, labels)
+        finally:
+            self.stats.log_step(type(self).__name__, self.process_group)
+
+    def _step(self, embeddings, labels):
+        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
+                                     self.stats)
+        bank = self.bank_rows()
+        if sum(sizes) == 0:
+            return _empty(embeddings, bank, "none")
+        backend = resolve(self.backend, "ccl", embeddings.device)
+        yg = yg.to(bank.device)
+        local = yg - self.start
+        local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
+        valid = (yg >= 0) & (yg < self.num_classes)  # with check_inputs=False a bad label gives a NaN row
+        scored, scored_labels = bank, local
+        if self.training and self.sample_rate < 1.0 and bank.shape[0]:
+            scored, scored_labels = self._sampled(bank, local)
+        rows = _ShardedRows.apply(embeddings, scored, xg, scored_labels, valid, sizes, self.params, backend,
+                                  self.process_group, self.stats)
+        if self.training and self.update == "momentum" and bank.shape[0]:
+            new = backend.ccl_update(bank, xg.detach(), local, self.momentum, self.params.sub_centers)
+            if new is not bank:  # the reference returns a new bank (autograd may hold the old one)
+                self._set_rows(new)
+        return rows
+
+    def _reduce(self, rows: torch.Tensor, reduction: str) -> torch.Tensor:
+        """``reduction`` of this rank's rows; an empty batch gives 0 (still in the graph: backward is a
+        collective in gradient mode)."""
+        if rows.shape[0] == 0 and reduction == "mean":
+            return rows.sum()
+        return _checks.reduce(rows, reduction)
+
+    @torch.no_grad()
+    def full_state_dict(self, dst: int | None = 0) -> dict | None:
+        """Collective: the full bank (``{KEY: ...}`` in this loss's layout) on group rank ``dst`` (every rank
+        when ``dst`` is None), None elsewhere. Save it to re-shard to another world size (this needs the full bank
+        in one rank's memory; :func:`merge_shards` does the same offline from the per-rank files)."""
+        k = self.params.sub_centers
+        full = gather_rows(self._stored_rows(), [n * k for n in self.shard_sizes], dst, self.process_group)
+        return None if full is None else {self.KEY: full.t() if self.COLUMNS else full}
+
+    def get_extra_state(self) -> dict:
+        return {"num_classes": self.num_classes, "start": self.start, "stop": self.stop}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.get_extra_state()
+        if state != mine:
+            raise ValueError(f"this checkpoint shard holds classes [{state['start']}, {state['stop']}) of "
+                             f"{state['num_classes']} but rank {self.rank} owns [{self.start}, {self.stop}) of "
+                             f"{self.num_classes}; load a full bank (full_state_dict or merge_shards) to re-shard")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key, extra = prefix + self.KEY, prefix + "_extra_state"
+        k, dim = self.params.sub_centers, 1 if self.COLUMNS else 0
+        full = extra not in state_dict and key in state_dict and state_dict[key].shape[dim] == self.num_classes * k
+        if extra in state_dict:
+            self.set_extra_state(state_dict[extra])  # a wrong shard fails here, before any size-mismatch message
+        elif full:  # a full bank (e.g. PML's W): our slice
+            part = state_dict[key].narrow(dim, self.start * k, (self.stop - self.start) * k)
+            state_dict = {**state_dict, key: part, extra: self.get_extra_state()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.update == "momentum" and full:  # the bank keeps unit, contiguous rows
+            with torch.no_grad():
+                self._set_rows(normalize_rows(self._stored_rows()).to(self._stored_rows().dtype).contiguous())
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, classes=[{self.start}, "
+                f"{self.stop}) on rank {self.rank}/{self.world_size}, {self.params}, update={self.update!r}, "
+                f"momentum={self.momentum}, sample_rate={self.sample_rate}, backend={self.backend!r}")
+
+
+class ShardedCenterContrastiveLoss(ShardedBank):
     """Center Contrastive Loss with the center bank split by class across the ranks of a process group.
 
     Rank r owns classes ``[start, stop)`` (:func:`fastcdml.distributed.shard_range`; ``shard_sizes`` gives
-    uneven slices) and stores only their centers: a ``(stop − start, embedding_dim)`` float32 (or ``dtype``)
-    buffer ``centers``. Call ``loss_fn(embeddings, labels)`` on every rank of the group with that rank's batch
-    (sizes may differ, even 0) and global labels in ``[0, num_classes)``; all ranks must call it together. The
-    returned loss (``reduction`` over the rank's own rows) and its gradient for the rank's embeddings equal
-    ``CenterContrastiveLoss`` with the full bank on that batch; in training mode the bank moves as the
-    single-process bank does with the concatenated batch (momentum mode only: there is no learnable-proxy mode).
-    The algorithm and its cost are in the module docstring.
+    uneven slices) and stores only their centers: ``centers``, a ``(stop − start, embedding_dim)`` float32 (or
+    ``dtype``) buffer of unit rows (``update="momentum"``) or Parameter (``update="gradient"``). Call
+    ``loss_fn(embeddings, labels)`` on every rank of the group with that rank's batch (sizes may differ, even 0)
+    and global labels in ``[0, num_classes)``; all ranks must call it together (and, in gradient mode, call
+    backward together, as under DDP). The returned loss (``reduction`` over the rank's own rows) and its gradient
+    for the rank's embeddings equal ``CenterContrastiveLoss`` with the full bank on that batch.
+
+    ``update="momentum"``: in training mode the slice moves as the single-process bank does with the
+    concatenated batch. ``update="gradient"``: each rank's slice is a learnable proxy matrix, normalised in
+    forward; backward gives it the gradient DDP would give a replicated bank, the average over ranks of each
+    rank's loss gradient (with equal batch sizes, the gradient of the single-process loss on the concatenated
+    batch), computed on this rank from the global softmax statistics: no all-reduce of the bank's gradient, only
+    an all-gather of the rows' grad_output. Do not wrap the loss in DDP (its parameters are not replicas).
 
     ``centers``: the full (num_classes, D) bank (each rank keeps its slice) or this rank's slice; by default
     Gaussian rows drawn in class blocks so that, when all ranks seed torch alike, the bank does not depend on the
@@ -159,7 +325,8 @@ class ShardedCenterContrastiveLoss(nn.Module):
 
     ``sample_rate < 1`` (Partial FC, An et al. 2021; training mode only): each rank scores its queries against
     the classes of its slice present in the global batch plus random others, ``ceil(sample_rate · C_r)`` centers
-    in all (drawn from the rank's torch RNG), instead of the whole slice; the loss is then an approximation.
+    in all (drawn from the rank's torch RNG), instead of the whole slice; the loss is then an approximation, and
+    in gradient mode only the scored centers get a gradient.
 
     Checkpoints: ``state_dict()`` holds the rank's slice and its class range; ``load_state_dict`` takes a
     state dict of the same slice or a full bank (``{"centers": (C, D)}``: from :meth:`full_state_dict`,
@@ -187,105 +354,13 @@ class ShardedCenterContrastiveLoss(nn.Module):
         shard_sizes: Sequence[int] | None = None,
         sample_rate: float = 1.0,
         process_group=None,
+        update: str = "momentum",
     ):
-        super().__init__()
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("ShardedCenterContrastiveLoss needs torch.distributed.init_process_group() first")
-        self.params = CenterParams(temperature, margin, center_weight)
+        params = CenterParams(temperature, margin, center_weight)
         _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.num_classes, self.embedding_dim, self.momentum = num_classes, embedding_dim, momentum
-        self.reduction, self.backend, self.check_inputs = reduction, backend, check_inputs
-        self.sample_rate, self.process_group = sample_rate, process_group
-        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-        self.shard_sizes = [e - s for s, e in (shard_range(num_classes, self.world_size, r, shard_sizes)
-                                               for r in range(self.world_size))]
-        self.start, self.stop = shard_range(num_classes, self.world_size, self.rank, self.shard_sizes)
-        local = self.stop - self.start
-        if centers is None:
-            centers = _random_rows(self.start, self.stop, embedding_dim, generator)
-        elif tuple(centers.shape) == (num_classes, embedding_dim):
-            centers = centers[self.start: self.stop]
-        elif tuple(centers.shape) != (local, embedding_dim):
-            raise ValueError(f"centers must have shape ({num_classes}, {embedding_dim}) or this rank's slice "
-                             f"({local}, {embedding_dim}), got {tuple(centers.shape)}")
-        self.register_buffer("centers", normalize_rows(centers.detach()).to(dtype).contiguous())
-        self.stats = CommStats(self.world_size)
-
-    def _check(self, embeddings, labels):
-        backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_dim, self.check_inputs)
-        _checks.same_device(self.centers, "centers", embeddings, "embeddings", "; move the loss with .to(device)")
-        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
-
-    def _sampled(self, local_labels, own):
-        """Partial FC: (centers subset, labels remapped into it) with every class present in the batch kept."""
-        c = self.centers.shape[0]
-        score = torch.rand(c, device=self.centers.device)
-        score[local_labels[own]] = 2.0
-        keep = score.topk(max(math.ceil(self.sample_rate * c), int((score > 1.0).sum()))).indices.sort().values
-        remap = torch.full((c,), -1, dtype=torch.long, device=keep.device)
-        remap[keep] = torch.arange(keep.numel(), device=keep.device)
-        return self.centers[keep], torch.where(own, remap[local_labels.clamp(0, max(c - 1, 0))], -1)
+        super().__init__(num_classes, embedding_dim, params, update, momentum, backend, check_inputs, centers, dtype,
+                         generator, shard_sizes, sample_rate, process_group)
+        self.reduction = reduction
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.stats.start_step(self.process_group)
-        try:
-            return self._step(embeddings, labels)
-        finally:
-            self.stats.log_step(type(self).__name__, self.process_group)
-
-    def _step(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
-                                     self.stats)
-        if sum(sizes) == 0:
-            return _empty(embeddings, self.centers, self.reduction)
-        local_labels = yg.to(self.centers.device) - self.start
-        own = (local_labels >= 0) & (local_labels < self.centers.shape[0])
-        centers, local_labels = self.centers, torch.where(own, local_labels, -1)
-        if self.training and self.sample_rate < 1.0 and centers.shape[0]:
-            centers, local_labels = self._sampled(local_labels, own)
-        p = self.params
-        rows = _ShardedRows.apply(embeddings, xg, local_labels, centers, sum(sizes[: self.rank]), p.temperature,
-                                  p.margin, p.center_weight, self.process_group, self.stats)
-        if not self.check_inputs:  # as CenterContrastiveLoss: an out-of-range label gives a NaN row
-            mine = _part_of(yg, sizes, self.rank)
-            rows = torch.where((mine >= 0) & (mine < self.num_classes), rows, torch.full_like(rows, math.nan))
-        if self.training:
-            center_momentum_update_(self.centers, xg[own], yg[own] - self.start, self.momentum, self.backend,
-                                    check_inputs=False)
-        if embeddings.shape[0] == 0:
-            return _empty(embeddings, self.centers, self.reduction)  # after taking part in the collectives
-        return _checks.reduce(rows, self.reduction)
-
-    @torch.no_grad()
-    def full_state_dict(self, dst: int | None = 0) -> dict | None:
-        """Collective: ``{"centers": (num_classes, D)}`` on group rank ``dst`` (every rank when ``dst`` is None),
-        None elsewhere. Save it to re-shard to another world size (this needs the full bank in one rank's memory;
-        :func:`merge_shards` does the same offline from the per-rank files)."""
-        full = gather_rows(self.centers, self.shard_sizes, dst, self.process_group)
-        return None if full is None else {"centers": full}
-
-    def get_extra_state(self) -> dict:
-        return {"num_classes": self.num_classes, "start": self.start, "stop": self.stop}
-
-    def set_extra_state(self, state: dict) -> None:
-        mine = self.get_extra_state()
-        if state != mine:
-            raise ValueError(f"this checkpoint shard holds classes [{state['start']}, {state['stop']}) of "
-                             f"{state['num_classes']} but rank {self.rank} owns [{self.start}, {self.stop}) of "
-                             f"{self.num_classes}; load a full bank (full_state_dict or merge_shards) to re-shard")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key, extra = prefix + "centers", prefix + "_extra_state"
-        if extra in state_dict:
-            self.set_extra_state(state_dict[extra])  # a wrong shard fails here, before any size-mismatch message
-        elif key in state_dict and state_dict[key].shape[0] == self.num_classes:  # a full bank: take our slice
-            state_dict = {**state_dict, key: state_dict[key][self.start: self.stop], extra: self.get_extra_state()}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, classes=[{self.start}, "
-                f"{self.stop}) on rank {self.rank}/{self.world_size}, {self.params}, momentum={self.momentum}, "
-                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}")
+        return self._reduce(self.loss_rows(embeddings, labels), self.reduction)
