@@ -4,13 +4,13 @@ Prints, for C ∈ {10⁶, 10⁷}, D ∈ {128, 512}, B_global ∈ {1024, 8192} an
 memory, the FLOPs and HBM bytes of one loss step per rank, the bytes each rank moves through collectives, and
 a predicted step time on H100-class GPUs; then the same model at the sizes of Partial FC's published figures.
 ``--anchor`` times the fused C++ step on this CPU and compares it with the same model fed this CPU's measured
-GEMM rate and copy bandwidth. The reasoning, the assumptions and the recorded output are in ``docs/scaling.md``.
+GEMM rate and copy bandwidth, then the class-sharded step on the C++ partials op against the PyTorch reference. The reasoning, the assumptions and the recorded output are in ``docs/scaling.md``.
 
 The model, per rank (C_r = ⌈C/W⌉ classes, B = B_global rows, D columns)::
 
     FLOPs     4·B·C_r·D                       s = x̂Wᵀ and Σ_j p_ij W_j: two B×C_r×D products, gradient in forward
     exps      B·C_r                           one exponential per logit, on the special-function units
-    HBM       C_r·D·4 (the fp32 slice, read once) + B·D·2 (bf16 queries) + B·(2D+2)·4 (partials out)
+    HBM       C_r·D·4 (the fp32 slice, read once) + B·D·2 (bf16 queries) + B·(2D+4)·4 (partials out)
               + 2·(B/W)·D·4 (momentum update of the rows this rank owns)
     comm      fastcdml.distributed.step_bytes: the counters the loss records and the tests check
     time      max(FLOPs / peak + exps / exp rate, HBM / bandwidth) + Σ_collectives (α + ring bytes / link bandwidth)
@@ -36,7 +36,7 @@ GB, MB, MS = 1e9, 1e6, 1e-3
 class Hardware:
     name: str
     dot_flops: float  # dense tensor-core FLOP/s for bf16 operands (bf16 queries against an fp32 bank tile)
-    fp32_flops: float  # FP32 (non-tensor-core) FLOP/s: the chunked PyTorch path, torch's default matmul precision
+    fp32_flops: float  # FP32 (non-tensor-core) FLOP/s: the chunked PyTorch reference, torch's default matmul precision
     hbm: float  # bytes/s
     nvlink: float  # bytes/s one GPU sends within a node
     network: tuple[float, float]  # bytes/s one GPU sends across nodes: (fast, slow)
@@ -69,7 +69,7 @@ class Step:
     t_exp: float
     t_memory: float
     t_comm: tuple[float, float]
-    t_chunked: float  # the per-slice step as it is implemented today: chunked PyTorch, fp32 matmul
+    t_chunked: float  # the per-slice step on the reference backend: chunked PyTorch, fp32 matmul
 
     @property
     def t_step(self) -> tuple[float, float]:
@@ -84,8 +84,8 @@ def sharded_step(C: int, D: int, B: int, W: int, hw: Hardware = H100, bank_items
     bank = c_r * D * bank_itemsize
     flops = 4.0 * B * c_r * D
     reads = bank * (1 if l2_reuse else math.ceil(B / ROW_BLOCK))
-    hbm = reads + B * D * emb_itemsize + B * (2 * D + 2) * 4 + 2 * (B / W) * D * bank_itemsize
-    workspace = B * D * emb_itemsize + B * (2 * D + 3) * 4  # gathered batch, packed partials and row maxima
+    hbm = reads + B * D * emb_itemsize + B * (2 * D + 4) * 4 + 2 * (B / W) * D * bank_itemsize
+    workspace = B * D * emb_itemsize + B * (2 * D + 5) * 4  # gathered batch, packed partials and row maxima
     sizes = [B // W + (r < B % W) for r in range(W)]
     comm = step_bytes(sizes, D, emb_itemsize, sharded=True, compute_itemsize=4)
     ring = sum(RING_FACTORS[k.split(":")[0]](W) * n for k, n in comm.items())
@@ -93,7 +93,7 @@ def sharded_step(C: int, D: int, B: int, W: int, hw: Hardware = H100, bank_items
         t_comm = (len(comm) * hw.alpha_node + ring / hw.nvlink,) * 2
     else:
         t_comm = tuple(len(comm) * hw.alpha_network + ring / bw for bw in hw.network)
-    # today's per-slice step: fp32 GEMMs (two products) plus ~8 passes over the B×chunk fp32 logits
+    # the reference backend's per-slice step: fp32 GEMMs (two products) plus ~8 passes over the B×chunk fp32 logits
     # (write s, margin, /τ read+write, max, exp read+write, sum, read for p@W)
     t_chunked = flops / hw.fp32_flops + (8 * 4 * B * c_r + bank) / hw.hbm + B * c_r / hw.exp_rate
     t_exp = B * c_r / hw.exp_rate
@@ -127,7 +127,7 @@ def _ms(t) -> str:
 
 def table(l2_reuse: bool = True, hw: Hardware = H100) -> str:
     head = ("| C | D | B | W | bank/GPU GB | GFLOP/rank | HBM MB/rank | comm MB/rank (logical) | ring MB sent/rank "
-            "| compute ms (of which exp) | memory ms | comm ms | **step ms** | chunked today ms "
+            "| compute ms (of which exp) | memory ms | comm ms | **step ms** | reference backend ms "
             "| data parallel: bank GB, step ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for C in (10**6, 10**7):
@@ -236,6 +236,54 @@ def anchor(reps: int = 5, threads: int = 1) -> str:
     return "\n".join(out)
 
 
+def sharded_anchor(reps: int = 5, threads: int = 1) -> str:
+    """Time one training step (forward, backward, momentum update or proxy gradient) of
+    ``ShardedCenterContrastiveLoss`` on a world-size-1 gloo group in this process: the per-slice pass on the fused
+    C++ partials op against the chunked PyTorch reference, in momentum and gradient mode, next to the same step of
+    the single-process ``CenterContrastiveLoss`` (whose fused op the partials op shares its pass with)."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    import fastcdml
+
+    torch.set_num_threads(threads)
+    store = tempfile.TemporaryDirectory()
+    dist.init_process_group("gloo", init_method=f"file://{store.name}/store", rank=0, world_size=1)
+    out = [f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), gloo world size 1:", "",
+           "| B, C, D | update | single process, C++ ms | sharded, C++ partials ms | sharded, reference ms | "
+           "reference / C++ |", "|---|---|---|---|---|---|"]
+    try:
+        for B, C, D in ((256, 50_000, 128), (256, 12_500, 512)):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(B, D, generator=g, requires_grad=True)
+            y = torch.randint(0, C, (B,), generator=g)
+            bank = torch.randn(C, D, generator=g)
+            for update in ("momentum", "gradient"):
+                times = []
+                for make in (lambda: fastcdml.CenterContrastiveLoss(C, D, centers=bank, update=update,
+                                                                    backend="cpp", distributed=False),
+                             lambda: fastcdml.ShardedCenterContrastiveLoss(C, D, centers=bank, update=update,
+                                                                           backend="cpp"),
+                             lambda: fastcdml.ShardedCenterContrastiveLoss(C, D, centers=bank, update=update,
+                                                                           backend="reference")):
+                    loss_fn = make()
+
+                    def step():
+                        x.grad = None
+                        loss_fn.zero_grad()
+                        loss_fn(x, y).backward()
+
+                    times.append(_median_s(step, reps))
+                out.append(f"| {B}, {C}, {D} | {update} | {times[0] / MS:.4g} | {times[1] / MS:.4g} | "
+                           f"{times[2] / MS:.4g} | {times[2] / times[1]:.2f} |")
+    finally:
+        dist.destroy_process_group()
+        store.cleanup()
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--anchor", action="store_true", help="also time the C++ step on this CPU against the model")
@@ -256,6 +304,8 @@ def main(argv=None) -> int:
     if args.anchor:
         print("\n## Anchor: the fused C++ step on this CPU against the model fed this CPU's measured rates\n")
         print(anchor(args.reps, args.threads))
+        print("\n## Anchor: the class-sharded step on the fused C++ partials op against the reference\n")
+        print(sharded_anchor(args.reps, args.threads))
     return 0
 
 
