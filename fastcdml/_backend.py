@@ -63,6 +63,12 @@ class Backend:
         to other slices; ``fastcdml.reference.ccl.ccl_partials``), no autograd."""
         raise NotImplementedError
 
+    def ccl_operand_dtype(self, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this backend's forward products round the bank rows to: a caller that combines
+        ``ccl_partials`` with bank rows of its own (the label's ``W_y``) rounds them alike, so that the label's
+        term cancels exactly as in the fused epilogue."""
+        raise NotImplementedError
+
     def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params: CenterParams
                                ) -> torch.Tensor:
         """``Σ_i g_i ∂L_i/∂W`` for the bank slice ``centers`` from the rows' global lse and 1 − p_y
@@ -95,6 +101,9 @@ class ReferenceBackend(Backend):
     def ccl_partials(self, x, labels, centers, params, compute_grad):
         return ccl_reference.ccl_partials(x, labels, centers, params.temperature, params.margin, compute_grad,
                                           params.margin_type, params.sub_centers)
+
+    def ccl_operand_dtype(self, x_dtype, bank_dtype):
+        return torch.float64 if torch.float64 in (x_dtype, bank_dtype) else torch.float32
 
     def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
         return ccl_reference.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params.temperature,
@@ -129,6 +138,11 @@ class FusedBackend(Backend):
     def ccl_partials(self, x, labels, centers, params, compute_grad):
         return ccl_reference.SlicePartials(*ccl_ops.ccl_partials(x, labels, centers, params, compute_grad,
                                                                  self.namespace))
+
+    def ccl_operand_dtype(self, x_dtype, bank_dtype):
+        if self.name == "cpp":  # the C++ kernels multiply in fp32
+            return torch.float32
+        return ccl_ops.triton_operand_dtype(x_dtype, bank_dtype)
 
     def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
         return ccl_ops.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params, self.namespace)

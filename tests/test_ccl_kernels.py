@@ -232,6 +232,24 @@ def test_partials_of_an_empty_slice(b):
     assert bool((row_y == -1).all())
 
 
+def test_operand_dtype_is_what_the_products_round_to():
+    """``operand_dtype`` (what the sharded loss rounds the label's W_y to) follows the kernels' product choice."""
+    from fastcdml._backend import resolve
+
+    k = kernels()
+    assert k.operand_dtype(F16, F32) == F16 and k.operand_dtype(BF16, F32) == BF16
+    assert k.operand_dtype(F32, BF16) == BF16 and k.operand_dtype(F16, BF16) == BF16
+    assert k.operand_dtype(F32, F32) == F32
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert k.operand_dtype(F32, F32) == BF16
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert resolve("triton", "ccl", DEVICE).ccl_operand_dtype(F16, F32) == F16
+    assert resolve("reference", "ccl", DEVICE).ccl_operand_dtype(F16, F32) == F32
+
+
 @pytest.mark.parametrize("k,margin_type", [(1, 0), (3, 1)])
 def test_slice_proxy_gradients_add_up(k, margin_type):
     """``ccl_bwd_centers(foreign_labels=True)`` per slice from the combined global lse and q: each slice matches the

@@ -336,6 +336,23 @@ def _sharded_margin_dropins_match(rank, world, backend):
         _close(sharded.W, single.W[:, sharded.start * 2: sharded.stop * 2], torch.float32, f"momentum W, {step}")
 
 
+def _sharded_16bit_matches_fused_single_process(rank, world):
+    """fp16 queries on the Triton kernels (fp16 products): the sharded loss and query gradient equal the fused
+    single-process ones to the gradient's own fp16 rounding (the label's W_y is rounded to the operand dtype as in
+    the fused epilogue, ``Backend.ccl_operand_dtype``)."""
+    kw = dict(centers=_bank(), backend="triton", reduction="none")
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, **kw)
+    single = fastcdml.CenterContrastiveLoss(C, D, distributed=False, **kw)
+    x_all, y_all = _batch(world, 0, torch.float16)
+    x, xr = _part(x_all, world, 0, rank).clone().requires_grad_(), x_all.clone().requires_grad_()
+    rows = sharded(x, _part(y_all, world, 0, rank))
+    (grad,) = torch.autograd.grad(rows.sum(), x)
+    ref_rows = single(xr, y_all)
+    (ref_grad,) = torch.autograd.grad(ref_rows.sum(), xr)
+    assert rel_err(rows, _part(ref_rows, world, 0, rank)) < 1e-5
+    assert rel_err(grad, _part(ref_grad, world, 0, rank)) <= 2 * 2.0**-11  # an fp16 ulp or two
+
+
 def _sharded_sampling(rank, world):
     full = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none")
     sampled = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), backend="reference", reduction="none",
@@ -564,6 +581,10 @@ def test_sharded_margin_dropins_match_single_process(ranks, world, backend):
                          ids=["float64", "bfloat16"])
 def test_communication_counters_match_formula(ranks, world, dtype, backend):
     ranks(world, "_comm_stats_match_formula", dtype, backend)
+
+
+def test_sharded_16bit_matches_fused_single_process(ranks):
+    ranks(2, "_sharded_16bit_matches_fused_single_process")
 
 
 def test_sharded_partial_fc_sampling(ranks):

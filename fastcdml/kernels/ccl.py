@@ -74,8 +74,8 @@ fp16 and the bank fp32 (an fp32 bank tile is cast in registers — no 16-bit cop
 follows ``torch.get_float32_matmul_precision()`` as PyTorch's matmuls do: "highest" (the default) fp32 operands
 with ``input_precision="tf32x3"`` (≈ fp32 accuracy: three tf32 products of hi/lo parts, twice the operand
 shared memory), "high" one tf32 product, "medium" bf16 operands. Under the interpreter bf16 operands are
-rounded to bf16 and then computed in fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU
-path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
+rounded to bf16 (truncated: the interpreter's cast, where a GPU rounds to nearest even) and then computed in
+fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
 where B·D, C·D or split·B·D can pass 2³¹.
 
 **Configs and tuning knobs.** ``FWD_CONFIGS`` (forward) and ``BWD_CONFIGS`` (proxy gradient, roles of rows and
@@ -225,13 +225,20 @@ def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
     return max(1, min(sms * occupancy // row_programs, cap))
 
 
+def operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str | None = None) -> torch.dtype:
+    """The dtype the forward's products round x̂ and the bank to (the ``tl.dot`` operands) for product ``kind``
+    (default: the kind asked for, :func:`_products`): fp32 for fp32 products, else fp16 for fp16 queries with an
+    fp32 bank and bf16 otherwise."""
+    if (kind or _products(x_dtype, bank_dtype)) != "16":
+        return torch.float32
+    return torch.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else torch.bfloat16
+
+
 def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
-    if kind != "16":
-        dot, prec = tl.float32, kind  # tf32, tf32x3 or ieee
-    else:
-        dot = tl.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else tl.bfloat16
-        prec = "tf32"  # unused with 16-bit operands
+    dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
+        operand_dtype(x_dtype, bank_dtype, kind)]
+    prec = kind if kind != "16" else "tf32"  # tf32, tf32x3 or ieee; unused with 16-bit operands
     return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
@@ -706,14 +713,14 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     q = new_output((b,), f32, x.device)
     if b == 0:
         return loss, grad, lse, q
-    parts, hyper, flags = _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type,
-                                  sub_centers, (loss, grad, lse, q), config, split)
+    parts, hyper, flags, dot = _stream(x, labels, centers, temperature, margin, center_weight, compute_grad,
+                                       margin_type, sub_centers, (loss, grad, lse, q), config, split)
     if parts is not None:
         rows = max(1, min(16, 2048 // block_d(d)))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
             x, labels, centers, loss, grad, lse, q, *parts, b, centers.shape[0] // sub_centers, d, sub_centers,
             parts[0].shape[0], **hyper, BLOCK_B=rows, BLOCK_D=block_d(d), COMPUTE_GRAD=compute_grad, **flags,
-            DOT=_dot_types(x.dtype, centers.dtype, _products(x.dtype, centers.dtype))[0])
+            DOT=dot)
     return loss, grad, lse, q
 
 
@@ -748,7 +755,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
     """Launch ``_ccl_fwd_kernel`` over the whole bank. With ``outputs`` (loss, grad, lse, q) and one split the
     kernel runs its epilogue into them and the partials are None; otherwise (more splits, or ``outputs`` None:
     the partials op) it writes the partial states ``(pm, pl, pps, pacc, plab)``, one per split. Also returns the
-    scalar and constexpr arguments of the epilogue."""
+    scalar and constexpr arguments of the epilogue and the ``tl.dot`` operand type the pass used."""
     b, d = x.shape
     k = sub_centers
     hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
@@ -790,7 +797,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
                                         *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
     _launch("fwd", key, cfg, launch)
-    return launched["parts"], hyper, flags
+    return launched["parts"], hyper, flags, dot
 
 
 def _smem(dev: torch.device) -> int:

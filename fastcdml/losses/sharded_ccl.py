@@ -77,7 +77,7 @@ class _ShardedRows(torch.autograd.Function):
         if query_grad:
             w_y = p.acc.new_zeros(p.acc.shape)
             owned = p.row_y >= 0
-            w_y[owned] = bank[p.row_y[owned]].to(w_y.dtype)
+            w_y[owned] = bank[p.row_y[owned]].to(backend.ccl_operand_dtype(xg.dtype, bank.dtype)).to(w_y.dtype)
             scalars.append(p.ps * e)
             packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
         else:

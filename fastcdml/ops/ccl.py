@@ -125,6 +125,13 @@ def _bwd_centers_triton(*args):
     return kernels.ccl_bwd_centers(*args)
 
 
+def triton_operand_dtype(x_dtype, bank_dtype):
+    """The dtype the Triton forward rounds its product operands to (``fastcdml.kernels.ccl.operand_dtype``)."""
+    from ..kernels import ccl as kernels
+
+    return kernels.operand_dtype(x_dtype, bank_dtype)
+
+
 def _update_triton(*args):
     from ..kernels import ccl as kernels
 
