@@ -489,6 +489,6 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcdml, CPU, m) { m.impl("cbml_fwd", &cbml_fwd); }
+void register_cbml(torch::Library& m) { m.impl("cbml_fwd", &cbml_fwd); }
 
 }  // namespace fastcdml

@@ -442,7 +442,7 @@ void ccl_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastcdml, CPU, m) {
+void register_ccl(torch::Library& m) {
   m.impl("ccl_fwd", &ccl_fwd);
   m.impl("ccl_fwd_partials", &ccl_fwd_partials);
   m.impl("ccl_bwd_centers", &ccl_bwd_centers);

@@ -20,7 +20,16 @@
 #include <string>
 #include <utility>
 
+namespace torch {
+class Library;
+}
+
 namespace fastcdml {
+
+// The CPU implementations of each loss's ops, registered by fastcdml.cpp's register_kernels() (called from Python
+// once the op schemas exist, so that a build from other sources fails with an exception instead of aborting).
+void register_ccl(torch::Library& m);
+void register_cbml(torch::Library& m);
 
 constexpr float kEps = 1e-12f;       // x̂ = x / max(‖x‖, kEps)
 constexpr int64_t kRowBlock = 64;    // rows per block (one block = one task of at::parallel_for)

@@ -104,9 +104,16 @@ def _import_file(path: Path) -> types.ModuleType:
 
 
 def _check(module: types.ModuleType, what: str) -> str | None:
+    """Why ``module`` cannot serve, or None after registering its kernels with the ops: built for another torch,
+    or from sources whose kernels do not match this package's op schemas (a stale in-place build)."""
     built = module.build_info().get("torch")
     if built != torch.__version__:
         return f"{what} was built for torch {built} but torch {torch.__version__} is running"
+    try:
+        module.register_kernels()
+    except (AttributeError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return f"{what} was built from other sources than this fastcdml ({first}); rebuild it"
     return None
 
 
@@ -256,7 +263,7 @@ def _jit(build: bool) -> tuple[types.ModuleType | None, str, str | None]:
 
 
 def load(build: bool = True) -> tuple[types.ModuleType | None, str, str | None]:
-    """``(module, origin, reason)`` of the C++ CPU kernels; loading the module registers them with torch.
+    """``(module, origin, reason)`` of the C++ CPU kernels, registered with torch (``register_kernels``).
 
     ``origin`` is ``"prebuilt"`` (fastcdml._C), ``"jit-cached"`` (compiled by an earlier process),
     ``"jit-built"`` (compiled just now) or ``"unavailable"``, with ``reason`` saying why and how to fix it.

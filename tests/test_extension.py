@@ -207,3 +207,23 @@ def test_a_failed_compile_falls_back_naming_the_error_and_the_log(wheel_layout, 
     assert "build-error.log" in warned and "--no-build-isolation" in warned
     (log,) = tmp_path.glob("fastcdml/*/build-error.log")
     assert "deliberately_broken.h" in log.read_text()
+
+
+def test_a_stale_build_is_refused_with_a_reason_not_a_crash(tmp_path):
+    """A prebuilt ``fastcdml._C`` whose kernels do not match the package's op schemas (an in-place build left from
+    older sources) is not registered: ``import fastcdml`` works and the prebuilt extension is refused with a
+    reason. (Registering at load time, torch aborted the whole process inside dlopen.)"""
+    built = sorted((ROOT / "fastcdml").glob("_C.*"))
+    if not built:
+        pytest.skip("no in-place prebuilt fastcdml._C in this checkout")
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "fastcdml", site / "fastcdml", ignore=shutil.ignore_patterns("__pycache__"))
+    ops = site / "fastcdml" / "ops" / "ccl.py"
+    schema = 'UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"'
+    assert schema in ops.read_text()
+    ops.write_text(ops.read_text().replace(schema, schema.replace("int sub_centers=1", "int sub_centers=1, "
+                                                                                        "bool extra=False")))
+    out, _ = _run(site, {"FASTCDML_SKIP_EXT": "0"}, "-c",
+                  "import fastcdml; from fastcdml import _extension; print('PREBUILT', _extension._prebuilt())")
+    line = next(ln for ln in out.splitlines() if ln.startswith("PREBUILT"))
+    assert "PREBUILT (None, " in line and "built from other sources than this fastcdml" in line, out

@@ -3,8 +3,8 @@
 Two namespaces carry the same ops:
 
 * ``fastcdml``: the ops users run. CUDA → the Triton kernels; CPU → the C++ kernels, which ``csrc/`` registers
-  with ``TORCH_LIBRARY_IMPL(fastcdml, CPU, m)`` when the extension is loaded. The schemas live here rather
-  than in C++ so that ``import fastcdml`` (and the CUDA ops) work without the extension.
+  (``register_kernels()``, called by ``fastcdml._extension`` once it has checked the build). The schemas live
+  here rather than in C++ so that ``import fastcdml`` (and the CUDA ops) work without the extension.
 * ``fastcdml_interpret``: defined only when ``TRITON_INTERPRET=1``; CPU → the same Triton kernels run by the
   interpreter. It lets CI exercise the Triton code through the real op, fake and autograd machinery.
 """
