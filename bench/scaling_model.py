@@ -15,7 +15,8 @@ The model, per rank (C_r = ⌈C/W⌉ classes, B = B_global rows, D columns)::
     comm      fastcdml.distributed.step_bytes: the counters the loss records and the tests check
     time      max(FLOPs / peak + exps / exp rate, HBM / bandwidth) + Σ_collectives (α + ring bytes / link bandwidth)
 
-The collectives are on the critical path (gather → slice pass → MAX → SUM → epilogue), so nothing overlaps.
+The collectives are on the critical path (gather → slice pass → MAX → SUM reduce-scatter → epilogue), so nothing
+overlaps.
 """
 from __future__ import annotations
 

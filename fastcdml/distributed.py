@@ -38,7 +38,8 @@ log = logging.getLogger("fastcdml.distributed")
 
 #: bytes a rank sends per byte of logical payload under the ring algorithm (NCCL's choice for large messages),
 #: as a function of the world size W: the "bus bandwidth" factors of nccl-tests.
-RING_FACTORS = {"all_gather": lambda w: (w - 1) / w, "all_reduce": lambda w: 2 * (w - 1) / w}
+RING_FACTORS = {"all_gather": lambda w: (w - 1) / w, "reduce_scatter": lambda w: (w - 1) / w,
+                "all_reduce": lambda w: 2 * (w - 1) / w}
 
 
 @dataclass
@@ -47,10 +48,11 @@ class CommStats:
 
     ``last_step`` maps ``"<collective>:<what>"`` to the **logical payload** of that collective in the most recent
     step, the nccl-tests convention: an all-gather counts its whole output (``W`` × the per-rank tensor, this
-    rank's own part included), an all-reduce its buffer. ``total`` sums ``last_step`` over ``steps``. The bytes
-    actually sent by a rank depend on the algorithm; :meth:`ring_bytes` gives the ring algorithm's
-    ``(W−1)/W`` × all-gather + ``2(W−1)/W`` × all-reduce. Every rank records the same numbers (all-gathers are
-    padded to the largest batch; all-reduces have the global size). The error path of the preflight (an
+    rank's own part included), a reduce-scatter its whole input, an all-reduce its buffer. ``total`` sums
+    ``last_step`` over ``steps``. The bytes actually sent by a rank depend on the algorithm; :meth:`ring_bytes`
+    gives the ring algorithm's ``(W−1)/W`` × (all-gathers + reduce-scatters) + ``2(W−1)/W`` × all-reduces. Every
+    rank records the same numbers (all-gathers and reduce-scatters are padded to the largest batch; all-reduces
+    have the global size). The error path of the preflight (an
     ``all_gather_object`` of the exception, only when a step raises) is not counted.
     """
 
@@ -92,17 +94,19 @@ def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, com
     (W = len(sizes), B = Σ sizes, B_max = max sizes), embeddings of ``dim`` columns and ``itemsize`` bytes::
 
         all_gather:status      32·W                  preflight: [failed, B_r, D, dtype] as int64 per rank
-        all_gather:embeddings  W·B_max·D·itemsize    the global batch, rows padded to B_max            (B > 0)
-        all_gather:labels      W·B_max·8             int64                                             (B > 0)
-        all_reduce:max         B·c                   sharded only: the row maxima                       (B > 0)
-        all_reduce:sum         B·(2D + 4)·c          sharded only: [acc·e, W_y, l·e, lo·e, c_y, ps·e]    (B > 0)
-                               B·3·c                 the same without a query gradient: [l·e, lo·e, c_y]
-        all_gather:grad_rows   W·B_max·c             sharded, learnable bank: backward's grad_output    (B > 0)
+        all_gather:embeddings  W·B_max·D·itemsize    the global batch, rows padded to B_max             (B > 0)
+        all_gather:labels      W·B_max·8             int64                                              (B > 0)
+        all_reduce:max         B·c                   sharded only: the row maxima                        (B > 0)
+        reduce_scatter:sum     W·B_max·(2D + 4)·c    sharded only: [acc·e, W_y, l·e, lo·e, c_y, ps·e] to
+                                                     the rank that owns each row                        (B > 0)
+                               W·B_max·3·c           the same without a query gradient: [l·e, lo·e, c_y]
+        all_reduce:lse         B·2·c                 sharded, learnable bank: [l·e, lo·e] of every row   (B > 0)
+        all_gather:grad_rows   W·B_max·c             sharded, learnable bank: backward's grad_output     (B > 0)
 
     with ``c = compute_itemsize`` (4: float32 accumulation; 8 for float64 embeddings). The sharded loss computes
-    the query gradient in forward from the SUM all-reduce; only a learnable bank (``bank_grad``) needs the rows'
-    grad_output in backward, counted in the step of its forward. The data parallel ``CenterContrastiveLoss`` has
-    only the first three (and none in evaluation mode).
+    the query gradient in forward from the reduce-scatter; only a learnable bank (``bank_grad``) needs every row's
+    lse and its grad_output, the latter in backward (counted in the step of its forward). The data parallel
+    ``CenterContrastiveLoss`` has only the first three (and none in evaluation mode).
     """
     w, b = len(sizes), sum(sizes)
     out = {"all_gather:status": _STATUS_FIELDS * 8 * w}
@@ -112,8 +116,9 @@ def step_bytes(sizes: Sequence[int], dim: int, itemsize: int, sharded: bool, com
     out["all_gather:labels"] = w * max(sizes) * _LABEL_ITEMSIZE
     if sharded:
         out["all_reduce:max"] = b * compute_itemsize
-        out["all_reduce:sum"] = b * ((2 * dim + 4) if query_grad else 3) * compute_itemsize
+        out["reduce_scatter:sum"] = w * max(sizes) * ((2 * dim + 4) if query_grad else 3) * compute_itemsize
         if bank_grad:
+            out["all_reduce:lse"] = b * 2 * compute_itemsize
             out["all_gather:grad_rows"] = w * max(sizes) * compute_itemsize
     return out
 
@@ -123,6 +128,24 @@ def all_reduce(t: torch.Tensor, op=None, group=None, stats: CommStats | None = N
     if stats is not None:
         stats.record(f"all_reduce:{name}", t.numel() * t.element_size())
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
+
+
+def reduce_scatter_rows(t: torch.Tensor, sizes: Sequence[int], group=None, stats: CommStats | None = None,
+                        name: str = "sum") -> torch.Tensor:
+    """The sum over the ranks of ``t`` (B_global, F) (rows in rank order, ``sizes[r]`` rows of rank r), returned
+    only for this rank's rows (sizes[rank], F): a reduce-scatter, each rank's rows padded to ``max(sizes)``, counted
+    in ``stats`` as ``"reduce_scatter:<name>"`` (its whole input, ``len(sizes) × max(sizes)`` rows)."""
+    b_max, rank = max(sizes), dist.get_rank(group)
+    padded = t.new_zeros((len(sizes), b_max) + tuple(t.shape[1:]))
+    start = 0
+    for r, n in enumerate(sizes):
+        padded[r, :n] = t[start: start + n]
+        start += n
+    out = t.new_empty((b_max,) + tuple(t.shape[1:]))
+    if stats is not None:
+        stats.record(f"reduce_scatter:{name}", padded.numel() * padded.element_size())
+    dist.reduce_scatter_tensor(out, padded.flatten(0, 1), group=group)
+    return out[: sizes[rank]]
 
 
 def enabled(distributed: bool | str, group=None) -> bool:

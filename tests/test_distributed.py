@@ -418,8 +418,9 @@ def _checkpoint_load_three(rank, world, directory):
 @contextlib.contextmanager
 def _traffic():
     """Intercept the torch.distributed collectives: yields a list that fills with ``(collective, bytes)``, the
-    logical payload of each call measured on the tensors actually passed (an all-gather's output list, an
-    all-reduce's buffer); any other collective is recorded with -1 bytes so that it shows up."""
+    logical payload of each call measured on the tensors actually passed (an all-gather's output list, a
+    reduce-scatter's input, an all-reduce's buffer); any other collective is recorded with -1 bytes so that it
+    shows up."""
     seen, originals = [], {}
 
     def counting(name, size):
@@ -431,9 +432,10 @@ def _traffic():
         return call
 
     sizes = {"all_gather": lambda outs, t, **kw: sum(o.numel() * o.element_size() for o in outs),
+             "reduce_scatter_tensor": lambda out, t, **kw: t.numel() * t.element_size(),
              "all_reduce": lambda t, **kw: t.numel() * t.element_size()}
     others = ("all_gather_into_tensor", "all_gather_object", "broadcast", "gather", "reduce", "reduce_scatter",
-              "reduce_scatter_tensor", "scatter", "all_to_all", "all_to_all_single", "send", "recv", "barrier")
+              "scatter", "all_to_all", "all_to_all_single", "send", "recv", "barrier")
     for name in sizes.keys() | set(others):
         setattr(dist, name, counting(name, sizes.get(name, lambda *a, **kw: -1)))
     try:
@@ -483,9 +485,9 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
                 if b:
                     expected.update({"all_gather:embeddings": w * b_max * D * e, "all_gather:labels": w * b_max * 8})
                     if is_sharded:
-                        expected.update({"all_reduce:max": b * c, "all_reduce:sum": b * (2 * D + 4) * c})
-                    if bank_grad:  # backward returns every row's grad_output to the ranks
-                        expected["all_gather:grad_rows"] = w * b_max * c
+                        expected.update({"all_reduce:max": b * c, "reduce_scatter:sum": w * b_max * (2 * D + 4) * c})
+                    if bank_grad:  # every row's lse; backward returns every row's grad_output to the ranks
+                        expected.update({"all_reduce:lse": b * 2 * c, "all_gather:grad_rows": w * b_max * c})
                 with _traffic() as seen:
                     loss_fn(x.clone().requires_grad_(), y).backward()  # moves nothing unless the bank learns
                 name = type(loss_fn).__name__
@@ -493,7 +495,8 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
                 assert step_bytes(sizes, D, e, is_sharded, c, bank_grad=bank_grad) == expected
                 # the counters saw every collective that ran, with its real size
                 measured = {}
-                for collective, nbytes in seen:
+                for collective, nbytes in seen:  # reduce_scatter_tensor is the counters' reduce_scatter
+                    collective = collective.replace("reduce_scatter_tensor", "reduce_scatter")
                     measured[collective] = measured.get(collective, 0) + nbytes
                 counted = {}
                 for key, nbytes in expected.items():
@@ -509,9 +512,9 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
         for loss_fn in (sharded, learnable, dp):
             assert loss_fn.stats.steps == 5 and loss_fn.stats.total == totals[id(loss_fn)]
         x_all, y_all = _batch(world, 0, dtype)
-        with torch.no_grad():  # no query gradient: the SUM all-reduce carries [l·e, lo·e, c_y] only
+        with torch.no_grad():  # no query gradient: the reduce-scatter carries [l·e, lo·e, c_y] only
             sharded.eval()(_part(x_all, world, 0, rank), _part(y_all, world, 0, rank))
-        assert sharded.stats.last_step["all_reduce:sum"] == x_all.shape[0] * 3 * c
+        assert sharded.stats.last_step["reduce_scatter:sum"] == world * max(_sizes(world, 0)) * 3 * c
         assert step_bytes(_sizes(world, 0), D, e, True, c, query_grad=False) == sharded.stats.last_step
         dp.eval()
         with _traffic() as seen:
@@ -644,7 +647,7 @@ def test_scaling_model_uses_the_tested_formula(capsys):
     assert s.bank_bytes == 125_000 * 512 * 4 and s.flops == 4 * 1024 * 125_000 * 512
     assert s.ring_bytes == pytest.approx(7 / 8 * (s.comm["all_gather:status"] + s.comm["all_gather:embeddings"]
                                                   + s.comm["all_gather:labels"])
-                                         + 2 * 7 / 8 * (s.comm["all_reduce:max"] + s.comm["all_reduce:sum"]))
+                                         + 7 / 8 * s.comm["reduce_scatter:sum"] + 2 * 7 / 8 * s.comm["all_reduce:max"])
     assert scaling_model.main([]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1e+06 |", "| 1e+07 |"))]
     assert len(rows) == 2 * 2 * 2 * 3

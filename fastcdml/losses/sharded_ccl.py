@@ -11,11 +11,12 @@ batch sizes; C_r the classes of rank r, K bank rows per class):
    (a label of another slice is −1): the online-softmax partials of flash attention ``m``, ``l = Σ e^{z−m}``,
    ``lo`` (the same without the label's column), ``ps = Σ e^{z−m} c``, ``acc = Σ e^{z−m} W``, and where the slice
    owns the label its class cosine ``c_y`` and bank row (whose ``W_y`` the rank contributes).
-3. An all-reduce MAX of ``m`` (B floats) and one all-reduce SUM of ``[acc·e, W_y, l·e, lo·e, c_y, ps·e]``,
-   ``e = exp(m − M)`` (B × (2D + 4); B × 3 without a query gradient: ``[l·e, lo·e, c_y]``) give every rank the
-   exact global ``lse = M + log L``, ``q = 1 − p_y = LO/L`` and ``Σ_j p_j W_j = ACC/L`` of every row, hence the loss
-   rows ``lse − t(c_y)/τ − 2λ c_y`` and the query gradient of the fused epilogue (``docs/spec.md``), computed in
-   forward.
+3. An all-reduce MAX of ``m`` (B floats) and one reduce-scatter SUM of ``[acc·e, W_y, l·e, lo·e, c_y, ps·e]``,
+   ``e = exp(m − M)`` (B × (2D + 4); B × 3 without a query gradient: ``[l·e, lo·e, c_y]``) give each rank, for its
+   own rows, the exact global ``lse = M + log L``, ``q = 1 − p_y = LO/L`` and ``Σ_j p_j W_j = ACC/L``, hence the
+   loss rows ``lse − t(c_y)/τ − 2λ c_y`` and the query gradient of the fused epilogue (``docs/spec.md``), computed
+   in forward. (A reduce-scatter sends half the bytes of an all-reduce; a learnable bank also needs every row's
+   lse and q: one more all-reduce of ``[l·e, lo·e]``, 2 floats per row.)
 4. Each rank returns the loss of its own rows; backward of the embeddings multiplies the saved gradient rows by
    grad_output. In gradient mode it also all-gathers every row's grad_output (the gradient return, B_max floats
    per rank) and computes its slice's proxy gradient locally with the backend's ``ccl_slice_centers_grad``
@@ -26,9 +27,9 @@ batch sizes; C_r the classes of rank r, K bank rows per class):
 Communication per step and rank (logical payload, counted in ``stats``, formula in
 :func:`fastcdml.distributed.step_bytes`): the preflight status table (32·W bytes), the all-gather of the
 embeddings (W·B_max·D·itemsize, rows padded to the largest batch B_max) and labels (W·B_max·8), the MAX
-all-reduce (B·c) and the SUM all-reduce (B·(2D + 4)·c), c = 4 (8 for float64 embeddings); in gradient mode the
-backward's all-gather of grad_output (W·B_max·c). A ring sends (W−1)/W of each all-gather and 2(W−1)/W of each
-all-reduce per rank. Memory per rank: the C_r·K × D slice plus O(B·D).
+all-reduce (B·c) and the SUM reduce-scatter (W·B_max·(2D + 4)·c), c = 4 (8 for float64 embeddings); in gradient
+mode the all-reduce of ``[l·e, lo·e]`` (B·2·c) and the backward's all-gather of grad_output (W·B_max·c). A ring
+sends (W−1)/W of each all-gather and reduce-scatter and 2(W−1)/W of each all-reduce per rank. Memory per rank: the C_r·K × D slice plus O(B·D).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from torch import nn
 from .. import _checks
 from .._backend import resolve
 from ..params import CenterParams
-from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, shard_range
+from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
 from ..reference.ccl import EPS, normalize_rows, target_logit_and_slope
 from .ccl import UPDATES, _check_module_args, _empty
 
@@ -82,29 +83,32 @@ class _ShardedRows(torch.autograd.Function):
             packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
         else:
             packed = torch.stack(scalars, dim=1)
-        all_reduce(packed, dist.ReduceOp.SUM, group, stats, "sum")
+        mine = reduce_scatter_rows(packed, sizes, group, stats, "sum")  # this rank's rows, summed over the slices
         d = xg.shape[1]
-        l_all, lo_all = packed[:, -4 if query_grad else -3], packed[:, -3 if query_grad else -2]
-        lse_all, q_all = m_all + torch.log(l_all), lo_all / l_all
-        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        l, c_y = l_all[mine], packed[mine, -2 if query_grad else -1]
+        first = 2 * d if query_grad else 0  # [acc·e, W_y,] l·e, lo·e, c_y[, ps·e]
+        l, lo, c_y = mine[:, first], mine[:, first + 1], mine[:, first + 2]
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         t, slope = target_logit_and_slope(c_y, params.margin, params.margin_type)
         tau, two_lambda = params.temperature, 2.0 * params.center_weight
-        loss = lse_all[mine] - t / tau - two_lambda * c_y
-        loss = torch.where(valid[mine], loss, torch.full_like(loss, math.nan))
+        loss = m_all[rows] + torch.log(l) - t / tau - two_lambda * c_y
+        loss = torch.where(valid[rows], loss, torch.full_like(loss, math.nan))
         grad = None
         if query_grad:  # the fused epilogue (fastcdml/kernels/ccl.py), on the combined partials
-            acc, w_y, ps = packed[mine, :d], packed[mine, d: 2 * d], packed[mine, -1]
-            a = (-1.0 - (slope - 1.0) * q_all[mine]) / tau - two_lambda
+            acc, w_y, ps = mine[:, :d], mine[:, d: 2 * d], mine[:, -1]
+            a = (-1.0 - (slope - 1.0) * lo / l) / tau - two_lambda
             g = acc / (l * tau)[:, None] + a[:, None] * w_y
             xg_dot = ps / (l * tau) + a * c_y
-            x_own = xg[mine].to(g.dtype)
+            x_own = xg[rows].to(g.dtype)
             norm = x_own.norm(dim=1, keepdim=True).clamp_min(EPS)
             xh = x_own / norm
-            grad = torch.where(valid[mine, None], (g - xh * xg_dot[:, None]) / norm, 0.0)
+            grad = torch.where(valid[rows, None], (g - xh * xg_dot[:, None]) / norm, 0.0)
         ctx.needs_bank_grad = ctx.needs_input_grad[1]
         ctx.meta = (x.dtype, bank.dtype, sizes, params, backend, group, stats)
-        saved = (xg, local_labels, bank, lse_all, q_all, valid) if ctx.needs_bank_grad else ()
+        saved = ()
+        if ctx.needs_bank_grad:  # the slice's proxy gradient needs every row's lse and 1 − p_y
+            sums = torch.stack(scalars[:2], dim=1)
+            all_reduce(sums, dist.ReduceOp.SUM, group, stats, "lse")
+            saved = (xg, local_labels, bank, m_all + torch.log(sums[:, 0]), sums[:, 1] / sums[:, 0], valid)
         ctx.save_for_backward(grad, *saved)
         return loss
 

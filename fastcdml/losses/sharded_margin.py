@@ -6,9 +6,9 @@ take the single-process class's arguments (PML's) plus ``shard_sizes``, ``sample
 Rank r stores only the columns of PML's ``W`` (embedding_size, num_classes·K) that belong to its classes
 ``[start, stop)``: ``W`` of shape (embedding_size, (stop − start)·K), a Parameter trained by the optimizer on the
 local slice (``update="gradient"``, PML's) or, with ``update="momentum"``, a buffer of unit columns. The step is
-:class:`fastcdml.losses.sharded_ccl.ShardedBank`'s (all-gather of the batch, one MAX and one SUM all-reduce; in
-gradient mode an all-gather of the rows' grad_output in backward and a local proxy gradient, never an
-all-reduce of W's gradient). Each rank's loss is PML's on its own rows (miner weights included); its value and
+:class:`fastcdml.losses.sharded_ccl.ShardedBank`'s (all-gather of the batch, a MAX all-reduce and a SUM
+reduce-scatter; in gradient mode an all-reduce of every row's sum-exp, an all-gather of the rows' grad_output in
+backward and a local proxy gradient, never an all-reduce of W's gradient). Each rank's loss is PML's on its own rows (miner weights included); its value and
 the embeddings' gradient equal the single-process loss's on that batch; W's slice receives the average over ranks
 of each rank's loss gradient (DDP's convention; with equal batch sizes, the single-process gradient on the
 concatenated batch). Do not wrap these losses in DDP.
