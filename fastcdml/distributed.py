@@ -136,11 +136,14 @@ def reduce_scatter_rows(t: torch.Tensor, sizes: Sequence[int], group=None, stats
     only for this rank's rows (sizes[rank], F): a reduce-scatter, each rank's rows padded to ``max(sizes)``, counted
     in ``stats`` as ``"reduce_scatter:<name>"`` (its whole input, ``len(sizes) × max(sizes)`` rows)."""
     b_max, rank = max(sizes), dist.get_rank(group)
-    padded = t.new_zeros((len(sizes), b_max) + tuple(t.shape[1:]))
-    start = 0
-    for r, n in enumerate(sizes):
-        padded[r, :n] = t[start: start + n]
-        start += n
+    if min(sizes) == b_max:  # even batches: the rows are already laid out as the collective wants them
+        padded = t.contiguous().view((len(sizes), b_max) + tuple(t.shape[1:]))
+    else:
+        padded = t.new_zeros((len(sizes), b_max) + tuple(t.shape[1:]))
+        start = 0
+        for r, n in enumerate(sizes):
+            padded[r, :n] = t[start: start + n]
+            start += n
     out = t.new_empty((b_max,) + tuple(t.shape[1:]))
     if stats is not None:
         stats.record(f"reduce_scatter:{name}", padded.numel() * padded.element_size())

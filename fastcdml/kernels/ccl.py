@@ -741,13 +741,18 @@ def ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, marg
                 torch.zeros(b, dtype=f32, device=dev), torch.full((b,), -1, dtype=torch.int64, device=dev))
     pm, pl, pps, pacc, plab = _stream(x, labels, centers, temperature, margin, 0.0, compute_grad, margin_type, k,
                                       None, config, split)[0]
-    m2 = pm.max(dim=0).values
-    a = torch.where(pm == -math.inf, 0.0, torch.exp2(pm - m2))  # a split without classes: m = −inf, sums 0
     owned = (labels >= 0) & (labels < c)
     row_y = torch.where(owned, labels.long() * k + plab[1].sum(dim=0).long(), -1)
-    ps = (a * pps).sum(dim=0) if compute_grad else pps[0, :0]
-    acc = (a[:, :, None] * pacc).sum(dim=0) if compute_grad else pacc.view(0, d)
-    return (m2 * (1.0 / LOG2E), (a * pl).sum(dim=0), (a * plab[2]).sum(dim=0), ps, acc, plab[0].sum(dim=0), row_y)
+    if pm.shape[0] == 1:  # one split: its state is the result (no rescaling pass over acc)
+        m2, l, lo, ps, acc = pm[0], pl[0], plab[2, 0].clone(), pps[0], pacc[0]
+    else:
+        m2 = pm.max(dim=0).values
+        a = torch.where(pm == -math.inf, 0.0, torch.exp2(pm - m2))  # a split without classes: m = −inf, sums 0
+        l, lo, ps = (a * pl).sum(dim=0), (a * plab[2]).sum(dim=0), (a * pps).sum(dim=0)
+        acc = (a[:, :, None] * pacc).sum(dim=0) if compute_grad else pacc[0]
+    if not compute_grad:
+        ps = ps[:0]
+    return m2 * (1.0 / LOG2E), l, lo, ps, acc, plab[0].sum(dim=0), row_y
 
 
 def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type, sub_centers, outputs,

@@ -77,8 +77,9 @@ class _ShardedRows(torch.autograd.Function):
         scalars = [p.l * e, p.lo * e, p.c_y]
         if query_grad:
             w_y = p.acc.new_zeros(p.acc.shape)
-            owned = p.row_y >= 0
-            w_y[owned] = bank[p.row_y[owned]].to(backend.ccl_operand_dtype(xg.dtype, bank.dtype)).to(w_y.dtype)
+            if bank.shape[0]:  # the owned labels' rows, gathered without a host sync
+                rows_y = bank[p.row_y.clamp_min(0)].to(backend.ccl_operand_dtype(xg.dtype, bank.dtype))
+                w_y = torch.where((p.row_y >= 0)[:, None], rows_y.to(w_y.dtype), w_y)
             scalars.append(p.ps * e)
             packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
         else:
