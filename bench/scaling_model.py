@@ -21,11 +21,13 @@ overlaps.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastcdml.distributed import RING_FACTORS, step_bytes
 
@@ -175,12 +177,12 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def anchor(reps: int = 5, threads: int = 1) -> str:
+def anchor(reps: int = 5, threads: int = 1) -> tuple[str, list[dict]]:
     """Time the fused C++ CCL step (loss forward + backward + momentum update, the bench's step) at sizes where
     the model predicts compute-bound and memory-bound steps, next to this CPU's GEMM rate (fp32 1024³
     ``torch.mm``) and copy bandwidth (64 MiB ``copy_``, bytes read + written) measured in the same process with
     the same threads, before and after each case (the machine may be shared; one thread by default, since
-    OpenMP regions on oversubscribed cores wait for descheduled workers)."""
+    OpenMP regions on oversubscribed cores wait for descheduled workers). Returns (Markdown table, rows)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -211,6 +213,7 @@ def anchor(reps: int = 5, threads: int = 1) -> str:
            "| B, C, D | model bound | GFLOP | bank MB | GEMM GFLOP/s: 1024³, op's tile | copy GB/s | exp G/s | "
            "predicted ms: roofline | + exps | at the tile GEMM rate | measured ms | measured / roofline | "
            "measured / (tile rate + exps) | achieved GFLOP/s |", "|" + "---|" * 14]
+    rows = []
     for B, C, D in ((256, 50_000, 128), (256, 12_500, 512), (2, 500_000, 128)):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(B, D, generator=g, requires_grad=True)
@@ -230,14 +233,17 @@ def anchor(reps: int = 5, threads: int = 1) -> str:
         hbm = C * D * 4 + 2 * B * D * 4
         t_c, t_m, t_e = flops / rate, hbm / bw, B * C / ex
         roof, with_exp, at_tile = max(t_c, t_m), max(t_c + t_e, t_m), max(flops / tile + t_e, t_m)
+        rows.append(dict(B=B, C=C, D=D, gemm_gflops=rate / GB, tile_gflops=tile / GB, copy_gbs=bw / GB,
+                         exp_gs=ex / GB, roofline_ms=roof / MS, with_exps_ms=with_exp / MS,
+                         at_tile_rate_ms=at_tile / MS, p50_ms=t / MS))
         out.append(f"| {B}, {C}, {D} | {'compute' if t_c >= t_m else 'memory'} | {flops / GB:.3g} | "
                    f"{C * D * 4 / MB:.4g} | {rate / GB:.3g}, {tile / GB:.3g} | {bw / GB:.3g} | {ex / GB:.3g} | "
                    f"{roof / MS:.4g} | {with_exp / MS:.4g} | {at_tile / MS:.4g} | {t / MS:.4g} | {t / roof:.2f} | "
                    f"{t / at_tile:.2f} | {flops / t / GB:.3g} |")
-    return "\n".join(out)
+    return "\n".join(out), rows
 
 
-def sharded_anchor(reps: int = 5, threads: int = 1) -> str:
+def sharded_anchor(reps: int = 5, threads: int = 1) -> tuple[str, list[dict]]:
     """Time one training step (forward, backward, momentum update or proxy gradient) of
     ``ShardedCenterContrastiveLoss`` on a world-size-1 gloo group in this process: the per-slice pass on the fused
     C++ partials op against the chunked PyTorch reference, in momentum and gradient mode, next to the same step of
@@ -255,6 +261,7 @@ def sharded_anchor(reps: int = 5, threads: int = 1) -> str:
     out = [f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), gloo world size 1:", "",
            "| B, C, D | update | single process, C++ ms | sharded, C++ partials ms | sharded, reference ms | "
            "reference / C++ |", "|---|---|---|---|---|---|"]
+    rows = []
     try:
         for B, C, D in ((256, 50_000, 128), (256, 12_500, 512)):
             g = torch.Generator().manual_seed(0)
@@ -277,12 +284,30 @@ def sharded_anchor(reps: int = 5, threads: int = 1) -> str:
                         loss_fn(x, y).backward()
 
                     times.append(_median_s(step, reps))
+                rows.append(dict(B=B, C=C, D=D, update=update, single_cpp_p50_ms=times[0] / MS,
+                                 sharded_cpp_p50_ms=times[1] / MS, sharded_reference_p50_ms=times[2] / MS))
                 out.append(f"| {B}, {C}, {D} | {update} | {times[0] / MS:.4g} | {times[1] / MS:.4g} | "
                            f"{times[2] / MS:.4g} | {times[2] / times[1]:.2f} |")
     finally:
         dist.destroy_process_group()
         store.cleanup()
-    return "\n".join(out)
+    return "\n".join(out), rows
+
+
+def write_anchor(folder: Path, single: list[dict], sharded: list[dict]) -> Path:
+    """The anchor's measurements as ``<device>-scaling-anchor-<date>.json`` in ``folder``, with the device,
+    versions, date and load (``bench.run.environment``)."""
+    import torch
+
+    from bench.run import environment, load_check, slug
+
+    meta = environment(torch.device("cpu"))
+    meta["load_1min"], meta["loaded"] = load_check(torch.get_num_threads())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{slug(meta['device'])}-scaling-anchor-{meta['date']}.json"
+    path.write_text(json.dumps({"meta": meta, "command": "python bench/scaling_model.py --anchor",
+                                "single_process_step": single, "sharded_step": sharded}, indent=1) + "\n")
+    return path
 
 
 def main(argv=None) -> int:
@@ -292,6 +317,8 @@ def main(argv=None) -> int:
                         help=f"memory term: every block of {ROW_BLOCK} query rows re-reads the slice from HBM")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per anchor measurement (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the anchor")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="folder of the anchor's JSON results file")
     args = parser.parse_args(argv)
     hw = H100
     memory_term = "slice re-read per 64-row block" if args.no_l2_reuse else "slice read once (L2 reuse across row blocks)"
@@ -304,11 +331,15 @@ def main(argv=None) -> int:
     print(partial_fc_rows())
     if args.anchor:
         print("\n## Anchor: the fused C++ step on this CPU against the model fed this CPU's measured rates\n")
-        print(anchor(args.reps, args.threads))
+        text, single = anchor(args.reps, args.threads)
+        print(text)
         print("\n## Anchor: the class-sharded step on the fused C++ partials op against the reference\n")
-        print(sharded_anchor(args.reps, args.threads))
+        text, sharded = sharded_anchor(args.reps, args.threads)
+        print(text)
+        print(f"\nwrote {write_anchor(args.out, single, sharded)}")
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: `bench` importable
     sys.exit(main())
