@@ -377,7 +377,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
         Tensor s = in_self       ? s_self.narrow(0, r0 * B + rb * c0, rb * cc).view({rb, cc})
                    : cache_strip ? sbuf.narrow(0, rb * c0, rb * cc).view({rb, cc})
                                  : tile(sbuf, rb, cc);
-        if (first || !(in_self || cache_strip)) at::mm_out(s, xb, R.narrow(0, c0, cc).t());
+        if (first || !(in_self || cache_strip)) mm_nt(s, xb, R.narrow(0, c0, cc));
         return s;
       };
       for (auto& hv : heaps) hv.clear();
@@ -406,7 +406,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
         for (int64_t r = 0; r < rb; ++r)
           (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp,
                                                         mask.row(r0 + r), mask.step);
-        gx.narrow(0, r0, rb).addmm_(s, R.narrow(0, c0, cc));
+        addmm_nn(gx.narrow(0, r0, rb), s, R.narrow(0, c0, cc));
       }
     }
   });
@@ -436,13 +436,13 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
         for (int64_t ch = 0; ch < n_self_chunks; ++ch) {
           const auto [c0, cc] = chunks[ch];
           Tensor s = cache_self ? s_self.narrow(0, r0 * B + rb * c0, rb * cc).view({rb, cc}) : tile(sbuf, rb, cc);
-          if (!cache_self) at::mm_out(s, xh.narrow(0, r0, rb), xh.narrow(0, c0, cc).t());
+          if (!cache_self) mm_nt(s, xh.narrow(0, r0, rb), xh.narrow(0, c0, cc));
           for (int64_t r = 0; r < rb; ++r) {
             const int64_t i = r0 + r;
             (K > 0 ? grad_row_self<true> : grad_row_self<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, i, yp, mask, picked_by.data() + pick_start[i],
                           pick_start[i + 1] - pick_start[i]);
           }
-          gx.narrow(0, r0, rb).addmm_(s, xh.narrow(0, c0, cc));
+          addmm_nn(gx.narrow(0, r0, rb), s, xh.narrow(0, c0, cc));
         }
       }
     });
@@ -463,11 +463,11 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
           if (!block_valid) continue;
           const Tensor xb = xh.narrow(0, r0, rb);
           Tensor s = tile(sbuf, rb, cc);
-          at::mm_out(s, xb, rc.t());
+          mm_nt(s, xb, rc);
           for (int64_t r = 0; r < rb; ++r)
             (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp,
                                                         mask.row(r0 + r), mask.step);
-          grc.addmm_(s.t(), xb);
+          addmm_tn(grc, s, xb);
         }
       }
     });

@@ -155,7 +155,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
         const int64_t cc = std::min(CC, C - c0);
         const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
         Tensor s = tile(sbuf, rb, cc * K);
-        at::mm_out(s, xb, wc.t());
+        mm_nt(s, xb, wc);
         float* sp = s.data_ptr<float>();
         float* cp = K == 1 ? sp : cls.data();
         if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
@@ -184,7 +184,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
             if (alpha[r] != 1.f)
               for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
           if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
-          accb.addmm_(s, wc);
+          addmm_nn(accb, s, wc);
         }
       }
       consume(static_cast<const RowBlock&>(st));
@@ -339,7 +339,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
         Tensor s = tile(sbuf, rb, cc * K);
-        at::mm_out(s, xb, wc.t());
+        mm_nt(s, xb, wc);
         float* sp = s.data_ptr<float>();
         float* cp = K == 1 ? sp : cls.data();
         if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
@@ -359,7 +359,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
           if (here && !qp) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);
         }
         if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
-        dwc.addmm_(s.t(), xb);
+        addmm_tn(dwc, s, xb);
       }
     }
   });

@@ -3,14 +3,16 @@
 //
 // Determinism: every kernel works on a fixed partition of rows into blocks of kRowBlock and of the class /
 // reference dimension into chunks of chunk_size(D), both independent of the thread count. Each task (a block or
-// a chunk) is computed by one thread, its GEMMs are at::mm calls on fixed shapes (serial inside a parallel
-// region), and all reductions run in a fixed order, so the results are bit-identical for any
-// torch.get_num_threads() (tests/test_cpp.py checks 1 vs 2 threads).
+// a chunk) is computed by one thread, its matrix products go through gemm.h (one FMA chain per element in a fixed
+// order, whatever the CPU's BLAS would do), and all other reductions run in a fixed order, so the results are
+// bit-identical for any torch.get_num_threads() on any CPU (tests/test_cpp.py checks 1, 2 and 3 threads).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+
+#include "gemm.h"
 
 #include <algorithm>
 #include <cmath>

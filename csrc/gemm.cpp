@@ -1,0 +1,268 @@
+// The deterministic fp32 GEMM of the CPU kernels (the design: gemm.h).
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTCDML_X86 1
+#endif
+
+namespace fastcdml {
+namespace {
+
+enum class Isa { generic, avx2, avx512 };
+
+Isa detect_isa() {
+  Isa best = Isa::generic;
+#ifdef FASTCDML_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
+  if (best == Isa::avx2 && __builtin_cpu_supports("avx512f")) best = Isa::avx512;
+#endif
+  const char* forced = std::getenv("FASTCDML_GEMM_ISA");
+  if (forced && std::strcmp(forced, "generic") == 0) return Isa::generic;
+  if (forced && std::strcmp(forced, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
+  return best;
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+// B packed as strips of NR columns: strip s holds B(p, s·NR + jj) at [s·k·NR + p·NR + jj], zero past column n.
+template <int NR>
+const float* pack_b(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t b_cs) {
+  thread_local std::vector<float> buf;
+  const int64_t strips = (n + NR - 1) / NR;
+  buf.resize(static_cast<size_t>(strips * k * NR));
+  float* out = buf.data();
+  for (int64_t s = 0; s < strips; ++s) {
+    const int64_t j0 = s * NR, nr = std::min<int64_t>(NR, n - j0);
+    float* dst = out + s * k * NR;
+    if (b_cs == 1) {
+      for (int64_t p = 0; p < k; ++p) {
+        std::memcpy(dst + p * NR, b + p * b_rs + j0, sizeof(float) * nr);
+        std::fill(dst + p * NR + nr, dst + p * NR + NR, 0.f);
+      }
+    } else {  // columns are strided (B = a row-major matrix transposed): read each column contiguously when b_rs == 1
+      for (int64_t jj = 0; jj < nr; ++jj) {
+        const float* src = b + (j0 + jj) * b_cs;
+        for (int64_t p = 0; p < k; ++p) dst[p * NR + jj] = src[p * b_rs];
+      }
+      for (int64_t p = 0; p < k; ++p) std::fill(dst + p * NR + nr, dst + p * NR + NR, 0.f);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- generic: plain loops, products rounded apart
+
+constexpr int kGenericNR = 8;
+
+void gemm_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                  int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  const float* bp = pack_b<kGenericNR>(n, k, b, b_rs, b_cs);
+  for (int64_t j0 = 0; j0 < n; j0 += kGenericNR) {
+    const int64_t nr = std::min<int64_t>(kGenericNR, n - j0);
+    const float* strip = bp + (j0 / kGenericNR) * k * kGenericNR;
+    for (int64_t i = 0; i < m; ++i) {
+      float acc[kGenericNR] = {};
+      const float* ai = a + i * a_rs;
+      for (int64_t p = 0; p < k; ++p) {
+        const float av = ai[p * a_cs];
+        for (int jj = 0; jj < kGenericNR; ++jj) acc[jj] += av * strip[p * kGenericNR + jj];
+      }
+      float* ci = c + i * ldc + j0;
+      for (int64_t jj = 0; jj < nr; ++jj) ci[jj] = accumulate ? ci[jj] + acc[jj] : acc[jj];
+    }
+  }
+}
+
+#ifdef FASTCDML_X86
+// ---------------------------------------------------------------- AVX2 + FMA: 6 × 16 register tile
+
+constexpr int kAvx2MR = 6, kAvx2NR = 16;
+
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(int64_t k, const float* a, int64_t a_rs, int64_t a_cs,
+                                                   const float* strip, float* c, int64_t ldc, int64_t nr,
+                                                   bool accumulate) {
+  __m256 lo[R], hi[R];
+  const float* ar[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) lo[r] = _mm256_setzero_ps(), hi[r] = _mm256_setzero_ps(), ar[r] = a + r * a_rs;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(strip + p * kAvx2NR), b1 = _mm256_loadu_ps(strip + p * kAvx2NR + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ar[r] + p * a_cs);
+      lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+    }
+  }
+  if (nr == kAvx2NR) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + r * ldc;
+      if (accumulate) lo[r] = _mm256_add_ps(_mm256_loadu_ps(cr), lo[r]), hi[r] = _mm256_add_ps(_mm256_loadu_ps(cr + 8), hi[r]);
+      _mm256_storeu_ps(cr, lo[r]);
+      _mm256_storeu_ps(cr + 8, hi[r]);
+    }
+    return;
+  }
+  alignas(32) float t[kAvx2NR];
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(t, lo[r]);
+    _mm256_store_ps(t + 8, hi[r]);
+    float* cr = c + r * ldc;
+    for (int64_t jj = 0; jj < nr; ++jj) cr[jj] = accumulate ? cr[jj] + t[jj] : t[jj];
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void rows_avx2(int64_t n, int64_t k, const float* a, int64_t a_rs,
+                                                   int64_t a_cs, const float* bp, float* c, int64_t ldc,
+                                                   bool accumulate) {
+  for (int64_t j0 = 0; j0 < n; j0 += kAvx2NR)
+    tile_avx2<R>(k, a, a_rs, a_cs, bp + (j0 / kAvx2NR) * k * kAvx2NR, c + j0, ldc,
+                 std::min<int64_t>(kAvx2NR, n - j0), accumulate);
+}
+
+void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+               int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  const float* bp = pack_b<kAvx2NR>(n, k, b, b_rs, b_cs);
+  int64_t i = 0;
+  for (; i + kAvx2MR <= m; i += kAvx2MR) rows_avx2<kAvx2MR>(n, k, a + i * a_rs, a_rs, a_cs, bp, c + i * ldc, ldc, accumulate);
+  const float* ai = a + i * a_rs;
+  float* ci = c + i * ldc;
+  switch (m - i) {
+    case 5: rows_avx2<5>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 4: rows_avx2<4>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 3: rows_avx2<3>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 2: rows_avx2<2>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 1: rows_avx2<1>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512: 8 × 32 register tile
+
+constexpr int kAvx512MR = 8, kAvx512NR = 32;
+
+template <int R>
+__attribute__((target("avx512f"))) void tile_avx512(int64_t k, const float* a, int64_t a_rs, int64_t a_cs,
+                                                     const float* strip, float* c, int64_t ldc, int64_t nr,
+                                                     bool accumulate) {
+  __m512 lo[R], hi[R];
+  const float* ar[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) lo[r] = _mm512_setzero_ps(), hi[r] = _mm512_setzero_ps(), ar[r] = a + r * a_rs;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m512 b0 = _mm512_loadu_ps(strip + p * kAvx512NR), b1 = _mm512_loadu_ps(strip + p * kAvx512NR + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ar[r][p * a_cs]);
+      lo[r] = _mm512_fmadd_ps(av, b0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(av, b1, hi[r]);
+    }
+  }
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr > 16 ? __mmask16((1u << (nr - 16)) - 1) : __mmask16(0);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) {
+      lo[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), lo[r]);
+      hi[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), hi[r]);
+    }
+    _mm512_mask_storeu_ps(cr, m0, lo[r]);
+    _mm512_mask_storeu_ps(cr + 16, m1, hi[r]);
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f"))) void rows_avx512(int64_t n, int64_t k, const float* a, int64_t a_rs,
+                                                     int64_t a_cs, const float* bp, float* c, int64_t ldc,
+                                                     bool accumulate) {
+  for (int64_t j0 = 0; j0 < n; j0 += kAvx512NR)
+    tile_avx512<R>(k, a, a_rs, a_cs, bp + (j0 / kAvx512NR) * k * kAvx512NR, c + j0, ldc,
+                   std::min<int64_t>(kAvx512NR, n - j0), accumulate);
+}
+
+void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                 int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  const float* bp = pack_b<kAvx512NR>(n, k, b, b_rs, b_cs);
+  int64_t i = 0;
+  for (; i + kAvx512MR <= m; i += kAvx512MR)
+    rows_avx512<kAvx512MR>(n, k, a + i * a_rs, a_rs, a_cs, bp, c + i * ldc, ldc, accumulate);
+  const float* ai = a + i * a_rs;
+  float* ci = c + i * ldc;
+  switch (m - i) {
+    case 7: rows_avx512<7>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 6: rows_avx512<6>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 5: rows_avx512<5>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 4: rows_avx512<4>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 3: rows_avx512<3>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 2: rows_avx512<2>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    case 1: rows_avx512<1>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
+    default: break;
+  }
+}
+#endif  // FASTCDML_X86
+
+void check_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1),
+              "fastcdml gemm: ", name, " must be a 2-D fp32 tensor with contiguous rows");
+}
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+}  // namespace
+
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs,
+          int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  switch (isa()) {
+#ifdef FASTCDML_X86
+    case Isa::avx512: return gemm_avx512(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+    case Isa::avx2: return gemm_avx2(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+#endif
+    default: return gemm_generic(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+  }
+}
+
+const char* gemm_isa() {
+  switch (isa()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+void mm_nt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  check_operand(out, "out"), check_operand(a, "a"), check_operand(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(1) && out.size(0) == a.size(0) && out.size(1) == b.size(0), "fastcdml gemm: shapes");
+  gemm(a.size(0), b.size(0), a.size(1), a.data_ptr<float>(), row_stride(a), 1, b.data_ptr<float>(), 1,
+       row_stride(b), out.data_ptr<float>(), row_stride(out), false);
+}
+
+void addmm_nn(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  check_operand(c, "c"), check_operand(a, "a"), check_operand(b, "b");
+  TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1), "fastcdml gemm: shapes");
+  gemm(a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), row_stride(a), 1, b.data_ptr<float>(), row_stride(b),
+       1, c.data_ptr<float>(), row_stride(c), true);
+}
+
+void addmm_tn(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b) {
+  check_operand(c, "c"), check_operand(a, "a"), check_operand(b, "b");
+  TORCH_CHECK(a.size(0) == b.size(0) && c.size(0) == a.size(1) && c.size(1) == b.size(1), "fastcdml gemm: shapes");
+  gemm(a.size(1), b.size(1), a.size(0), a.data_ptr<float>(), 1, row_stride(a), b.data_ptr<float>(), row_stride(b),
+       1, c.data_ptr<float>(), row_stride(c), true);
+}
+
+}  // namespace fastcdml
