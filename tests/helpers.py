@@ -10,6 +10,11 @@ FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.b
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def lowest(*dtypes):
+    """The dtype whose tolerance applies: bf16 if any input is bf16, else fp16 if any is, else fp32."""
+    return next((d for d in (torch.bfloat16, torch.float16) if d in dtypes), torch.float32)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a − e| / max(1, max |e|), NaN-aware (a NaN anywhere counts as infinite error)."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

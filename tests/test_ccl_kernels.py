@@ -19,7 +19,7 @@ from fastcdml.functional import center_contrastive_loss, center_momentum_update_
 from fastcdml.reference import ccl as ref
 
 from .conftest import DEVICE
-from .helpers import assert_close, rel_err, unit_rows
+from .helpers import assert_close, lowest, rel_err, unit_rows
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton", "ccl", DEVICE.type) is not None,
                                 reason=str(unavailable_reason("triton", "ccl", DEVICE.type)))
@@ -37,11 +37,6 @@ def kernels():
 
 def ops():
     return torch.ops.fastcdml_interpret if DEVICE.type == "cpu" else torch.ops.fastcdml
-
-
-def lowest(*dtypes):
-    """The dtype whose tolerance applies: bf16 if any input is bf16, else fp16 if any is, else fp32."""
-    return next((d for d in (BF16, F16) if d in dtypes), F32)
 
 
 def make(b, c, d, x_dtype=F32, bank_dtype=F32, n_classes=None):

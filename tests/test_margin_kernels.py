@@ -18,7 +18,7 @@ from fastcdml.params import CenterParams
 from fastcdml.reference import ccl as ref
 
 from .conftest import DEVICE
-from .helpers import assert_close, kernel_backends, unit_rows
+from .helpers import assert_close, kernel_backends, lowest, unit_rows
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 ARC = math.radians(28.6)
@@ -34,10 +34,6 @@ BACKENDS = kernel_backends("ccl", DEVICE)
 
 def namespace(backend):
     return "fastcdml_interpret" if backend == "triton" and DEVICE.type == "cpu" else "fastcdml"
-
-
-def lowest(*dtypes):
-    return next((d for d in (BF16, F16) if d in dtypes), F32)
 
 
 def make(b, c, d, k, x_dtype=F32, bank_dtype=F32):
