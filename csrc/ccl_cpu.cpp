@@ -84,31 +84,14 @@ void subcenter_scatter(const float* cls, const int64_t* arg, int64_t rows, int64
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
 // running max m and sum l of exp(z − m), stores this row's sum in chunk_sum and returns the factor
 // exp(m_old − m_new) that rescales older sums.
-FASTCDML_SIMD_CLONES
 float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l, float& chunk_sum) {
-  float cmax = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : cmax)
-  for (int64_t j = 0; j < n; ++j) cmax = std::max(cmax, s[j]);
-  const float m_new = std::max(m, cmax * inv_tau);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = fast_exp(s[j] * inv_tau - m_new);
-    s[j] = p;
-    sum += p;
-  }
+  const float m_new = std::max(m, row_max(s, n) * inv_tau);
+  const float sum = exp_row(s, n, inv_tau, m_new, 1.f);
   const float alpha = std::isinf(m) ? 0.f : std::exp(m - m_new);
   l = l * alpha + sum;
   m = m_new;
   chunk_sum = sum;
   return alpha;
-}
-
-// One row of the tile of ccl_bwd_centers: s_j → coef · exp(s_j/τ − lse) in place.
-FASTCDML_SIMD_CLONES
-void softmax_grad_row(float* s, int64_t n, float inv_tau, float lse, float coef) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = coef * fast_exp(s[j] * inv_tau - lse);
 }
 
 // The per-row results of streaming one block of rows ≤ kRowBlock queries over a whole bank (stream_bank), in
@@ -353,7 +336,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
           const bool here = yi >= c0 && yi < c0 + cc;
           float dt = 1.f;
           if (here) row[yi - c0] = target(row[yi - c0], &dt);
-          softmax_grad_row(row, cc, inv_tau, lsep[r0 + r], gp[r0 + r] * inv_tau);
+          exp_row(row, cc, inv_tau, lsep[r0 + r], gp[r0 + r] * inv_tau);  // p_ij g_i / τ
           // label: g·(−t' q/τ − 2λ), q = 1 − p_y from the forward when given
           if (here && qp) row[yi - c0] = -gp[r0 + r] * (dt * qp[r0 + r] * inv_tau + lam2);
           if (here && !qp) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);

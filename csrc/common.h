@@ -13,6 +13,8 @@
 #include <ATen/ThreadLocalState.h>
 
 #include "gemm.h"
+#include "isa.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>

@@ -34,7 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     info["openmp"] = false;
 #endif
-    info["gemm"] = fastcdml::gemm_isa();
+    info["isa"] = fastcdml::isa_name(fastcdml::cpu_isa());
     return info;
   });
   m.def("register_kernels", [] {

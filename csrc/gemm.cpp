@@ -2,37 +2,13 @@
 #include "gemm.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define FASTCDML_X86 1
-#endif
+#include "isa.h"
 
 namespace fastcdml {
 namespace {
-
-enum class Isa { generic, avx2, avx512 };
-
-Isa detect_isa() {
-  Isa best = Isa::generic;
-#ifdef FASTCDML_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
-  if (best == Isa::avx2 && __builtin_cpu_supports("avx512f")) best = Isa::avx512;
-#endif
-  const char* forced = std::getenv("FASTCDML_GEMM_ISA");
-  if (forced && std::strcmp(forced, "generic") == 0) return Isa::generic;
-  if (forced && std::strcmp(forced, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
-  return best;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
 
 // B packed as strips of NR columns: strip s holds B(p, s·NR + jj) at [s·k·NR + p·NR + jj], zero past column n.
 template <int NR>
@@ -227,20 +203,12 @@ int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t
 void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs,
           int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  switch (isa()) {
+  switch (cpu_isa()) {
 #ifdef FASTCDML_X86
     case Isa::avx512: return gemm_avx512(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
     case Isa::avx2: return gemm_avx2(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
 #endif
     default: return gemm_generic(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
-  }
-}
-
-const char* gemm_isa() {
-  switch (isa()) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "generic";
   }
 }
 

@@ -8,9 +8,10 @@
 // vector width (the AVX-512 and AVX2 paths run the same per-element FMA chain and give bit-identical results; the
 // generic path, for x86 CPUs without FMA and other architectures, rounds each product separately).
 //
-// Design: B is packed into strips of NR columns (k × NR, zero-padded), A is read in place through its strides and
-// broadcast one element at a time, and an MR × NR register tile is accumulated over the whole inner dimension.
-// Callers hand it cache-sized tiles (kRowBlock rows against one chunk), so no further blocking is needed.
+// Design (the instruction set: isa.h): B is packed into strips of NR columns (k × NR, zero-padded), A is read in
+// place through its strides and broadcast one element at a time, and an MR × NR register tile is accumulated over
+// the whole inner dimension. Callers hand it cache-sized tiles (kRowBlock rows against one chunk), so no further
+// blocking is needed.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,10 +24,6 @@ namespace fastcdml {
 // B(p, j) = b[p·b_rs + j·b_cs] (k × n); all fp32. Serial: call it from one thread per output tile.
 void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs,
           int64_t b_cs, float* c, int64_t ldc, bool accumulate);
-
-// The instruction set gemm uses on this CPU ("avx512", "avx2" or "generic"); FASTCDML_GEMM_ISA=avx2|generic,
-// read once, forces a narrower one (to compare the paths on one machine).
-const char* gemm_isa();
 
 // Tensor forms on 2-D fp32 tensors whose rows are contiguous (stride(1) == 1).
 // out = a·bᵀ: a (m, k), b (n, k), out (m, n).

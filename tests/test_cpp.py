@@ -260,15 +260,15 @@ def _build_info():
 
 def test_avx2_and_avx512_products_are_identical(tmp_path):
     # gemm.h runs one FMA chain per element in the same order on both paths: a machine with AVX-512 and one with
-    # only AVX2 give the same bits. The AVX2 path is forced in a child process (FASTCDML_GEMM_ISA is read once).
-    if _build_info().get("gemm") != "avx512":
+    # only AVX2 give the same bits. The AVX2 path is forced in a child process (FASTCDML_CPU_ISA is read once).
+    if _build_info().get("isa") != "avx512":
         pytest.skip("this CPU has no AVX-512: only the AVX2 path can run here")
     out = tmp_path / "avx2.pt"
     code = ("import torch, sys; sys.path.insert(0, sys.argv[2]); from tests.test_cpp import _all_outputs, _build_info; "
-            "assert _build_info()['gemm'] == 'avx2'; "
+            "assert _build_info()['isa'] == 'avx2'; "
             "torch.manual_seed(3); torch.save(_all_outputs(), sys.argv[1])")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "FASTCDML_GEMM_ISA": "avx2"}
+    env = {**os.environ, "FASTCDML_CPU_ISA": "avx2"}
     subprocess.run([sys.executable, "-c", code, str(out), str(root)], check=True, env=env, cwd=root)
     torch.manual_seed(3)
     for i, (a, b) in enumerate(zip(_all_outputs(), torch.load(out))):
