@@ -36,28 +36,26 @@ const float* pack_b(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t 
   return out;
 }
 
+// One register tile: C[0:R, 0:nr] (row stride ldc) = (accumulate ? C : 0) + A[0:R, :]·strip[:, 0:nr], where the
+// strip is k × NR of packed B; R ≤ MR rows of A through its strides. A table per instruction set, indexed by R.
+using TileFn = void (*)(int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* strip, float* c,
+                        int64_t ldc, int64_t nr, bool accumulate);
+
 // ---------------------------------------------------------------- generic: plain loops, products rounded apart
 
-constexpr int kGenericNR = 8;
+constexpr int kGenericMR = 1, kGenericNR = 8;
 
-void gemm_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                  int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
-  const float* bp = pack_b<kGenericNR>(n, k, b, b_rs, b_cs);
-  for (int64_t j0 = 0; j0 < n; j0 += kGenericNR) {
-    const int64_t nr = std::min<int64_t>(kGenericNR, n - j0);
-    const float* strip = bp + (j0 / kGenericNR) * k * kGenericNR;
-    for (int64_t i = 0; i < m; ++i) {
-      float acc[kGenericNR] = {};
-      const float* ai = a + i * a_rs;
-      for (int64_t p = 0; p < k; ++p) {
-        const float av = ai[p * a_cs];
-        for (int jj = 0; jj < kGenericNR; ++jj) acc[jj] += av * strip[p * kGenericNR + jj];
-      }
-      float* ci = c + i * ldc + j0;
-      for (int64_t jj = 0; jj < nr; ++jj) ci[jj] = accumulate ? ci[jj] + acc[jj] : acc[jj];
-    }
+void tile_generic(int64_t k, const float* a, int64_t, int64_t a_cs, const float* strip, float* c, int64_t,
+                  int64_t nr, bool accumulate) {
+  float acc[kGenericNR] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    const float av = a[p * a_cs];
+    for (int jj = 0; jj < kGenericNR; ++jj) acc[jj] += av * strip[p * kGenericNR + jj];
   }
+  for (int64_t jj = 0; jj < nr; ++jj) c[jj] = accumulate ? c[jj] + acc[jj] : acc[jj];
 }
+
+constexpr TileFn kGenericTiles[kGenericMR + 1] = {nullptr, tile_generic};
 
 #ifdef FASTCDML_X86
 // ---------------------------------------------------------------- AVX2 + FMA: 6 × 16 register tile
@@ -100,32 +98,6 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int64_t k, const float* a, in
   }
 }
 
-template <int R>
-__attribute__((target("avx2,fma"))) void rows_avx2(int64_t n, int64_t k, const float* a, int64_t a_rs,
-                                                   int64_t a_cs, const float* bp, float* c, int64_t ldc,
-                                                   bool accumulate) {
-  for (int64_t j0 = 0; j0 < n; j0 += kAvx2NR)
-    tile_avx2<R>(k, a, a_rs, a_cs, bp + (j0 / kAvx2NR) * k * kAvx2NR, c + j0, ldc,
-                 std::min<int64_t>(kAvx2NR, n - j0), accumulate);
-}
-
-void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-               int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
-  const float* bp = pack_b<kAvx2NR>(n, k, b, b_rs, b_cs);
-  int64_t i = 0;
-  for (; i + kAvx2MR <= m; i += kAvx2MR) rows_avx2<kAvx2MR>(n, k, a + i * a_rs, a_rs, a_cs, bp, c + i * ldc, ldc, accumulate);
-  const float* ai = a + i * a_rs;
-  float* ci = c + i * ldc;
-  switch (m - i) {
-    case 5: rows_avx2<5>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 4: rows_avx2<4>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 3: rows_avx2<3>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 2: rows_avx2<2>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 1: rows_avx2<1>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    default: break;
-  }
-}
-
 // ---------------------------------------------------------------- AVX-512: 8 × 32 register tile
 
 constexpr int kAvx512MR = 8, kAvx512NR = 32;
@@ -161,35 +133,27 @@ __attribute__((target("avx512f"))) void tile_avx512(int64_t k, const float* a, i
   }
 }
 
-template <int R>
-__attribute__((target("avx512f"))) void rows_avx512(int64_t n, int64_t k, const float* a, int64_t a_rs,
-                                                     int64_t a_cs, const float* bp, float* c, int64_t ldc,
-                                                     bool accumulate) {
-  for (int64_t j0 = 0; j0 < n; j0 += kAvx512NR)
-    tile_avx512<R>(k, a, a_rs, a_cs, bp + (j0 / kAvx512NR) * k * kAvx512NR, c + j0, ldc,
-                   std::min<int64_t>(kAvx512NR, n - j0), accumulate);
-}
+constexpr TileFn kAvx2Tiles[kAvx2MR + 1] = {nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>,
+                                           tile_avx2<4>, tile_avx2<5>, tile_avx2<6>};
+constexpr TileFn kAvx512Tiles[kAvx512MR + 1] = {nullptr, tile_avx512<1>, tile_avx512<2>, tile_avx512<3>,
+                                               tile_avx512<4>, tile_avx512<5>, tile_avx512<6>,
+                                               tile_avx512<7>, tile_avx512<8>};
+#endif  // FASTCDML_X86
 
-void gemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
-                 int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
-  const float* bp = pack_b<kAvx512NR>(n, k, b, b_rs, b_cs);
-  int64_t i = 0;
-  for (; i + kAvx512MR <= m; i += kAvx512MR)
-    rows_avx512<kAvx512MR>(n, k, a + i * a_rs, a_rs, a_cs, bp, c + i * ldc, ldc, accumulate);
-  const float* ai = a + i * a_rs;
-  float* ci = c + i * ldc;
-  switch (m - i) {
-    case 7: rows_avx512<7>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 6: rows_avx512<6>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 5: rows_avx512<5>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 4: rows_avx512<4>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 3: rows_avx512<3>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 2: rows_avx512<2>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    case 1: rows_avx512<1>(n, k, ai, a_rs, a_cs, bp, ci, ldc, accumulate); break;
-    default: break;
+// The product over MR-row blocks of A and NR-column strips of packed B, each by tiles[rows in the block].
+template <int MR, int NR>
+void gemm_tiled(const TileFn (&tiles)[MR + 1], int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs,
+                int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
+  const float* bp = pack_b<NR>(n, k, b, b_rs, b_cs);
+  for (int64_t i = 0; i < m; i += MR) {
+    const TileFn tile = tiles[std::min<int64_t>(MR, m - i)];
+    for (int64_t j0 = 0; j0 < n; j0 += NR)
+      tile(k, a + i * a_rs, a_rs, a_cs, bp + (j0 / NR) * k * NR, c + i * ldc + j0, ldc,
+           std::min<int64_t>(NR, n - j0), accumulate);
   }
 }
-#endif  // FASTCDML_X86
+
+
 
 void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1),
@@ -205,10 +169,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t
   if (m <= 0 || n <= 0) return;
   switch (cpu_isa()) {
 #ifdef FASTCDML_X86
-    case Isa::avx512: return gemm_avx512(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
-    case Isa::avx2: return gemm_avx2(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+    case Isa::avx512:
+      return gemm_tiled<kAvx512MR, kAvx512NR>(kAvx512Tiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+    case Isa::avx2:
+      return gemm_tiled<kAvx2MR, kAvx2NR>(kAvx2Tiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
 #endif
-    default: return gemm_generic(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
+    default:
+      return gemm_tiled<kGenericMR, kGenericNR>(kGenericTiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc,
+                                                accumulate);
   }
 }
 

@@ -258,21 +258,38 @@ def _build_info():
     return _extension.load()[0].build_info()
 
 
-def test_avx2_and_avx512_products_are_identical(tmp_path):
-    # gemm.h runs one FMA chain per element in the same order on both paths: a machine with AVX-512 and one with
-    # only AVX2 give the same bits. The AVX2 path is forced in a child process (FASTCDML_CPU_ISA is read once).
-    if _build_info().get("isa") != "avx512":
-        pytest.skip("this CPU has no AVX-512: only the AVX2 path can run here")
-    out = tmp_path / "avx2.pt"
+def _outputs_on(isa: str, tmp_path: Path) -> list[torch.Tensor]:
+    """``_all_outputs()`` computed in a child process whose kernels take the ``isa`` path (FASTCDML_CPU_ISA is read
+    once per process, so the path cannot change in this one)."""
+    out = tmp_path / f"{isa}.pt"
     code = ("import torch, sys; sys.path.insert(0, sys.argv[2]); from tests.test_cpp import _all_outputs, _build_info; "
-            "assert _build_info()['isa'] == 'avx2'; "
+            "assert _build_info()['isa'] == sys.argv[3], _build_info(); "
             "torch.manual_seed(3); torch.save(_all_outputs(), sys.argv[1])")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "FASTCDML_CPU_ISA": "avx2"}
-    subprocess.run([sys.executable, "-c", code, str(out), str(root)], check=True, env=env, cwd=root)
+    subprocess.run([sys.executable, "-c", code, str(out), str(root), isa], check=True, cwd=root,
+                   env={**os.environ, "FASTCDML_CPU_ISA": isa})
+    return torch.load(out)
+
+
+def test_avx2_and_avx512_paths_are_identical(tmp_path):
+    # csrc/gemm.h and csrc/rows.h run the same per-element FMA chains and the same 16-lane sums on both widths: a
+    # machine with AVX-512 and one with only AVX2 give the same bits
+    if _build_info().get("isa") != "avx512":
+        pytest.skip("this CPU has no AVX-512: only the AVX2 path can run here")
     torch.manual_seed(3)
-    for i, (a, b) in enumerate(zip(_all_outputs(), torch.load(out))):
-        assert torch.equal(a, b), f"output {i} differs between the AVX-512 and the AVX2 products"
+    for i, (a, b) in enumerate(zip(_all_outputs(), _outputs_on("avx2", tmp_path))):
+        assert torch.equal(a, b), f"output {i} differs between the AVX-512 and the AVX2 paths"
+
+
+def test_generic_path_agrees_up_to_rounding(tmp_path):
+    # the plain-C++ path (CPUs without FMA, other architectures) rounds each product apart: the same results up
+    # to fp32 rounding, which the 16-bit inputs' own rounding dominates
+    torch.manual_seed(3)
+    for i, (a, b) in enumerate(zip(_all_outputs(), _outputs_on("generic", tmp_path))):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"output {i}")
+        else:
+            assert torch.equal(a, b), f"output {i}"
 
 
 def test_opcheck():

@@ -103,8 +103,17 @@ def test_ccl_steps_match_the_float64_reference(backend, data):
         what = f"{backend} step {step}"
         assert rows.dtype == torch.float32 and gx.dtype == dtype
         assert_close(rows, rows64, rows_low, tol, f"{what} loss rows")
-        assert_close(gx, x64.grad, gx_low, tol, f"{what} grad")
+        if d > 1:
+            assert_close(gx, x64.grad, gx_low, tol, f"{what} grad")
+        else:  # x̂ = ±1: the exact gradient is 0, and each backend returns its rounding of g_x̂ over |x| (see _noise)
+            assert (gx.double().abs() <= _noise(x, g, 2 / tau + 2 * lam)).all(), f"{what} grad"
         assert_close(ours.centers.cpu(), w64, low.centers, tol, f"{what} bank")
+
+
+def _noise(x: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
+    """A bound on the query gradient when D = 1, where it is exactly 0: the normalisation's backward subtracts
+    x̂(x̂·g_x̂) from g_x̂ with |g_x̂| ≤ scale·|g| and x̂ = ±(1 ± u), leaving a few u·|g_x̂|, then divides by |x|."""
+    return 16 * 2.0**-24 * scale * g.abs()[:, None] / x.double().abs().clamp_min(1e-12)
 
 
 def _update_well_posed(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mu: float, gap: float = 1e-3) -> bool:
@@ -154,6 +163,7 @@ def test_cbml_steps_match_the_float64_reference(backend, data):
     """ContrastiveBayesianLoss with or without a cross-batch memory, STEPS steps: loss, query gradient and the
     memory after each (the float64 reference reads the memory the module held before the step)."""
     b, c, d = _sizes(data, backend, (90, 12, 96), (20, 6, 24))
+    d = max(d, 2)  # at D = 1 the exact query gradient is 0 (x̂ = ±1): only rounding noise to compare
     memory = data.draw(st.sampled_from([0, 1, 7, 64]), label="memory_size")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     negatives = data.draw(st.sampled_from(["adaptive", "topk"]), label="negatives")
