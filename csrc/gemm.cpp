@@ -153,8 +153,6 @@ void gemm_tiled(const TileFn (&tiles)[MR + 1], int64_t m, int64_t n, int64_t k, 
   }
 }
 
-
-
 void check_operand(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1),
               "fastcdml gemm: ", name, " must be a 2-D fp32 tensor with contiguous rows");
