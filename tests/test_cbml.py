@@ -373,3 +373,30 @@ def test_default_mean_weight_follows_the_variance_center():
         fastcdml.ContrastiveBayesianLoss(variance_center="row")
     with pytest.raises(ValueError, match="pos_weight must be >= 0"):
         fastcdml.ContrastiveBayesianLoss(phi="constant", pos_weight=-1.0)
+
+
+# --- a clusterer's outliers (negative labels) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ignored_negative_labels_are_in_no_set(backend):
+    """With ignore_negative_labels, a row labelled −1 contributes nothing: the loss is that of the other rows
+    alone, times their share of the batch, and the ignored rows get no gradient."""
+    x, y = torch.randn(20, 8), clustered_labels(20, 2, 4)
+    y[[1, 6, 13]] = -1
+    kept = y >= 0
+    xa, xb = x.clone().requires_grad_(), x[kept].clone().requires_grad_()
+    got = contrastive_bayesian_loss(xa, y, ignore_negative_labels=True, backend=backend, **LIVELY)
+    expected = contrastive_bayesian_loss(xb, y[kept], backend=backend, **LIVELY) * kept.sum() / 20
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    got.backward()
+    expected.backward()
+    assert torch.equal(xa.grad[~kept], torch.zeros(3, 8))
+    torch.testing.assert_close(xa.grad[kept], xb.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_ignored_negative_labels_are_not_enqueued():
+    loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=16, ignore_negative_labels=True)
+    loss_fn(torch.randn(6, 4), torch.tensor([0, 0, -1, 1, 1, -1]))
+    assert loss_fn.memory_filled == 4
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        fastcdml.ContrastiveBayesianLoss()(torch.randn(4, 3), torch.tensor([0, 0, -1, 1]))
