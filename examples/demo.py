@@ -17,7 +17,7 @@ proxy losses use every sample (PML would only re-weight them by the mined tuples
 defaults and starts from the same seeded network. Fused drop-ins with PML's names (such as
 ``fastcdml.NormalizedSoftmaxLoss``) are trained too when this fastcdml has them.
 
-The pseudo-supervised row trains CBML on cluster ids instead of labels (:func:`train_pseudo`: the training
+The pseudo-supervised row trains CBML on cluster ids instead of labels (``train_pseudo``: the training
 digits' embeddings are re-clustered by ``fastcdml.pseudo_labels`` every epoch; no training label is read).
 
 Reports Recall@1/2/4 and MAP@R for raw pixels, the untrained network and each trained one, trains CCL once more

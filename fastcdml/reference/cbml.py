@@ -81,10 +81,13 @@ def cbml_loss_rows(
     pos_weight: float = 0.25,
     neg_weight: float = 0.25,
 ) -> torch.Tensor:
-    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives.
+    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives;
+    ``variance_center`` ``"class_means"`` or ``"boundary"`` picks μ; ``pos_weight`` / ``neg_weight`` are used by
+    ``phi="constant"`` only.
 
     ``pair_mask`` (:func:`pack_pairs` of mined pairs, over the reference set's columns): only the listed pairs can
-    be positives or negatives; the row mean stays over every present reference."""
+    be positives or negatives (so the class means are over them too); the boundary form's row mean stays over
+    every present reference."""
     if phi not in PHIS:
         raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
     if variance_center not in VARIANCE_CENTERS:
