@@ -88,8 +88,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     sample = x if m == n else x[torch.randperm(n, generator=gen, device=dev)[:m]]
     sample = _normalize(sample)
     seedings = [_seeding(sample, k, gen) for _ in range(_SEEDINGS)]
-    best = torch.stack([potential for _, potential in seedings]).argmin()
-    return torch.stack([centers for centers, _ in seedings])[best]
+    best = torch.stack([potential for _, potential in seedings]).argmin().view(1)
+    return torch.stack([centers for centers, _ in seedings]).index_select(0, best)[0]
 
 
 def _seeding(sample: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,16 +100,16 @@ def _seeding(sample: torch.Tensor, k: int, gen: torch.Generator) -> tuple[torch.
     trials = 2 + int(math.log(k))
     centers = torch.empty(k, sample.shape[1], dtype=torch.float32, device=dev)
     first = torch.randint(0, m, (1,), generator=gen, device=dev)
-    centers[0] = sample[first[0]]
+    centers[0] = sample.index_select(0, first)[0]  # tensor indices throughout: no host synchronisation
     d2 = (2.0 - 2.0 * (sample @ centers[0])).clamp_min(0.0)
     for c in range(1, k):
         cum = d2.double().cumsum(0)
         u = torch.rand((trials,), generator=gen, device=dev, dtype=torch.float64) * cum[-1]
         picks = torch.searchsorted(cum, u, right=True).clamp_max(m - 1)
         cand = torch.minimum(d2[:, None], (2.0 - 2.0 * (sample @ sample[picks].t())).clamp_min(0.0))  # (m, trials)
-        best = cand.sum(dim=0).argmin()
-        centers[c] = sample[picks[best]]
-        d2 = cand[:, best]
+        best = cand.sum(dim=0).argmin().view(1)
+        centers[c] = sample.index_select(0, picks.index_select(0, best))[0]
+        d2 = cand.index_select(1, best)[:, 0]
     return centers, d2.sum()
 
 
