@@ -249,7 +249,7 @@ def _margin(case, x, y):
 
 # -------------------------------------------------------------------------------------------------- CBML
 
-_CBML_HYPER = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.1,
+_CBML_HYPER = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.2,
                    phi="log")
 
 

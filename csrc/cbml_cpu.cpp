@@ -7,9 +7,10 @@
 // held as B×N: a block's whole strip of tiles is kept across the passes while it holds at most kMaxStrip floats
 // (4 MiB), else tiles are recomputed (bit-identical: same operands and shapes); the self part S = x̂ x̂ᵀ is kept
 // whole for the self gradient pass under the same bound (B <= 1024), else recomputed there.
-//   pass 1   row sum, positives' min (argmin), negatives' count / Σ / Σ² / max (argmax), and in top-K mode a
+//   pass 1   row sum, positives' count / Σ / min (argmin), negatives' count / Σ / Σ² / max (argmax), and in top-K
+//            mode a
 //            running top-K per row whose worst element is the selection threshold (order: larger S, then lower
-//            index, so ties pick the lowest index);
+//            index, so ties pick the lowest index); then the variance centre μ (class means or boundary form);
 //   pass 2   the hard-positive / hard-negative sums log(1 + Σ exp(t)) as log-sum-exps shifted by their known
 //            maxima (minP and maxN are the hardest selected elements of a row that is not skipped);
 //   grad     G_ij = ∂loss/∂S_ij per tile, from row i's scalars. Memory part: ∂/∂x̂_I += G_I r̂ in the same task as
@@ -42,9 +43,13 @@ constexpr int64_t kMaxStrip = int64_t{1} << 20;
 constexpr int kLanes = 8;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+enum Phi : int64_t { kLog = 0, kSqrt = 1, kConstant = 2 };
+
 struct Hyper {
   float pos_a, pos_b, neg_a, neg_b, margin, w, h;
-  bool phi_sqrt;
+  int64_t phi;
+  float pos_w, neg_w;  // the weights of φ = constant
+  bool class_means;    // μ = h·mean(P) + (1−h)·mean(N), else (1−h)·mean(row) + h·(minP + maxN)/2
   int64_t top_k;
   bool self;  // the first B references are the queries themselves
 };
@@ -63,7 +68,7 @@ FASTCDML_INLINE bool allowed(const uint8_t* mrow, int64_t step, int64_t j) {
 
 struct Row {
   // pass 1
-  double sum = 0, neg_sum = 0, neg_sq = 0;
+  double sum = 0, pos_sum = 0, neg_sum = 0, neg_sq = 0;
   int64_t n_pos = 0, n_neg = 0, arg_min_p = -1, arg_max_n = -1;
   float min_p = kInf, max_n = -kInf;
   float top_v = -kInf;  // top-K threshold (value, index)
@@ -81,8 +86,9 @@ struct Row {
 struct Coefs {
   explicit Coefs(int64_t n)
       : max_n(n), min_p(n), top_v(n), mean(n), u_pos(n), u_neg(n), c_pos(n), c_neg(n), c_var(n), c_all(n),
-        c_pick(n), top_i(n), arg_min(n), arg_max(n) {}
-  std::vector<float> max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all, c_pick;
+        c_mpos(n), c_mneg(n), c_pick(n), top_i(n), arg_min(n), arg_max(n) {}
+  // ∂loss/∂μ spread over S: c_all on every present column, c_mpos on P, c_mneg on N, c_pick on minP and maxN
+  std::vector<float> max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all, c_mpos, c_mneg, c_pick;
   std::vector<int64_t> top_i, arg_min, arg_max;
 };
 
@@ -97,7 +103,7 @@ FASTCDML_INLINE bool hard_neg(const Hyper& hp, float v, float min_p, float top_v
 
 // Row i's gradient scalars, as plain values / pointers so that the loops using them vectorise.
 struct RowCoef {
-  float max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all;
+  float max_n, min_p, top_v, mean, u_pos, u_neg, c_pos, c_neg, c_var, c_all, c_mpos, c_mneg;
 };
 
 // ∂loss/∂S for one element of a row with scalars k, without the minP / maxN pick terms. present: y_j >= 0 (a
@@ -106,18 +112,19 @@ struct RowCoef {
 template <bool kTopK>
 FASTCDML_INLINE float grad_elem(const Hyper& hp, const RowCoef& k, float v, bool same, bool present, bool ok,
                                 bool excluded, bool tie_ok, bool is_top) {
-  const bool neg = !same & present & ok;
-  const bool hpos = same & ok & !excluded & (v - hp.margin < k.max_n);
+  const bool neg = !same & present & ok, pos = same & ok & !excluded;
+  const bool hpos = pos & (v - hp.margin < k.max_n);
   const bool hneg = neg & hard_neg<kTopK>(hp, v, k.min_p, k.top_v, tie_ok, is_top);
   const float t_pos = -(v - hp.pos_a) / hp.pos_b - k.u_pos, t_neg = (v - hp.neg_a) / hp.neg_b - k.u_neg;
   const float coef = hpos ? k.c_pos : (hneg ? k.c_neg : 0.f), var = k.c_var * (v - k.mean);
-  const float g = k.c_all + coef * fast_exp(same ? t_pos : t_neg) + (neg ? var : 0.f);
+  const float g = k.c_all + coef * fast_exp(same ? t_pos : t_neg) + (neg ? var + k.c_mneg : 0.f) +
+                  (pos ? k.c_mpos : 0.f);
   return present ? g : 0.f;
 }
 
 FASTCDML_INLINE RowCoef row_coef(const Coefs& c, int64_t i) {
   return {c.max_n[i], c.min_p[i], c.top_v[i], c.mean[i], c.u_pos[i], c.u_neg[i],
-          c.c_pos[i], c.c_neg[i], c.c_var[i], c.c_all[i]};
+          c.c_pos[i], c.c_neg[i], c.c_var[i], c.c_all[i], c.c_mpos[i], c.c_mneg[i]};
 }
 
 // "a ranks before b" for top-K: larger S, ties broken by the lower index. A heap under this order keeps its
@@ -130,7 +137,7 @@ FASTCDML_SIMD_CLONES
 void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, int64_t i, int64_t yi,
                const int64_t* yr, const uint8_t* mrow, int64_t mstep, int64_t k,
                std::vector<std::pair<float, int64_t>>& heap) {
-  double sum[kLanes] = {}, nsum[kLanes] = {}, nsq[kLanes] = {};
+  double sum[kLanes] = {}, psum[kLanes] = {}, nsum[kLanes] = {}, nsq[kLanes] = {};
   float mn[kLanes], mx[kLanes];
   int64_t npos[kLanes] = {}, nneg[kLanes] = {};
   std::fill(mn, mn + kLanes, kInf);
@@ -142,6 +149,7 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
     const bool pos = same & ok & !(hp.self & (j == i)), neg = present & !same & ok;
     const double vd = neg ? static_cast<double>(v) : 0.0;
     sum[l] += present ? v : 0.f;
+    psum[l] += pos ? static_cast<double>(v) : 0.0;
     nsum[l] += vd;
     nsq[l] += vd * vd;
     mn[l] = std::min(mn[l], pos ? v : kInf);
@@ -155,7 +163,8 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
   for (int l = 0; jj < cc; ++jj, ++l) lane(l, jj);
   float cmin = kInf, cmax = -kInf;
   for (int l = 0; l < kLanes; ++l) {
-    st.sum += sum[l], st.neg_sum += nsum[l], st.neg_sq += nsq[l], st.n_pos += npos[l], st.n_neg += nneg[l];
+    st.sum += sum[l], st.pos_sum += psum[l], st.neg_sum += nsum[l], st.neg_sq += nsq[l];
+    st.n_pos += npos[l], st.n_neg += nneg[l];
     cmin = std::min(cmin, mn[l]), cmax = std::max(cmax, mx[l]);
   }
   // first index of a new strict minimum / maximum (earlier chunks keep their lower indices on ties)
@@ -189,7 +198,10 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
 }
 
 void finish_pass1(Row& st, const Hyper& hp, int64_t n_ref, int64_t k, const std::vector<std::pair<float, int64_t>>& heap) {
-  const double mean = (1.0 - hp.h) * st.sum / n_ref + hp.h * (static_cast<double>(st.min_p) + st.max_n) / 2;
+  const double mean =
+      hp.class_means ? hp.h * st.pos_sum / std::max<int64_t>(st.n_pos, 1) +
+                           (1.0 - hp.h) * st.neg_sum / std::max<int64_t>(st.n_neg, 1)
+                     : (1.0 - hp.h) * st.sum / n_ref + hp.h * (static_cast<double>(st.min_p) + st.max_n) / 2;
   st.mean = static_cast<float>(mean);
   st.sigma = static_cast<float>(st.neg_sq - 2 * mean * st.neg_sum + st.n_neg * mean * mean);
   if (k > 0 && static_cast<int64_t>(heap.size()) == k) st.top_v = heap.front().first, st.top_i = heap.front().second;
@@ -234,24 +246,38 @@ void finish_pass2(Row& st, Coefs& c, int64_t i, const Hyper& hp, int64_t n_ref, 
   st.valid = st.n_pos > 0 && st.n_neg > 0 && st.n_hard_pos > 0 && st.n_hard_neg > 0;
   c.max_n[i] = st.max_n, c.min_p[i] = st.min_p, c.top_v[i] = st.top_v, c.top_i[i] = st.top_i;
   if (!st.valid) {
-    for (auto* v : {&c.mean, &c.u_pos, &c.u_neg, &c.c_pos, &c.c_neg, &c.c_var, &c.c_all, &c.c_pick}) (*v)[i] = 0.f;
+    for (auto* v : {&c.mean, &c.u_pos, &c.u_neg, &c.c_pos, &c.c_neg, &c.c_var, &c.c_all, &c.c_mpos, &c.c_mneg,
+                    &c.c_pick})
+      (*v)[i] = 0.f;
     c.arg_min[i] = c.arg_max[i] = -1;
     return;
   }
   const float u_pos = st.pm + std::log(st.ps), u_neg = st.nm + std::log(st.ns);
-  // φ(u) and dφ/du for φ = log (u itself) or sqrt (exp(u/2) with u = log(1 + Σ))
-  const float pos = hp.phi_sqrt ? std::exp(u_pos / 2) : u_pos;
-  const float neg = hp.phi_sqrt ? std::exp(u_neg / 2) : u_neg;
+  // φ(u) and dφ/du with u = log(1 + Σ): log (u itself, 1), sqrt (exp(u/2), exp(u/2)/2) or constant
+  // (1 + w·Σ = 1 + w·(e^u − 1), w·e^u with e^u = the shifted sum times exp(shift))
+  auto phi = [&](float u, float sum, float shift, float w, float& d) {
+    if (hp.phi == kSqrt) return d = std::exp(u / 2) / 2, 2 * d;
+    if (hp.phi == kConstant) {
+      const float e = sum * std::exp(shift);
+      return d = w * e, 1.f + w * (e - 1.f);
+    }
+    return d = 1.f, u;
+  };
+  float d_pos, d_neg;
+  const float pos = phi(u_pos, st.ps, st.pm, hp.pos_w, d_pos), neg = phi(u_neg, st.ns, st.nm, hp.neg_w, d_neg);
   st.loss = pos + neg + hp.w * st.sigma;
   const float inv_b = 1.f / static_cast<float>(batch);
-  // ∂σ/∂mean, spread over the row mean (every j) and the two picked elements
+  // ∂σ/∂μ, spread over the class means (P and N) or over the row mean (every j) and the two picked elements
   const double dmean = -2.0 * hp.w * (st.neg_sum - st.n_neg * static_cast<double>(st.mean));
   c.mean[i] = st.mean, c.u_pos[i] = u_pos, c.u_neg[i] = u_neg;
-  c.c_pos[i] = (hp.phi_sqrt ? pos / 2 : 1.f) * (-1.f / hp.pos_b) * inv_b;
-  c.c_neg[i] = (hp.phi_sqrt ? neg / 2 : 1.f) * (1.f / hp.neg_b) * inv_b;
+  c.c_pos[i] = d_pos * (-1.f / hp.pos_b) * inv_b;
+  c.c_neg[i] = d_neg * (1.f / hp.neg_b) * inv_b;
   c.c_var[i] = 2.f * hp.w * inv_b;
-  c.c_all[i] = static_cast<float>(dmean * (1.0 - hp.h) / n_ref) * inv_b;
-  c.c_pick[i] = static_cast<float>(dmean * hp.h / 2) * inv_b;
+  const double cm = hp.class_means ? 1.0 : 0.0;
+  c.c_mpos[i] = static_cast<float>(cm * dmean * hp.h / st.n_pos) * inv_b;
+  c.c_mneg[i] = static_cast<float>(cm * dmean * (1.0 - hp.h) / st.n_neg) * inv_b;
+  c.c_all[i] = static_cast<float>((1.0 - cm) * dmean * (1.0 - hp.h) / n_ref) * inv_b;
+  c.c_pick[i] = static_cast<float>((1.0 - cm) * dmean * hp.h / 2) * inv_b;
   c.arg_min[i] = st.arg_min_p, c.arg_max[i] = st.arg_max_n;
 }
 
@@ -282,14 +308,15 @@ FASTCDML_SIMD_CLONES void grad_row_self(const Coefs& c, const Hyper hp, float* _
               *__restrict top_v = c.top_v.data() + c0, *__restrict mean = c.mean.data() + c0,
               *__restrict u_pos = c.u_pos.data() + c0, *__restrict u_neg = c.u_neg.data() + c0,
               *__restrict c_pos = c.c_pos.data() + c0, *__restrict c_neg = c.c_neg.data() + c0,
-              *__restrict c_var = c.c_var.data() + c0, *__restrict c_all = c.c_all.data() + c0;
+              *__restrict c_var = c.c_var.data() + c0, *__restrict c_all = c.c_all.data() + c0,
+              *__restrict c_mpos = c.c_mpos.data() + c0, *__restrict c_mneg = c.c_mneg.data() + c0;
   const int64_t* __restrict top_j = c.top_i.data() + c0;
   const int64_t* __restrict yc = y + c0;
   for (int64_t jj = 0; jj < cc; ++jj) {
     const float v = s[jj];
     const bool present_j = yc[jj] >= 0, present_i = yi >= 0, equal = yc[jj] == yi, diag = c0 + jj == i;
     const RowCoef kj{max_n[jj], min_p[jj], top_v[jj], mean[jj], u_pos[jj], u_neg[jj],
-                     c_pos[jj], c_neg[jj], c_var[jj], c_all[jj]};
+                     c_pos[jj], c_neg[jj], c_var[jj], c_all[jj], c_mpos[jj], c_mneg[jj]};
     const bool ok_ij = allowed(mask.row(i), mask.step, c0 + jj), ok_ji = allowed(mask.row(c0 + jj), mask.step, i);
     s[jj] = grad_elem<kTopK>(hp, k, v, equal & present_j, present_j, ok_ij, diag, c0 + jj <= top_i,
                              c0 + jj == top_i) +
@@ -305,7 +332,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
                                             const Tensor& ref_labels, const std::optional<Tensor>& pair_mask,
                                             bool include_self, double pos_a, double pos_b,
                                             double neg_a, double neg_b, double margin, double variance_weight,
-                                            double mean_weight, bool phi_sqrt, int64_t top_k, bool want_gx,
+                                            double mean_weight, int64_t phi, double pos_weight,
+                                            double neg_weight, bool class_means, int64_t top_k, bool want_gx,
                                             bool want_gref) {
   check_embeddings(x_in, "x");
   check_embeddings(ref_in, "ref");
@@ -313,6 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   TORCH_CHECK_VALUE(ref_in.size(1) == D, "ref must have shape (M, ", D, "), got ", ref_in.sizes());
   TORCH_CHECK_VALUE(include_self || M > 0, "the reference set is empty: give ref_emb or set include_self=True");
   TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0, got ", top_k);
+  TORCH_CHECK_VALUE(phi >= kLog && phi <= kConstant, "phi must be 0 (log), 1 (sqrt) or 2 (constant), got ", phi);
   const Tensor y = check_labels(labels, B, "labels");
   const Tensor y_ref = check_labels(ref_labels, M, "ref_labels");
   const auto f32 = x_in.options().dtype(at::kFloat);
@@ -330,7 +359,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   const Tensor yr = include_self ? (M > 0 ? at::cat({y, y_ref}) : y) : y_ref;
   const Hyper hp{static_cast<float>(pos_a), static_cast<float>(pos_b),  static_cast<float>(neg_a),
                  static_cast<float>(neg_b), static_cast<float>(margin), static_cast<float>(variance_weight),
-                 static_cast<float>(mean_weight), phi_sqrt, top_k, include_self};
+                 static_cast<float>(mean_weight), phi, static_cast<float>(pos_weight),
+                 static_cast<float>(neg_weight), class_means, top_k, include_self};
   const int64_t K = std::min(top_k, N), RB = kRowBlock, CC = chunk_size(D);
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t* yrp = yr.data_ptr<int64_t>();

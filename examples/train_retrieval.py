@@ -3,21 +3,23 @@
     python examples/train_retrieval.py --dataset cub --root /data/CUB_200_2011 --loss ccl --out runs/cub-ccl
 
 Recipe: an ImageNet-pretrained ResNet-50 (torchvision; ``--arch small`` or no torchvision: a small conv net from
-scratch) with frozen BatchNorm statistics, global average + max pooling and a linear head to ``--dim``; batches
-of ``batch_size / m`` classes × ``m`` images (:class:`fastcdml.datasets.MPerClassSampler`); Adam with weight
-decay and step decay of the learning rate; optional mixed precision (``--amp``: fp16 with a grad scaler on CUDA,
-bf16 on CPU); Recall@K / MAP@R on the class-disjoint test split every ``--eval-every`` iterations (In-Shop:
-query against gallery); ``last.pt`` and ``best.pt`` (by R@1) checkpoints holding the model, the loss state (the
-CCL center bank), optimizer, scheduler and scaler; ``--resume`` continues from one. One JSON line per
-evaluation goes to stdout and ``<out>/log.jsonl``.
+scratch) with frozen BatchNorm statistics, global average pooling (``--pooling avgmax`` adds max pooling) and a
+linear head to ``--dim``; batches of ``batch_size / m`` classes × ``m`` images
+(:class:`fastcdml.datasets.MPerClassSampler`); Adam with weight decay and step decay of the learning rate; optional
+mixed precision (``--amp``: fp16 with a grad scaler on CUDA, bf16 on CPU); Recall@K / MAP@R on the class-disjoint
+test split every ``--eval-every`` iterations (In-Shop: query against gallery) at each dataset's customary K
+(:data:`KS`: 1/2/4/8 on CUB and Cars196, 1/10/100/1000 on SOP, 1/10/20/30/40 on In-Shop); ``last.pt`` and
+``best.pt`` (by R@1) checkpoints holding the model, the loss state (the CCL center bank), optimizer, scheduler and
+scaler; ``--resume`` continues from one. One JSON line per evaluation goes to stdout and ``<out>/log.jsonl``.
 
-Hyper-parameters (:data:`RECIPES`): CBML's are those of its authors' public code for ResNet-50 on CUB
-(``configs/example_resnet50.yaml`` in kanshichao/CBML: Adam, lr 3e-5, weight decay 5e-4, batch 100 with 5 images
-per class, 5,000 iterations, lr × 0.1 at 1,200, 512-d head, random resized crop 227 with scale 0.16–1 and
-flips) and the loss's defaults. CCL's are **guesses** — the paper's training details were not available here:
-the same backbone, head and augmentation, Adam lr 1e-4, batch 120 with 4 per class, 6,000 iterations with
-lr × 0.1 at 3,000 and 5,000, and the loss's defaults (τ = 0.05, m = 0.1, λ, μ = 0.9; see the README's note on λ). Every value can be overridden on
-the command line; the values used are written to ``<out>/config.json``.
+Hyper-parameters (:data:`RECIPES`). CBML's follow its authors' current code for ResNet-50 on CUB
+(kanshichao/CBML, ``configs/example_resnet50.yaml`` as of 2022-06, with ``cbml_benchmark/config/defaults.py``):
+Adam, lr 3e-5 for every parameter, weight decay 5e-4, batch 120 with 8 images per class, 5,000 iterations, lr ×
+0.1 at 1,200, no warm-up, average pooling, a 512-d head, resize to 256 then a random resized crop of 227 (scale
+0.16–1) with flips, and the loss's defaults, which are their code's (``variance_center="class_means"``, h = 0.2,
+φ = log). CCL's are fastcdml's choices, not the paper's; ``docs/spec.md`` (section 1, "Defaults and where they
+come from") states them with the loss's defaults. Every value can be overridden on the command line; the values
+used are written to ``<out>/config.json``.
 """
 from __future__ import annotations
 
@@ -36,9 +38,13 @@ from fastcdml import datasets
 from fastcdml.evaluation import compute_embeddings, retrieval_metrics
 
 RECIPES = {
-    "cbml": dict(lr=3e-5, weight_decay=5e-4, batch_size=100, m=5, iters=5000, lr_steps=[1200], dim=512),
-    "ccl": dict(lr=1e-4, weight_decay=5e-4, batch_size=120, m=4, iters=6000, lr_steps=[3000, 5000], dim=512),
+    "cbml": dict(lr=3e-5, weight_decay=5e-4, batch_size=120, m=8, iters=5000, lr_steps=[1200], dim=512,
+                 pooling="avg"),
+    "ccl": dict(lr=1e-4, weight_decay=5e-4, batch_size=120, m=4, iters=6000, lr_steps=[3000, 5000], dim=512,
+                pooling="avg"),
 }
+KS = {"cub": [1, 2, 4, 8], "cars": [1, 2, 4, 8], "sop": [1, 10, 100, 1000], "inshop": [1, 10, 20, 30, 40]}
+POOLINGS = ("avg", "avgmax")
 
 
 def has_torchvision() -> bool:
@@ -50,15 +56,17 @@ def has_torchvision() -> bool:
 
 
 class Embedder(nn.Module):
-    """``backbone`` feature map (B, C, H, W) → average + max pooled (B, C) → linear (B, dim)."""
+    """``backbone`` feature map (B, C, H, W) → average (``"avg"``) or average + max (``"avgmax"``) pooled (B, C)
+    → linear (B, dim)."""
 
-    def __init__(self, backbone: nn.Module, channels: int, dim: int, freeze_bn: bool):
+    def __init__(self, backbone: nn.Module, channels: int, dim: int, freeze_bn: bool, pooling: str = "avg"):
         super().__init__()
-        self.backbone, self.head, self.freeze_bn = backbone, nn.Linear(channels, dim), freeze_bn
+        self.backbone, self.head, self.freeze_bn, self.pooling = backbone, nn.Linear(channels, dim), freeze_bn, pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)
-        return self.head(f.mean(dim=(2, 3)) + f.amax(dim=(2, 3)))
+        pooled = f.mean(dim=(2, 3))
+        return self.head(pooled + f.amax(dim=(2, 3)) if self.pooling == "avgmax" else pooled)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -69,20 +77,20 @@ class Embedder(nn.Module):
         return self
 
 
-def build_model(arch: str, dim: int, pretrained: bool) -> Embedder:
+def build_model(arch: str, dim: int, pretrained: bool, pooling: str = "avg") -> Embedder:
     if arch == "resnet50":
         import torchvision
 
         weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if pretrained else None
         net = torchvision.models.resnet50(weights=weights)
-        return Embedder(nn.Sequential(*list(net.children())[:-2]), 2048, dim, freeze_bn=pretrained)
+        return Embedder(nn.Sequential(*list(net.children())[:-2]), 2048, dim, freeze_bn=pretrained, pooling=pooling)
     width = 32
     backbone = nn.Sequential(
         nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
     )
-    return Embedder(backbone, 4 * width, dim, freeze_bn=False)
+    return Embedder(backbone, 4 * width, dim, freeze_bn=False, pooling=pooling)
 
 
 def transforms(size: int, train: bool):
@@ -92,8 +100,9 @@ def transforms(size: int, train: bool):
     from torchvision import transforms as T
 
     normalize = [T.ToTensor(), T.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)]
-    if train:
-        return T.Compose([T.RandomResizedCrop(size, scale=(0.16, 1.0)), T.RandomHorizontalFlip(), *normalize])
+    if train:  # as the CBML authors' code: resize to 256 (for 227), then a random resized crop
+        return T.Compose([T.Resize(round(size * 256 / 227)), T.RandomResizedCrop(size, scale=(0.16, 1.0)),
+                          T.RandomHorizontalFlip(), *normalize])
     return T.Compose([T.Resize(round(size * 256 / 227)), T.CenterCrop(size), *normalize])
 
 
@@ -132,11 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=227)
     for key, value in RECIPES["ccl"].items():  # defaults filled from the loss's recipe below
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value) if key != "lr_steps" else int,
-                       nargs="+" if key == "lr_steps" else None, default=None, help="default: the --loss recipe")
+                       nargs="+" if key == "lr_steps" else None, default=None, help="default: the --loss recipe",
+                       choices=POOLINGS if key == "pooling" else None)
     p.add_argument("--lr-gamma", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-batch-size", type=int, default=128)
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="default: the dataset's customary K (KS)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cpp", "reference"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -147,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in RECIPES[args.loss].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.ks is None:
+        args.ks = KS[args.dataset]
     return args
 
 
@@ -162,7 +174,7 @@ def main(argv=None) -> dict:
     sampler = datasets.MPerClassSampler(train_set.labels, args.m, args.batch_size, seed=args.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda")
 
-    model = build_model(args.arch, args.dim, pretrained=not args.no_pretrained).to(device)
+    model = build_model(args.arch, args.dim, pretrained=not args.no_pretrained, pooling=args.pooling).to(device)
     loss_fn = build_loss(args.loss, train_set.num_classes, args.dim, args.backend).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=args.lr,
                                  weight_decay=args.weight_decay)

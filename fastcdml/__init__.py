@@ -22,6 +22,7 @@ from .losses import (
     ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
 )
+from .clustering import pseudo_labels
 from .params import BayesianParams, CenterParams
 
 load_extension(build=False)  # registers the C++ CPU kernels if built; compiling waits for the first CPU op
@@ -42,6 +43,7 @@ __all__ = [
     "ShardedSubCenterArcFaceLoss",
     "CenterParams",
     "BayesianParams",
+    "pseudo_labels",
     "BackendUnavailable",
     "backends",
     "distributed",

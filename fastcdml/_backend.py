@@ -116,7 +116,8 @@ class ReferenceBackend(Backend):
             pos_a=params.pos_a,
             pos_b=params.pos_b, neg_a=params.neg_a, neg_b=params.neg_b, margin=params.margin,
             variance_weight=params.variance_weight, mean_weight=params.mean_weight, phi=params.phi,
-            top_k=params.hard_negatives)
+            top_k=params.hard_negatives, variance_center=params.variance_center, pos_weight=params.pos_weight,
+            neg_weight=params.neg_weight)
 
 
 class FusedBackend(Backend):

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 from ._checks import choice
 
-PHIS = ("log", "sqrt")
+PHIS = ("log", "sqrt", "constant")
 NEGATIVES = ("adaptive", "topk")
+VARIANCE_CENTERS = ("class_means", "boundary")
+# h of the authors' example configs for each centre of the variance term (configs/example_*.yaml):
+# 0.2 since 2022-06 with the class-means centre, 0.5 in 2020 with the boundary centre.
+DEFAULT_MEAN_WEIGHT = {"class_means": 0.2, "boundary": 0.5}
 
 
 def _at_least(value: float, name: str, bound: float = 0.0, strict: bool = False) -> None:
@@ -45,12 +49,15 @@ class CenterParams:
 @dataclass(frozen=True)
 class BayesianParams:
     """Contrastive Bayesian loss: the posterior-style terms ``φ(1 + Σ exp(∓(S − a)/b))`` over the hard positives
-    and negatives plus ``variance_weight ·`` the metric-variance term (``docs/spec.md``).
+    and negatives plus ``variance_weight ·`` the metric-variance term ``Σ_N (S − μ)²`` (``docs/spec.md``).
 
     ``pos_a``, ``pos_b`` > 0, ``neg_a``, ``neg_b`` > 0: the positive/negative centres and widths; ``margin`` ≥ 0:
-    the hard-pair margin; ``variance_weight`` w ≥ 0; ``mean_weight`` h ∈ [0, 1]: the weight of
-    ``(minP + maxN)/2`` in the row mean; ``phi`` ``"log"`` or ``"sqrt"``; ``negatives`` ``"adaptive"`` (margin
-    rule) or ``"topk"`` (the ``top_k`` ≥ 1 hardest)."""
+    the hard-pair margin; ``variance_weight`` w ≥ 0; ``mean_weight`` h ∈ [0, 1], or None for the value the authors'
+    example configs pair with ``variance_center`` (0.2 for ``"class_means"``, 0.5 for ``"boundary"``);
+    ``phi`` ``"log"``, ``"sqrt"`` or ``"constant"`` (``1 + w·Σ exp`` with ``pos_weight`` / ``neg_weight`` ≥ 0, used by
+    it only); ``negatives`` ``"adaptive"`` (margin rule) or ``"topk"`` (the ``top_k`` ≥ 1 hardest);
+    ``variance_center`` ``"class_means"`` (μ = h·mean(P) + (1−h)·mean(N), the authors' code since 2021-04) or
+    ``"boundary"`` (μ = (1−h)·mean(row) + h·(minP + maxN)/2, their code of 2020)."""
 
     pos_a: float = 0.5
     pos_b: float = 0.5
@@ -58,16 +65,24 @@ class BayesianParams:
     neg_b: float = 0.01
     margin: float = 0.1
     variance_weight: float = 1.0
-    mean_weight: float = 0.1
+    mean_weight: float | None = None
     phi: str = "log"
     negatives: str = "adaptive"
     top_k: int = 100
+    variance_center: str = "class_means"
+    pos_weight: float = 0.25
+    neg_weight: float = 0.25
 
     def __post_init__(self):
+        choice(self.variance_center, "variance_center", VARIANCE_CENTERS)
+        if self.mean_weight is None:
+            object.__setattr__(self, "mean_weight", DEFAULT_MEAN_WEIGHT[self.variance_center])
         _at_least(self.pos_b, "pos_b", strict=True)
         _at_least(self.neg_b, "neg_b", strict=True)
         _at_least(self.margin, "margin")
         _at_least(self.variance_weight, "variance_weight")
+        _at_least(self.pos_weight, "pos_weight")
+        _at_least(self.neg_weight, "neg_weight")
         if not 0.0 <= self.mean_weight <= 1.0:
             raise ValueError(f"mean_weight must be in [0, 1], got {self.mean_weight}")
         choice(self.phi, "phi", PHIS)
@@ -79,3 +94,8 @@ class BayesianParams:
     def hard_negatives(self) -> int:
         """The op-level encoding of the negative rule: 0 = adaptive, K > 0 = the K hardest."""
         return self.top_k if self.negatives == "topk" else 0
+
+    @property
+    def phi_code(self) -> int:
+        """The op-level encoding of φ: 0 = log, 1 = sqrt, 2 = constant."""
+        return PHIS.index(self.phi)

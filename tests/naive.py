@@ -34,13 +34,14 @@ def ccl_update(centers, x, labels, mu):
     return w
 
 
-def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, margin, w, h, phi, top_k, allowed=None):
+def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, margin, w, h, phi, top_k, allowed=None,
+              center="class_means", w_p=0.25, w_n=0.25):
     """Per-row L_i as python floats (top_k = 0: adaptive). A reference with a negative label is absent;
     ``allowed``: a set of (row, column) pairs that may be positives or negatives (None: every pair)."""
     refs = ([(_unit(x[j].double()), int(labels[j]), j) for j in range(x.shape[0])] if include_self else [])
     if ref is not None:
         refs += [(_unit(ref[j].double()), int(ref_labels[j]), None) for j in range(ref.shape[0])]
-    f = math.log if phi == "log" else math.sqrt
+    f = {"log": math.log, "sqrt": math.sqrt, "constant": None}[phi]
     out = []
     for i in range(x.shape[0]):
         xh, y = _unit(x[i].double()), int(labels[i])
@@ -54,7 +55,10 @@ def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, marg
             continue
         min_p = min(row[j] for j in pos)
         max_n = max(row[j] for j in neg)
-        mean = (1 - h) * sum(row[j] for j in present) / len(present) + h * (min_p + max_n) / 2
+        if center == "class_means":
+            mean = h * sum(row[j] for j in pos) / len(pos) + (1 - h) * sum(row[j] for j in neg) / len(neg)
+        else:
+            mean = (1 - h) * sum(row[j] for j in present) / len(present) + h * (min_p + max_n) / 2
         sigma = sum((row[j] - mean) ** 2 for j in neg)
         hp = [j for j in pos if row[j] - margin < max_n]
         if top_k:
@@ -64,7 +68,11 @@ def cbml_rows(x, labels, ref, ref_labels, include_self, a_p, b_p, a_n, b_n, marg
         if not hp or not hn:
             out.append(0.0)
             continue
-        pos_t = f(1 + sum(math.exp(-(row[j] - a_p) / b_p) for j in hp))
-        neg_t = f(1 + sum(math.exp((row[j] - a_n) / b_n) for j in hn))
+        sum_p = sum(math.exp(-(row[j] - a_p) / b_p) for j in hp)
+        sum_n = sum(math.exp((row[j] - a_n) / b_n) for j in hn)
+        if f is None:
+            pos_t, neg_t = 1 + w_p * sum_p, 1 + w_n * sum_n
+        else:
+            pos_t, neg_t = f(1 + sum_p), f(1 + sum_n)
         out.append(pos_t + neg_t + w * sigma)
     return torch.tensor(out, dtype=torch.float64)

@@ -8,10 +8,11 @@ from fastcdml.functional import contrastive_bayesian_loss
 from fastcdml.reference import cbml_loss, cbml_loss_rows
 from fastcdml.reference.cbml import pack_pairs
 
+from . import cbml_authors as authors
 from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends, rel_err
 from .naive import cbml_rows
 
-DEFAULTS = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.1)
+DEFAULTS = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.2)
 # The paper's b_n = 0.01 makes the negative term vanish for random embeddings; these settings exercise every term.
 LIVELY = dict(pos_a=0.3, pos_b=0.4, neg_a=0.2, neg_b=0.3, margin=0.6, variance_weight=0.5, mean_weight=0.3)
 MODES = ["self", "memory", "explicit"]
@@ -26,20 +27,23 @@ def make(b, m, d, mode, dtype=torch.float64, device="cpu"):
     return x, labels, ref, torch.randint(0, int(labels.max()) + 2, (m,), device=device)
 
 
-def naive(x, y, ref, ref_y, mode, hyper, phi, top_k):
+def naive(x, y, ref, ref_y, mode, hyper, phi, top_k, center="class_means", weights=(0.25, 0.25)):
     h = hyper
     return cbml_rows(x, y, ref, ref_y, mode != "explicit", h["pos_a"], h["pos_b"], h["neg_a"], h["neg_b"],
-                     h["margin"], h["variance_weight"], h["mean_weight"], phi, top_k)
+                     h["margin"], h["variance_weight"], h["mean_weight"], phi, top_k, center=center, w_p=weights[0],
+                     w_n=weights[1])
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("phi", ["log", "sqrt"])
+@pytest.mark.parametrize("phi", ["log", "sqrt", "constant"])
 @pytest.mark.parametrize("top_k", [0, 3, 1000])
-@pytest.mark.parametrize("hyper", [DEFAULTS, LIVELY], ids=["paper", "lively"])
-def test_reference_matches_naive_spec(mode, phi, top_k, hyper):
+@pytest.mark.parametrize("center", ["class_means", "boundary"])
+@pytest.mark.parametrize("hyper", [DEFAULTS, LIVELY], ids=["authors", "lively"])
+def test_reference_matches_naive_spec(mode, phi, top_k, center, hyper):
     x, y, ref, ref_y = make(17, 23, 9, mode)
-    rows = cbml_loss_rows(x, y, ref, ref_y, include_self=mode != "explicit", phi=phi, top_k=top_k, **hyper)
-    torch.testing.assert_close(rows, naive(x, y, ref, ref_y, mode, hyper, phi, top_k))
+    rows = cbml_loss_rows(x, y, ref, ref_y, include_self=mode != "explicit", phi=phi, top_k=top_k,
+                          variance_center=center, pos_weight=0.7, neg_weight=0.4, **hyper)
+    torch.testing.assert_close(rows, naive(x, y, ref, ref_y, mode, hyper, phi, top_k, center, (0.7, 0.4)))
 
 
 def test_reference_skips_rows_without_positives_or_negatives():
@@ -61,14 +65,15 @@ def test_reference_ties_pick_lowest_index():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("top_k", [0, 4])
-def test_reference_gradcheck(mode, top_k):
+@pytest.mark.parametrize("center, phi", [("class_means", "sqrt"), ("boundary", "constant")])
+def test_reference_gradcheck(mode, top_k, center, phi):
     x, y, ref, ref_y = make(9, 7, 5, mode)
     x.requires_grad_()
     inputs = (x,) if ref is None else (x, ref.requires_grad_())
 
     def f(*t):
         return cbml_loss(t[0], y, t[1] if len(t) > 1 else None, ref_y, include_self=mode != "explicit",
-                         top_k=top_k, phi="sqrt", **LIVELY)
+                         top_k=top_k, phi=phi, variance_center=center, **LIVELY)
 
     assert torch.autograd.gradcheck(f, inputs)
 
@@ -82,12 +87,13 @@ BACKENDS = kernel_backends("cbml", torch.device("cuda" if torch.cuda.is_availabl
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("negatives", ["adaptive", "topk"])
-def test_backend_matches_reference(backend, dtype, mode, negatives, device):
+@pytest.mark.parametrize("negatives, center, phi", [("adaptive", "class_means", "log"), ("topk", "boundary", "constant")])
+def test_backend_matches_reference(backend, dtype, mode, negatives, center, phi, device):
     x, y, ref, ref_y = make(21, 40, 24, mode, dtype, device)
     x.requires_grad_()
     inputs = [x] if ref is None else [x, ref.requires_grad_()]
-    kwargs = dict(include_self=mode != "explicit", negatives=negatives, top_k=5, **LIVELY)
+    kwargs = dict(include_self=mode != "explicit", negatives=negatives, top_k=5, variance_center=center, phi=phi,
+                  **LIVELY)
     out = contrastive_bayesian_loss(x, y, ref, ref_y, backend=backend, **kwargs)
     grads = torch.autograd.grad(out, inputs)
 
@@ -315,3 +321,82 @@ def test_pml_pairs_and_triplets_restrict_the_sets():
         torch.testing.assert_close(loss_fn(x, y, mined), expected.float())
     with pytest.raises(ValueError, match="indices_tuple must be a miner's output"):
         loss_fn(x, y, (torch.tensor([0]),))
+
+
+# --- the authors' code (numbers in tests/cbml_authors.py) -----------------------------------------------------------
+
+def _authors_case(case, dtype, backend):
+    center, seed, b, d, c, params, phi, negatives, loss, directional = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (b,), generator=g)
+    v = torch.randn(b, d, generator=g, dtype=torch.float64)
+    xr = x.to(dtype).requires_grad_()
+    got = contrastive_bayesian_loss(xr, labels, phi=phi, negatives=negatives, top_k=authors.TOP_K,
+                                    variance_center=center, backend=backend, **authors.PARAMS[params])
+    grad, = torch.autograd.grad(got, xr)
+    # fp32: 1e-5 of the value; the directional derivative within 1e-5 of Σ |∂loss/∂x|·|v|
+    scale = (grad.double().abs() * v.abs()).sum().item()
+    return got.item(), loss, (grad.double() * v).sum().item(), directional, scale
+
+
+@pytest.mark.parametrize("case", authors.CASES, ids=lambda c: "-".join(map(str, c[:8])))
+def test_reference_equals_the_authors_code(case):
+    got, expected, d_got, d_expected, scale = _authors_case(case, torch.float64, "reference")
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert abs(d_got - d_expected) <= 1e-12 * scale
+
+
+def _fp32_cases():
+    """Every case of B = 37; of B = 160 (more negatives than the top-K's 100), the lively top-K ones on the C++
+    backend and one on Triton (the interpreter takes ~35 s for it)."""
+    for backend in BACKENDS:
+        for c in authors.CASES:
+            big = c[1] == 2 and c[5] == "lively" and c[7] == "topk"
+            if c[1] == 1 or (big and (backend != "triton" or c[0] == "class_means" and c[6] == "constant")):
+                yield pytest.param(backend, c, id=f"{backend}-" + "-".join(map(str, c[:8])))
+
+
+@pytest.mark.skipif(not BACKENDS, reason="no kernel backend for CBML in this process")
+@pytest.mark.parametrize("backend, case", list(_fp32_cases()))
+def test_backend_equals_the_authors_code_in_fp32(backend, case):
+    got, expected, d_got, d_expected, scale = _authors_case(case, torch.float32, backend)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(d_got - d_expected) <= 1e-5 * scale
+
+
+def test_default_mean_weight_follows_the_variance_center():
+    assert fastcdml.BayesianParams().mean_weight == 0.2
+    assert fastcdml.BayesianParams(variance_center="boundary").mean_weight == 0.5
+    assert fastcdml.BayesianParams(variance_center="boundary", mean_weight=0.1).mean_weight == 0.1
+    with pytest.raises(ValueError, match="variance_center must be one of"):
+        fastcdml.ContrastiveBayesianLoss(variance_center="row")
+    with pytest.raises(ValueError, match="pos_weight must be >= 0"):
+        fastcdml.ContrastiveBayesianLoss(phi="constant", pos_weight=-1.0)
+
+
+# --- a clusterer's outliers (negative labels) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ignored_negative_labels_are_in_no_set(backend):
+    """With ignore_negative_labels, a row labelled −1 contributes nothing: the loss is that of the other rows
+    alone, times their share of the batch, and the ignored rows get no gradient."""
+    x, y = torch.randn(20, 8), clustered_labels(20, 2, 4)
+    y[[1, 6, 13]] = -1
+    kept = y >= 0
+    xa, xb = x.clone().requires_grad_(), x[kept].clone().requires_grad_()
+    got = contrastive_bayesian_loss(xa, y, ignore_negative_labels=True, backend=backend, **LIVELY)
+    expected = contrastive_bayesian_loss(xb, y[kept], backend=backend, **LIVELY) * kept.sum() / 20
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    got.backward()
+    expected.backward()
+    assert torch.equal(xa.grad[~kept], torch.zeros(3, 8))
+    torch.testing.assert_close(xa.grad[kept], xb.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_ignored_negative_labels_are_not_enqueued():
+    loss_fn = fastcdml.ContrastiveBayesianLoss(memory_size=16, ignore_negative_labels=True)
+    loss_fn(torch.randn(6, 4), torch.tensor([0, 0, -1, 1, 1, -1]))
+    assert loss_fn.memory_filled == 4
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        fastcdml.ContrastiveBayesianLoss()(torch.randn(4, 3), torch.tensor([0, 0, -1, 1]))

@@ -81,11 +81,12 @@ def bank(m: int, num_classes: int, d: int):
 
 
 # --------------------------------------------------------------------------------------------------- CPU suite
-@pytest.mark.parametrize("phi", ["log", "sqrt"])
+@pytest.mark.parametrize("center", ["class_means", "boundary"])
+@pytest.mark.parametrize("phi", ["log", "sqrt", "constant"])
 @pytest.mark.parametrize("top_k", [0, 3, 500])
-def test_self_mode(phi, top_k):
+def test_self_mode(phi, top_k, center):
     y = clustered_labels(23)
-    check(clustered(y, 24), y, phi=phi, top_k=top_k)
+    check(clustered(y, 24), y, phi=phi, top_k=top_k, variance_center=center, pos_weight=0.7, neg_weight=0.4)
 
 
 def test_topk_with_fewer_negatives_than_k_in_some_rows():
@@ -100,7 +101,8 @@ def test_explicit_ref_gradients(include_self, top_k):
     y = clustered_labels(21)
     r, yr = bank(70, int(y.max()) + 1, 40)
     # the bank's classes are the batch's, so r gets both positive and negative pairs
-    check(clustered(y, 40), y, r, yr, include_self=include_self, top_k=top_k, phi="sqrt" if top_k else "log")
+    check(clustered(y, 40), y, r, yr, include_self=include_self, top_k=top_k, phi="sqrt" if top_k else "constant")
+    check(clustered(y, 40), y, r, yr, include_self=include_self, top_k=top_k, variance_center="boundary")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,6 +112,7 @@ def test_ragged_memory_bank_every_dtype(dtype):
     x = clustered(y, 72)
     r, yr = bank(300, int(y.max()) + 1, 72)
     check(x, y, r, yr, include_self=True, dtype=dtype, ref_grad=False, top_k=0)
+    check(x, y, r, yr, include_self=True, dtype=dtype, ref_grad=False, top_k=0, variance_center="boundary")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -149,6 +152,7 @@ def test_skipped_rows():
     assert (per_row == 0).any() and (per_row != 0).any(), "the data must contain skipped and kept rows"
     check(x, y)
     check(x, y, r, yr, include_self=True)
+    check(x, y, r, yr, include_self=True, variance_center="boundary")
 
 
 def test_all_rows_skipped_gives_zero():
@@ -177,6 +181,7 @@ def test_exact_ties_lowest_index(top_k):
     idx = torch.randint(0, 8, (30,))
     x, y = base[idx], idx % 4
     check(x, y, top_k=top_k, strict=True)
+    check(x, y, top_k=top_k, strict=True, variance_center="boundary")
     r_idx = torch.randint(8, 16, (150,))
     check(x, y, base[r_idx], torch.randint(0, 4, (150,)), include_self=False, top_k=top_k, strict=True)
 
@@ -205,7 +210,7 @@ def test_batch_of_one_and_int32_labels():
 def test_default_hyper_parameters():
     y = clustered_labels(20)
     x = clustered(y, 32)
-    kw = {k: v for k, v in zip(HYPER, (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1))}
+    kw = {k: v for k, v in zip(HYPER, (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2))}
     check(x, y, **kw)
     check(x, y, **kw, top_k=100)
 
@@ -229,7 +234,8 @@ def test_op_gradients_fp32_accurate_for_16bit_inputs(dtype):
     kw = dict(HYPER, include_self=True, top_k=0)
     expected = run_reference(x.double(), y, r.double().requires_grad_(), yr, kw, torch.tensor(1.0, dtype=torch.float64))
     hyper = [HYPER[k] for k in ("pos_a", "pos_b", "neg_a", "neg_b", "margin", "variance_weight", "mean_weight")]
-    loss, gx, gr = NS.cbml_fwd(x.to(DEV), y.to(DEV), r.to(DEV), yr.to(DEV), None, True, *hyper, False, 0, True, True)
+    loss, gx, gr = NS.cbml_fwd(x.to(DEV), y.to(DEV), r.to(DEV), yr.to(DEV), None, True, *hyper, 0, 0.25, 0.25, True,
+                               0, True, True)
     for what, a, e in (("loss", loss, expected[0]), ("grad x", gx, expected[1]), ("grad ref", gr, expected[2])):
         assert rel_err(a, e) < 2e-6, what
 
@@ -239,7 +245,7 @@ def test_deterministic():
     x = clustered(y, 40).float().to(DEV)
     r, yr = bank(50, int(y.max()) + 1, 40)
     outs = [NS.cbml_fwd(x, y.to(DEV), r.float().to(DEV), yr.to(DEV), None, True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2,
-                        False, 5, True, True) for _ in range(2)]
+                        0, 0.25, 0.25, True, 5, True, True) for _ in range(2)]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -248,7 +254,7 @@ def test_opcheck():
     y = clustered_labels(10)
     x = clustered(y, 16).float().to(DEV)
     r, yr = bank(12, int(y.max()) + 1, 16)
-    hyper = (True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2, False, 3, True, True)
+    hyper = (True, 0.5, 0.5, 0.3, 0.1, 0.1, 0.5, 0.2, 2, 0.7, 0.4, True, 3, True, True)
     torch.library.opcheck(NS.cbml_fwd.default, (x, y.to(DEV), r.float().to(DEV), yr.to(DEV), None, *hyper))
     mask = pack_pairs(torch.randint(0, 10, (60,)), torch.randint(0, 22, (60,)), 10, 22).to(DEV)
     torch.library.opcheck(NS.cbml_fwd.default, (x, y.to(DEV), r.float().to(DEV), yr.to(DEV), mask, *hyper))
@@ -279,7 +285,7 @@ def test_gpu_compile_fullgraph_and_cuda_graph():
                       fullgraph=True)
     eager = contrastive_bayesian_loss(x, y, r, yr, include_self=True, backend="triton")
     assert torch.equal(f(x), eager)
-    args = (x.detach(), y, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 100, True, False)
+    args = (x.detach(), y, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, 0, 0.25, 0.25, True, 100, True, False)
     torch.ops.fastcdml.cbml_fwd(*args)  # compile / warm up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -250,3 +250,22 @@ def test_functional_update_rejects_bad_batch_before_writing():
     assert torch.equal(bank, w)
     center_momentum_update_(bank, x, y, 0.5)
     torch.testing.assert_close(bank.double(), ccl_update(w, x, y, 0.5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("update", ["momentum", "gradient"])
+def test_init_centers_from_class_means(update, module_backend):
+    """init_centers_ sets each present class's center to its normalised mean of normalised embeddings (the
+    momentum update with μ = 0) and leaves absent classes alone, in either update mode."""
+    x, y, w = make(60, 20, 16, torch.float32)
+    y = y % 12  # classes 12..19 are absent
+    loss_fn = fastcdml.CenterContrastiveLoss(20, 16, centers=w, update=update, backend=module_backend)
+    before = loss_fn.centers.detach().clone()
+    assert loss_fn.init_centers_(x, y) is loss_fn
+    bank = loss_fn.centers.detach()
+    torch.testing.assert_close(bank.double(), ccl_update(before, x, y, 0.0), atol=1e-6, rtol=0)
+    assert torch.equal(bank[12:], before[12:])
+    if update == "gradient":
+        assert isinstance(loss_fn.centers, torch.nn.Parameter) and loss_fn.centers.grad is None
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 20\)"):
+        loss_fn.init_centers_(x, torch.full((60,), 20))
+    assert torch.equal(loss_fn.centers.detach(), bank)

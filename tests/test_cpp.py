@@ -165,7 +165,10 @@ def _check_cbml(x, y, r, yr, mode, dtype, **kw):
 
 
 CBML_OPTIONS = [dict(), dict(phi="sqrt"), dict(negatives="topk", top_k=5), dict(negatives="topk", top_k=100, phi="sqrt"),
-                dict(margin=0.0, mean_weight=1.0, variance_weight=0.5)]
+                dict(margin=0.0, mean_weight=1.0, variance_weight=0.5), dict(variance_center="boundary"),
+                dict(variance_center="boundary", negatives="topk", top_k=5, mean_weight=0.3),
+                dict(phi="constant", pos_weight=0.7, neg_weight=0.4, neg_a=0.3, neg_b=0.1),
+                dict(margin=0.0, mean_weight=0.0, variance_weight=0.5)]
 
 
 @pytest.mark.parametrize("kw", CBML_OPTIONS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "default")
@@ -188,7 +191,8 @@ def test_cbml_dtypes(mode, dtype, ref_dtype):
 @pytest.mark.parametrize("case", [(130, 1500, 72, "memory"), (130, 0, 48, "self"), (8, 16400, 16, "ref"),
                                   (1100, 0, 16, "self")],
                          ids=["multi-chunk", "multi-block-self", "no-strip-cache", "uncached-self"])
-@pytest.mark.parametrize("kw", [dict(), dict(negatives="topk", top_k=100)], ids=["adaptive", "topk"])
+@pytest.mark.parametrize("kw", [dict(), dict(negatives="topk", top_k=100, variance_center="boundary")],
+                         ids=["adaptive", "topk-boundary"])
 def test_cbml_large(case, kw):
     b, m, d, mode = case
     x, y, r, yr = _cbml_inputs(b, m, d, torch.float32, torch.float32, y_max=b // 5 if m > 10000 else None)
@@ -216,6 +220,7 @@ def test_cbml_ties_pick_lowest_index(kw):
     yr = torch.randint(0, 4, (60,))
     _check_cbml(x, y, None, None, "self", torch.float32, **kw)
     _check_cbml(x, y, r, yr, "ref", torch.float32, mean_weight=0.5, **kw)
+    _check_cbml(x, y, r, yr, "ref", torch.float32, mean_weight=0.5, variance_center="boundary", **kw)
 
 
 # ---------------------------------------------------------------- determinism, op contracts, compile, errors
@@ -231,7 +236,9 @@ def _all_outputs():
     out.append(bank)
     xb, yb, r, yr = _cbml_inputs(200, 3000, 40, torch.float32, torch.float32)
     for k in (0, 50):
-        out += ops.cbml_fwd(xb, yb, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, k, True, True)
+        for center in (True, False):
+            out += ops.cbml_fwd(xb, yb, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, 0, 0.25, 0.25, center, k,
+                                True, True)
     return out
 
 
@@ -305,7 +312,7 @@ def test_opcheck():
                           (x.detach(), y - 100, w[:150], lse, torch.randn(37), *HYPER, 0, 1, lq, True))
     xb, yb, r, yr = _cbml_inputs(45, 60, 24, torch.float32, torch.float32)
     r.requires_grad_()
-    hyper = (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 5, True, True)
+    hyper = (0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, 2, 0.25, 0.25, True, 5, True, True)
     torch.library.opcheck(ops.cbml_fwd.default, (xb.requires_grad_(), yb, r, yr, None, True, *hyper))
     mask = pack_pairs(torch.randint(0, 45, (400,)), torch.randint(0, 105, (400,)), 45, 105)
     torch.library.opcheck(ops.cbml_fwd.default, (xb, yb, r, yr, mask, True, *hyper))
@@ -341,7 +348,8 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):  # the op's own checks
         ops.ccl_fwd(x.double(), y, w, *HYPER, True)
     with pytest.raises(ValueError, match="reference set is empty"):
-        ops.cbml_fwd(x, y, x[:0], y[:0], None, False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False, 0, False, False)
+        ops.cbml_fwd(x, y, x[:0], y[:0], None, False, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, 0, 0.25, 0.25, True, 0, False,
+                     False)
 
 
 # ---------------------------------------------------------------- sharded bank: ccl_fwd_partials, foreign_labels

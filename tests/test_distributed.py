@@ -261,6 +261,18 @@ def _learnable_step(sharded_loss, single_rows, single_params, x_all, y_all, worl
     return torch.autograd.grad(sum(means) / world, single_params)
 
 
+def _sharded_init_centers_matches_unsharded(rank, world, backend, update):
+    """Every rank passes its part of the data; each slice gets the rows the single-process bank gets from all."""
+    x_all, y_all = _batch(world, 0, torch.float32, label_hi=C - 3)  # the last 3 classes are absent
+    kw = dict(centers=_bank(), backend=backend, update=update)
+    sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, shard_sizes=[6, 0, 7][:world] if world == 3 else None,
+                                                    **kw)
+    single = fastcdml.CenterContrastiveLoss(C, D, distributed=False, **kw).init_centers_(x_all, y_all)
+    assert sharded.init_centers_(_part(x_all, world, 0, rank), _part(y_all, world, 0, rank)) is sharded
+    _close(sharded.centers.detach(), single.centers.detach()[sharded.start:sharded.stop], torch.float32,
+           "initialised slice")
+
+
 def _sharded_learnable_matches_single_process(rank, world, dtype, backend, shard_sizes):
     kw = dict(centers=_bank(), backend=backend, update="gradient", temperature=0.1, margin=0.2, center_weight=0.25)
     sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, shard_sizes=shard_sizes, **kw)
@@ -567,6 +579,13 @@ def test_cbml_cross_rank_references(ranks):
 @pytest.mark.parametrize("dtype,backend", EVERY_BACKEND)
 def test_sharded_matches_unsharded(ranks, world, shard_sizes, dtype, backend):
     ranks(world, "_sharded_matches_unsharded", dtype, backend, shard_sizes)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("update", ["momentum", "gradient"])
+def test_sharded_init_centers_matches_unsharded(ranks, world, backend, update):
+    ranks(world, "_sharded_init_centers_matches_unsharded", backend, update)
 
 
 @pytest.mark.parametrize("world,shard_sizes", [(2, None), (3, [6, 0, 7])], ids=["2-even", "3-empty-slice"])

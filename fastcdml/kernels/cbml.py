@@ -8,7 +8,7 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
 2. Row statistics. Programs own a block of BLOCK_B query rows × one of SPLIT contiguous ranges of R's tiles
    (split-N, so that B/BLOCK_B × SPLIT fills the GPU even for B = 1024 against M = 65,536); partials are
    combined in column order by one program per row block (no atomics, deterministic, ties → lowest index):
-   ``_cbml_stats_kernel`` (sweep 1): row sum, |P|, |N|, minP / maxN with their lowest indices and, in top-K
+   ``_cbml_stats_kernel`` (sweep 1): row sum, Σ_P S, Σ_N S, |P|, |N|, minP / maxN with their lowest indices and, in top-K
    mode, the row's KP ≥ K largest negative keys of its split (``key = (monotone int32 of S) << 32 |
    (2³¹−1 − j)``: larger value first, lower index first on ties, exactly the reference's stable descending
    sort) in a global scratch buffer ``pbuf[split, row, KP]`` kept sorted descending. Per tile, a row whose best
@@ -16,12 +16,13 @@ column n_self + j is ref_j. ``S_ij = (x_i · R_j) · inv‖x_i‖ · inv‖R_j�
    elementwise max with the buffer (the top KP of the union, bitonic) and one bitonic merge stage (log₂ KP
    layers). Rows are merged one at a time, so registers hold one row's KP keys, never BLOCK_B × KP (which at
    K = 1000 spilled 214 KB per thread and took minutes to compile); ``_cbml_combine_kernel``: minP, maxN,
-   mean and the K-th key (the selection threshold ``key ≥ kth``) from the split buffers, merged the same way;
+   the variance centre ``mean`` (class means or boundary form) and the K-th key (the selection threshold ``key ≥ kth``) from the split buffers, merged the same way;
    ``_cbml_sums_kernel`` (sweep 2): ``σ = Σ_N (S − mean)²`` and
    ``Σ_N (S − mean)`` accumulated directly (no cancellation), the selected positive / negative exp-sums with
    an online max, and the selected-set sizes; ``_cbml_finalize_kernel``: L_i and the gradient's row scalars.
 3. ``_cbml_grad_query_kernel``: ``∂L/∂x̂ = G R̂`` per (row block, split, D chunk) into partial slices
-   (G = B·∂L/∂S, elementwise given the row scalars, including the row-mean, minP and maxN paths).
+   (G = B·∂L/∂S, elementwise given the row scalars, including the paths through the centre μ: the class sums,
+   or the row mean and the minP / maxN elements).
 4. ``_cbml_grad_ref_kernel``: ``∂L/∂R̂ = Gᵀ x̂`` per tile of reference rows looping over the queries (no
    atomics); the self part goes to one more partial slice of x's gradient.
 5. ``_norm_bwd_kernel``: sums the slices and applies the row-normalisation backward times 1/B;
@@ -51,7 +52,9 @@ from . import _device
 
 EPS = tl.constexpr(1e-12)
 INT64_MIN = tl.constexpr(-(2**63))  # the empty top-K slot: below every key
-_N_ROWF = 9  # fp32 row scalars: minP, maxN, mean, u_pos, u_neg, c_pos, c_neg, w_valid, c_mean
+# fp32 row scalars: minP, maxN, mean, u_pos, u_neg, c_pos, c_neg, w_valid, c_mean, then the two coefficients of
+# ∂μ/∂S (k1, k2; see _grad_tile)
+_N_ROWF = 11
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -179,8 +182,10 @@ def _merge_tile_topk(buf, cand, LOG_T: tl.constexpr, LOG_KP: tl.constexpr):
 
 
 @triton.jit
-def _pass1(s, pos, neg, g0, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n):
+def _pass1(s, pos, neg, g0, row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n):
     row_sum += tl.sum(s, 1)
+    pos_sum += tl.sum(tl.where(pos, s, 0.0), 1)
+    neg_sum += tl.sum(tl.where(neg, s, 0.0), 1)
     n_pos += tl.sum(pos.to(tl.int32), 1)
     n_neg += tl.sum(neg.to(tl.int32), 1)
     t_min, t_arg = tl.min(tl.where(pos, s, float("inf")), 1, return_indices=True,
@@ -193,7 +198,7 @@ def _pass1(s, pos, neg, g0, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n):
     upd = t_max > max_n
     max_n = tl.where(upd, t_max, max_n)
     arg_n = tl.where(upd, g0 + t_arg, arg_n)
-    return row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n
+    return row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n
 
 
 @triton.jit
@@ -249,27 +254,34 @@ def _row_scalars(rowf_ptr, rowi_ptr, kth_ptr, rows, rmask, B, TOPK: tl.constexpr
     c_n = tl.load(rowf_ptr + 6 * B + rows, mask=rmask, other=0.0)
     w_v = tl.load(rowf_ptr + 7 * B + rows, mask=rmask, other=0.0)
     c_mu = tl.load(rowf_ptr + 8 * B + rows, mask=rmask, other=0.0)
+    k1 = tl.load(rowf_ptr + 9 * B + rows, mask=rmask, other=0.0)
+    k2 = tl.load(rowf_ptr + 10 * B + rows, mask=rmask, other=0.0)
     arg_p = tl.load(rowi_ptr + rows, mask=rmask, other=-1)
     arg_n = tl.load(rowi_ptr + B + rows, mask=rmask, other=-1)
     if TOPK == 1:
         kth = tl.load(kth_ptr + rows, mask=rmask, other=0)
     else:
         kth = arg_p  # unused
-    return min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth
+    return min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p, arg_n, kth
 
 
 @triton.jit
-def _grad_tile(s, pos, neg, gcols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
-               pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK: tl.constexpr):
-    """G = B · ∂L/∂S on a tile (zero for skipped rows and for absent or masked-out columns)."""
+def _grad_tile(s, pos, neg, gcols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p, arg_n,
+               kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK: tl.constexpr, CLASS_MEANS: tl.constexpr):
+    """G = B · ∂L/∂S on a tile (zero for skipped rows and for absent or masked-out columns). The centre μ's share,
+    ``c_mu · ∂μ/∂S``: with CLASS_MEANS ``∂μ/∂S_ij = k1 = h/|P|`` on P and ``k2 = (1−h)/|N|`` on N; else
+    ``k1 = (1−h)/n`` on every present column plus ``k2 = h/2`` on the minP and maxN elements."""
     sel = pos & (s - margin < max_n[:, None])
     g = tl.where(sel, c_p[:, None] * tl.exp((pos_a - s) / pos_b - u_p[:, None]), 0.0)
     sel = _sel_neg(s, neg, gcols, min_p, kth, margin, TOPK)
     g += tl.where(sel, c_n[:, None] * tl.exp((s - neg_a) / neg_b - u_n[:, None]), 0.0)
     g += tl.where(neg, 2.0 * w_v[:, None] * (s - mean[:, None]), 0.0)
-    dmu = (1.0 - mean_w) * inv_n + 0.5 * mean_w * ((gcols[None, :] == arg_p[:, None]).to(tl.float32)
-                                                   + (gcols[None, :] == arg_n[:, None]).to(tl.float32))
-    return g + tl.where(cinv[None, :] > 0.0, c_mu[:, None] * dmu, 0.0)  # the row mean: present columns only
+    if CLASS_MEANS:
+        dmu = tl.where(pos, k1[:, None], tl.where(neg, k2[:, None], 0.0))
+    else:
+        dmu = k1[:, None] + k2[:, None] * ((gcols[None, :] == arg_p[:, None]).to(tl.float32)
+                                           + (gcols[None, :] == arg_n[:, None]).to(tl.float32))
+    return g + tl.where(cinv[None, :] > 0.0, c_mu[:, None] * dmu, 0.0)  # present columns only
 
 
 @triton.jit
@@ -312,7 +324,8 @@ def _cbml_stats_kernel(
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    """Sweep 1 over one split of R: partial row sum, |P|, |N|, minP/maxN with indices; in top-K mode the rows'
+    """Sweep 1 over one split of R: partial row sum, Σ_P S, Σ_N S, |P|, |N|, minP/maxN with indices; in top-K
+    mode the rows'
     KP largest negative keys of this split, sorted descending, in ``pbuf[split, row, :]``."""
     row0 = tl.program_id(0) * BLOCK_B
     rows = row0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -321,7 +334,7 @@ def _cbml_stats_kernel(
     yq = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
     zf = tl.zeros((BLOCK_B,), tl.float32)
     zi = tl.zeros((BLOCK_B,), tl.int64)
-    row_sum, n_pos, n_neg, arg_p, arg_n = zf, zi, zi, zi, zi
+    row_sum, pos_sum, neg_sum, n_pos, n_neg, arg_p, arg_n = zf, zf, zf, zi, zi, zi, zi
     min_p, max_n = zf + float("inf"), zf - float("inf")
     KP: tl.constexpr = 1 << LOG_KP
     n_rows = tl.minimum(B - row0, BLOCK_B)
@@ -335,8 +348,8 @@ def _cbml_stats_kernel(
         s, pos, neg, _, gcols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
                                       0, m_ptr, m_w, D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
                                       INTERPRET, HAS_MASK)
-        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
-            s, pos, neg, t * BLOCK_N, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
+        row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
+            s, pos, neg, t * BLOCK_N, row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
         if TOPK == 1:
             _topk_tile(s, neg, gcols, n_rows, buf_ptr, BLOCK_B, LOG_N, LOG_KP)
     for t in range(ref_start, t1):
@@ -344,14 +357,16 @@ def _cbml_stats_kernel(
         s, pos, neg, _, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, c0, M, n_self, m_ptr,
                                      m_w, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET,
                                      HAS_MASK)
-        row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
-            s, pos, neg, c0 + n_self, row_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
+        row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n = _pass1(
+            s, pos, neg, c0 + n_self, row_sum, pos_sum, neg_sum, n_pos, n_neg, min_p, arg_p, max_n, arg_n)
         if TOPK == 1:
             _topk_tile(s, neg, cols + n_self, n_rows, buf_ptr, BLOCK_B, LOG_N, LOG_KP)
     at = tl.program_id(1) * B + rows  # partials: (k, SPLIT, B)
     tl.store(pf_ptr + at, row_sum, mask=rmask)
     tl.store(pf_ptr + SPLIT * B + at, min_p, mask=rmask)
     tl.store(pf_ptr + 2 * SPLIT * B + at, max_n, mask=rmask)
+    tl.store(pf_ptr + 3 * SPLIT * B + at, pos_sum, mask=rmask)
+    tl.store(pf_ptr + 4 * SPLIT * B + at, neg_sum, mask=rmask)
     tl.store(pi_ptr + at, n_pos, mask=rmask)
     tl.store(pi_ptr + SPLIT * B + at, n_neg, mask=rmask)
     tl.store(pi_ptr + 2 * SPLIT * B + at, arg_p, mask=rmask)
@@ -361,9 +376,10 @@ def _cbml_stats_kernel(
 @triton.jit
 def _cbml_combine_kernel(
     pf_ptr, pi_ptr, pbuf_ptr, rowf_ptr, rowi_ptr, kth_ptr, B, SPLIT, inv_n_ptr, K, mean_w,
-    TOPK: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_B: tl.constexpr,
+    TOPK: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_B: tl.constexpr, CLASS_MEANS: tl.constexpr,
 ):
-    """Sweep-1 partials → minP, maxN (+ indices), mean and the K-th key; splits in column order (ties: lowest).
+    """Sweep-1 partials → minP, maxN (+ indices), the centre μ with its gradient coefficients k1, k2 and the K-th
+    key; splits in column order (ties: lowest).
     The K-th key of a row: its split buffers merged pairwise (each sorted descending; the next one read
     backwards is ascending), one row at a time."""
     row0 = tl.program_id(0) * BLOCK_B
@@ -371,11 +387,13 @@ def _cbml_combine_kernel(
     rmask = rows < B
     zf = tl.zeros((BLOCK_B,), tl.float32)
     zi = tl.zeros((BLOCK_B,), tl.int64)
-    row_sum, n_pos, n_neg, arg_p, arg_n = zf, zi, zi, zi, zi
+    row_sum, pos_sum, neg_sum, n_pos, n_neg, arg_p, arg_n = zf, zf, zf, zi, zi, zi, zi
     min_p, max_n = zf + float("inf"), zf - float("inf")
     for sp in range(0, SPLIT):
         at = sp * B + rows
         row_sum += tl.load(pf_ptr + at, mask=rmask, other=0.0)
+        pos_sum += tl.load(pf_ptr + 3 * SPLIT * B + at, mask=rmask, other=0.0)
+        neg_sum += tl.load(pf_ptr + 4 * SPLIT * B + at, mask=rmask, other=0.0)
         n_pos += tl.load(pi_ptr + at, mask=rmask, other=0)
         n_neg += tl.load(pi_ptr + SPLIT * B + at, mask=rmask, other=0)
         v = tl.load(pf_ptr + SPLIT * B + at, mask=rmask, other=float("inf"))
@@ -389,9 +407,16 @@ def _cbml_combine_kernel(
     has_both = (n_pos > 0) & (n_neg > 0)
     min_p = tl.where(has_both, min_p, float("inf"))  # a skipped row selects nothing
     max_n = tl.where(has_both, max_n, -float("inf"))
-    inv_n = tl.load(inv_n_ptr)  # 1 / the number of present references (on the device: no host sync)
-    mean = (1.0 - mean_w) * row_sum * inv_n + 0.5 * mean_w * (tl.where(has_both, min_p, 0.0)
-                                                                + tl.where(has_both, max_n, 0.0))
+    if CLASS_MEANS:  # μ = h·mean(P) + (1−h)·mean(N)
+        k1 = tl.where(has_both, mean_w / tl.maximum(n_pos, 1).to(tl.float32), 0.0)
+        k2 = tl.where(has_both, (1.0 - mean_w) / tl.maximum(n_neg, 1).to(tl.float32), 0.0)
+        mean = k1 * pos_sum + k2 * neg_sum
+    else:  # μ = (1−h)·mean(row) + h·(minP + maxN)/2
+        k1 = zf + (1.0 - mean_w) * tl.load(inv_n_ptr)  # 1 / the number of present references (no host sync)
+        k2 = zf + 0.5 * mean_w
+        mean = k1 * row_sum + k2 * (tl.where(has_both, min_p, 0.0) + tl.where(has_both, max_n, 0.0))
+    tl.store(rowf_ptr + 9 * B + rows, k1, mask=rmask)
+    tl.store(rowf_ptr + 10 * B + rows, k2, mask=rmask)
     tl.store(rowf_ptr + rows, min_p, mask=rmask)
     tl.store(rowf_ptr + B + rows, max_n, mask=rmask)
     tl.store(rowf_ptr + 2 * B + rows, mean, mask=rmask)
@@ -460,10 +485,11 @@ def _cbml_sums_kernel(
 
 @triton.jit
 def _cbml_finalize_kernel(
-    pf_ptr, rowf_ptr, lrow_ptr, B, SPLIT, pos_b, neg_b, var_w,
-    PHI_SQRT: tl.constexpr, BLOCK_B: tl.constexpr,
+    pf_ptr, rowf_ptr, lrow_ptr, B, SPLIT, pos_b, neg_b, var_w, pos_w, neg_w,
+    PHI: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """Sweep-2 partials → L_i and the row scalars of the gradient (u = log(1 + Σ exp), its φ-derivative)."""
+    """Sweep-2 partials → L_i and the row scalars of the gradient (u = log(1 + Σ exp), its φ-derivative;
+    PHI 0 = log, 1 = sqrt, 2 = constant: 1 + w·Σ = 1 + w·(e^u − 1))."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < B
     zf = tl.zeros((BLOCK_B,), tl.float32)
@@ -490,9 +516,13 @@ def _cbml_finalize_kernel(
     valid = (min_p < float("inf")) & (max_n > -float("inf")) & (c_p > 0) & (c_n > 0)
     u_p = m_p + tl.log(l_p)
     u_n = m_n + tl.log(l_n)
-    if PHI_SQRT:
+    if PHI == 1:
         f_p, f_n = tl.exp(0.5 * u_p), tl.exp(0.5 * u_n)
         d_p, d_n = 0.5 * f_p, 0.5 * f_n
+    elif PHI == 2:
+        e_p, e_n = l_p * tl.exp(m_p), l_n * tl.exp(m_n)  # 1 + Σ exp
+        f_p, f_n = 1.0 + pos_w * (e_p - 1.0), 1.0 + neg_w * (e_n - 1.0)
+        d_p, d_n = pos_w * e_p, neg_w * e_n
     else:
         f_p, f_n = u_p, u_n
         d_p, d_n = zf + 1.0, zf + 1.0
@@ -509,19 +539,19 @@ def _cbml_finalize_kernel(
 @triton.jit
 def _cbml_grad_query_kernel(
     x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gpart_ptr,
-    B, M, D, n_self, t_self, t_all, tps, inv_n_ptr,
-    pos_a, pos_b, neg_a, neg_b, margin, mean_w,
-    TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, M, D, n_self, t_self, t_all, tps,
+    pos_a, pos_b, neg_a, neg_b, margin,
+    TOPK: tl.constexpr, CLASS_MEANS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """gpart[split, rows, d-chunk] = Σ_{j in split} G_ij R̂_j (query role, B·∂L/∂x̂ before normalisation)."""
-    inv_n = tl.load(inv_n_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     d0 = tl.program_id(2) * BLOCK_DO
     rmask = rows < B
     xinv = tl.load(xinv_ptr + rows, mask=rmask, other=0.0)
     yq = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth = _row_scalars(
+    min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p, arg_n, kth = _row_scalars(
         rowf_ptr, rowi_ptr, kth_ptr, rows, rmask, B, TOPK)
     acc = tl.zeros((BLOCK_B, BLOCK_DO), tl.float32)
     t0, t1, self_end, ref_start = _split_bounds(t_self, t_all, tps)
@@ -529,16 +559,16 @@ def _cbml_grad_query_kernel(
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, x_ptr, xinv_ptr, y_ptr, t * BLOCK_N, n_self,
                                         0, m_ptr, m_w, D, True, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
                                         INTERPRET, HAS_MASK)
-        g = _grad_tile(s, pos, neg, cols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth,
-                       pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
+        g = _grad_tile(s, pos, neg, cols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p,
+                       arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
         c = _load_rows(x_ptr, cols, cols < n_self, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     for t in range(ref_start, t1):
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, (t - t_self) * BLOCK_N,
                                         M, n_self, m_ptr, m_w, D, False, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32,
                                         PRECISION, INTERPRET, HAS_MASK)
-        g = _grad_tile(s, pos, neg, cols + n_self, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
-                       arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
+        g = _grad_tile(s, pos, neg, cols + n_self, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2,
+                       arg_p, arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
         c = _load_rows(r_ptr, cols, cols < M, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     offs = d0 + tl.arange(0, BLOCK_DO)
@@ -549,8 +579,8 @@ def _cbml_grad_query_kernel(
 @triton.jit
 def _grad_ref_part(
     x_ptr, xinv_ptr, y_ptr, c_ptr, cinv_ptr, yc_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, out_ptr,
-    c0, n_c, col_base, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b, margin, mean_w,
-    IS_SELF: tl.constexpr, TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    c0, n_c, col_base, d0, B, D, pos_a, pos_b, neg_a, neg_b, margin,
+    IS_SELF: tl.constexpr, TOPK: tl.constexpr, CLASS_MEANS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
@@ -560,13 +590,13 @@ def _grad_ref_part(
         rmask = rows < B
         xinv = tl.load(xinv_ptr + rows, mask=rmask, other=0.0)
         yq = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p, arg_n, kth = _row_scalars(
+        min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p, arg_n, kth = _row_scalars(
             rowf_ptr, rowi_ptr, kth_ptr, rows, rmask, B, TOPK)
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, col_base,
                                         m_ptr, m_w, D, IS_SELF, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
                                         INTERPRET, HAS_MASK)
-        g = _grad_tile(s, pos, neg, cols + col_base, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, arg_p,
-                       arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, mean_w, inv_n, TOPK)
+        g = _grad_tile(s, pos, neg, cols + col_base, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1,
+                       k2, arg_p, arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
         q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -579,24 +609,24 @@ def _grad_ref_part(
 @triton.jit
 def _cbml_grad_ref_kernel(
     x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr, gr_ptr,
-    B, M, D, n_self, self_tiles, inv_n_ptr,
-    pos_a, pos_b, neg_a, neg_b, margin, mean_w,
-    TOPK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
+    B, M, D, n_self, self_tiles,
+    pos_a, pos_b, neg_a, neg_b, margin,
+    TOPK: tl.constexpr, CLASS_MEANS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
     """Reference role: programs [0, self_tiles) write Gᵀx̂ for the self part into gx_ptr (the last slice of
     x's partial gradients), the others write gr."""
-    inv_n = tl.load(inv_n_ptr)
     pid = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_DO
     if pid < self_tiles:
         _grad_ref_part(x_ptr, xinv_ptr, y_ptr, x_ptr, xinv_ptr, y_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gx_ptr,
-                       pid * BLOCK_N, n_self, 0, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b, margin, mean_w,
-                       True, TOPK, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION, INTERPRET, HAS_MASK)
+                       pid * BLOCK_N, n_self, 0, d0, B, D, pos_a, pos_b, neg_a, neg_b, margin,
+                       True, TOPK, CLASS_MEANS, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION, INTERPRET, HAS_MASK)
     else:
         _grad_ref_part(x_ptr, xinv_ptr, y_ptr, r_ptr, rinv_ptr, yr_ptr, m_ptr, m_w, rowf_ptr, rowi_ptr, kth_ptr, gr_ptr,
-                       (pid - self_tiles) * BLOCK_N, M, n_self, d0, B, D, inv_n, pos_a, pos_b, neg_a, neg_b,
-                       margin, mean_w, False, TOPK, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION,
+                       (pid - self_tiles) * BLOCK_N, M, n_self, d0, B, D, pos_a, pos_b, neg_a, neg_b,
+                       margin, False, TOPK, CLASS_MEANS, BLOCK_B, BLOCK_N, BLOCK_D, BLOCK_DO, DOT_F32, PRECISION,
                        INTERPRET, HAS_MASK)
 
 
@@ -704,10 +734,10 @@ def _tuned_config(args: tuple, key: tuple) -> dict:
 
 
 def cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
-             variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
+             variance_weight, mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref):
     """Launcher of ``fastcdml::cbml_fwd`` (schema and shapes: :mod:`fastcdml.ops.cbml`)."""
     args = (x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
-            variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref)
+            variance_weight, mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref)
     if os.environ.get("FASTCDML_AUTOTUNE") == "1" and not interpreter_active() and x.shape[0]:
         key = (_pow2(x.shape[0]), _pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
                _pow2(top_k) if top_k else 0, grad_x, grad_ref, pair_mask is not None)
@@ -724,7 +754,7 @@ def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:
 
 
 def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-         mean_weight, phi_sqrt, top_k, grad_x, grad_ref, *, cfg):
+         mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref, *, cfg):
     B, D = x.shape
     M = ref.shape[0]
     dev, f32, i64 = x.device, torch.float32, torch.int64
@@ -774,11 +804,11 @@ def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_
     _cbml_stats_kernel[(grid_b, split)](*inputs, pf, pi, pbuf, *tiling, split, TOPK=mode, LOG_N=_log2(bn),
                                         LOG_KP=_log2(kp), **blocks, **launch)
     _cbml_combine_kernel[(grid_b,)](pf, pi, pbuf, rowf, rowi, kth, B, split, inv_n, max(top_k, 1), mean_weight,
-                                    TOPK=mode, LOG_KP=_log2(kp), BLOCK_B=bb)
+                                    TOPK=mode, LOG_KP=_log2(kp), BLOCK_B=bb, CLASS_MEANS=class_means)
     _cbml_sums_kernel[(grid_b, split)](*inputs, rowf, kth, pf, *tiling, split, *hyper, TOPK=mode, **blocks,
                                        **launch)
-    _cbml_finalize_kernel[(grid_b,)](pf, rowf, lrow, B, split, pos_b, neg_b, variance_weight, PHI_SQRT=phi_sqrt,
-                                     BLOCK_B=bb)
+    _cbml_finalize_kernel[(grid_b,)](pf, rowf, lrow, B, split, pos_b, neg_b, variance_weight, pos_weight, neg_weight,
+                                     PHI=phi, BLOCK_B=bb)
     _sum_kernel[(1,)](lrow, loss, B, 1.0 / B, BLOCK=1024)
     if not (grad_x or grad_ref):
         return loss, gx, gr
@@ -789,11 +819,11 @@ def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_
     gpart = new_output((split + (self_tiles > 0), B, D) if grad_x else (1, 1), f32, dev)
     if grad_x:
         _cbml_grad_query_kernel[(grid_b, split, grid_d)](
-            *inputs, *common, gpart, *tiling, inv_n, *hyper, mean_weight, TOPK=mode, BLOCK_DO=cfg["BLOCK_DO"],
+            *inputs, *common, gpart, *tiling, *hyper, TOPK=mode, CLASS_MEANS=class_means, BLOCK_DO=cfg["BLOCK_DO"],
             **blocks, **launch)
     if self_tiles + ref_tiles:
         _cbml_grad_ref_kernel[(self_tiles + ref_tiles, grid_d)](
-            *inputs, *common, gpart[-1], gr, B, M, D, n_self, self_tiles, inv_n, *hyper, mean_weight, TOPK=mode,
+            *inputs, *common, gpart[-1], gr, B, M, D, n_self, self_tiles, *hyper, TOPK=mode, CLASS_MEANS=class_means,
             BLOCK_DO=cfg["BLOCK_DO"], **blocks, **launch)
     for g, parts, src in ((gx, gpart, x), (gr, gr, ref)):
         if g.shape[0]:

@@ -15,9 +15,10 @@ from ..reference.ccl import normalize_rows
 from . import _pml
 
 
-def _check_batch(embeddings, labels, backend: Backend, check_values: bool) -> None:
+def _check_batch(embeddings, labels, backend: Backend, check_values: bool, ignore_negative_labels: bool) -> None:
     _checks.embeddings(embeddings, "embeddings", backend, check_values=check_values)
-    _checks.labels(labels, "labels", embeddings, "embeddings", check_values=check_values, non_negative=True)
+    _checks.labels(labels, "labels", embeddings, "embeddings", check_values=check_values,
+                   non_negative=not ignore_negative_labels)
 
 
 def _warn_if_no_pairs(labels, ref_labels, include_self: bool) -> None:
@@ -60,10 +61,14 @@ def contrastive_bayesian_loss(
     neg_b: float = 0.01,
     margin: float = 0.1,
     variance_weight: float = 1.0,
-    mean_weight: float = 0.1,
+    mean_weight: float | None = None,
     phi: str = "log",
     negatives: str = "adaptive",
     top_k: int = 100,
+    variance_center: str = "class_means",
+    pos_weight: float = 0.25,
+    neg_weight: float = 0.25,
+    ignore_negative_labels: bool = False,
     indices_tuple=None,
     backend: str = "auto",
     check_inputs: bool = True,
@@ -76,19 +81,29 @@ def contrastive_bayesian_loss(
     ``include_self=True`` and a ``ref_emb``, the reference set is the batch followed by ``ref_emb`` (the
     cross-batch-memory layout). ``indices_tuple`` (a PML miner's pairs or triplets; anchors index the batch,
     positives and negatives the reference set) restricts the positive and negative sets to the mined pairs, through
-    a B×R/8-byte bit mask. The formula is in ``docs/spec.md``. ``check_inputs=True`` validates shapes,
-    dtypes, devices, labels ≥ 0 and finiteness (synchronising with the device) and warns when no row has both a
-    positive and a negative (the loss is then 0); with ``False`` a non-finite input gives a NaN loss.
+    a B×R/8-byte bit mask. The formula is in ``docs/spec.md``.
+
+    ``variance_center`` ``"class_means"`` (the authors' code since 2021-04) or ``"boundary"`` (their 2020 code)
+    chooses the centre μ of the variance term; ``mean_weight`` h defaults to the value their example configs pair
+    with it (0.2, or 0.5). ``phi`` ``"log"``, ``"sqrt"`` or ``"constant"`` (``1 + pos_weight·Σ`` and
+    ``1 + neg_weight·Σ``). ``ignore_negative_labels=True`` accepts negative labels (a clusterer's outliers): such a
+    row and such a reference are in no set (the row's loss is 0; the sum is still divided by B).
+    ``check_inputs=True`` validates shapes, dtypes, devices, labels ≥ 0 (unless ignored) and finiteness
+    (synchronising with the device) and warns when no row has both a positive and a negative (the loss is then 0);
+    with ``False`` a non-finite input gives a NaN loss.
     """
-    params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k)
-    return _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs)
+    params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi, negatives, top_k,
+                            variance_center, pos_weight, neg_weight)
+    return _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs,
+                 ignore_negative_labels)
 
 
-def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs):
+def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, params, backend, check_inputs,
+          ignore_negative_labels=False):
     """:func:`contrastive_bayesian_loss` with its parameters already gathered in ``params``."""
     _checks.choice(backend, "backend", BACKENDS)
     impl = resolve(backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
-    _check_batch(embeddings, labels, impl, check_inputs)
+    _check_batch(embeddings, labels, impl, check_inputs, ignore_negative_labels)
     if include_self is None:
         include_self = ref_emb is None
     if (ref_emb is None) != (ref_labels is None):
@@ -100,7 +115,8 @@ def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, 
     else:
         _checks.embeddings(ref_emb, "ref_emb", impl, embeddings.shape[1], check_inputs)
         _checks.same_device(ref_emb, "ref_emb", embeddings, "embeddings")
-        _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs, non_negative=True)
+        _checks.labels(ref_labels, "ref_labels", ref_emb, "ref_emb", check_values=check_inputs,
+                       non_negative=not ignore_negative_labels)
     if check_inputs:
         _warn_if_no_pairs(labels, ref_labels, include_self)
     if embeddings.shape[0] == 0:
@@ -120,7 +136,10 @@ class ContrastiveBayesianLoss(nn.Module):
 
     ``loss_fn(embeddings, labels, ref_emb=None, ref_labels=None)`` with embeddings (B, D) fp32/bf16/fp16 and
     labels (B,) int64/int32 ≥ 0 returns the float32 scalar ``Σ_i L_i / B``; see :func:`contrastive_bayesian_loss`
-    and ``docs/spec.md`` for the formula. Defaults are the paper's reference code's.
+    and ``docs/spec.md`` for the formula. Defaults are those of the authors' current code and example configs
+    (``variance_center="class_means"`` with h = 0.2; ``"boundary"`` is their 2020 form, with h = 0.5 by default).
+    ``ignore_negative_labels=True`` accepts negative labels, whose rows are in no set (a clusterer's outliers,
+    e.g. from :func:`fastcdml.pseudo_labels`); they are never enqueued into the memory.
 
     ``memory_size > 0`` keeps a FIFO of the last ``memory_size`` L2-normalised, detached embeddings and their
     labels (buffers ``memory_emb`` (M, D) float32, ``memory_labels`` (M,) int64 with −1 in empty slots, and
@@ -145,7 +164,7 @@ class ContrastiveBayesianLoss(nn.Module):
         neg_b: float = 0.01,
         margin: float = 0.1,
         variance_weight: float = 1.0,
-        mean_weight: float = 0.1,
+        mean_weight: float | None = None,
         phi: str = "log",
         negatives: str = "adaptive",
         top_k: int = 100,
@@ -154,12 +173,17 @@ class ContrastiveBayesianLoss(nn.Module):
         check_inputs: bool = True,
         embedding_dim: int | None = None,
         miner=None,
+        variance_center: str = "class_means",
+        pos_weight: float = 0.25,
+        neg_weight: float = 0.25,
+        ignore_negative_labels: bool = False,
         **pml_options,
     ):
         super().__init__()
         _pml.reject_options(type(self).__name__, pml_options)
         self.params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi,
-                                     negatives, top_k)
+                                     negatives, top_k, variance_center, pos_weight, neg_weight)
+        self.ignore_negative_labels = ignore_negative_labels
         _checks.choice(backend, "backend", BACKENDS)
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
@@ -180,13 +204,13 @@ class ContrastiveBayesianLoss(nn.Module):
             if enqueue_mask is not None:
                 raise ValueError("enqueue_mask needs a cross-batch memory (memory_size > 0)")
             return _loss(embeddings, labels, ref_emb, ref_labels, None, indices_tuple, self.params, self.backend,
-                         self.check_inputs)
+                         self.check_inputs, self.ignore_negative_labels)
         if ref_emb is not None or ref_labels is not None:
             raise ValueError("ref_emb cannot be combined with memory_size > 0: the memory is the reference set")
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive (as in PML's CrossBatchMemory)")
         backend = resolve(self.backend, "cbml", _checks.tensor(embeddings, "embeddings").device)
-        _check_batch(embeddings, labels, backend, self.check_inputs)
+        _check_batch(embeddings, labels, backend, self.check_inputs, self.ignore_negative_labels)
         _checks.same_device(self.memory_emb, "the memory", embeddings, "embeddings", "; move the loss with .to(device)")
         if self.memory_emb.shape[1] != embeddings.shape[1]:
             if self.memory_emb.shape[1]:
@@ -248,7 +272,7 @@ class ContrastiveBayesianLoss(nn.Module):
         rows = normalize_rows(embeddings[-b:])
         finite = torch.isfinite(rows).all(dim=1)
         rows = torch.where(finite[:, None], rows, torch.zeros_like(rows)).to(self.memory_emb.dtype)
-        new_labels = torch.where(finite, labels[-b:].to(torch.int64), -1)
+        new_labels = torch.where(finite & (labels[-b:] >= 0), labels[-b:].to(torch.int64), -1)
         for name, new in (("memory_emb", rows), ("memory_labels", new_labels)):
             if in_place:
                 getattr(self, name).index_copy_(0, slots, new)

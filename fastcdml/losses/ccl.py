@@ -124,7 +124,9 @@ class CenterContrastiveLoss(nn.Module):
     ``check_inputs=True`` validates shapes, dtypes, devices, label range and finiteness before anything runs
     (the value checks synchronise with the device); with ``False`` an out-of-range label gives a NaN loss row and
     is ignored by the update, and non-finite embeddings give NaN without touching the bank rows they would spoil.
-    The defaults τ=0.05, m=0.1, λ=1, μ=0.9 are provisional (see the README's training notes).
+    The defaults τ = 0.05, m = 0.1, λ = 1, μ = 0.9, the update rule and the random start are fastcdml's choices,
+    not the paper's; ``docs/spec.md`` (section 1, "Defaults and where they come from") gives the reason for each.
+    To start from a pretrained network, :meth:`init_centers_` sets the bank to the class means of its embeddings.
 
     It follows pytorch-metric-learning's call contract (``forward(embeddings, labels, indices_tuple, ref_emb,
     ref_labels)``, mined tuples as per-sample weights); PML options it cannot honour (``reducer``, a distance
@@ -215,6 +217,27 @@ class CenterContrastiveLoss(nn.Module):
             # instead of writing into it (an in-place write would also be mis-ordered by torch.compile).
             self.centers = backend.ccl_update(self.centers, batch[0].detach(), batch[1], self.momentum)
         return loss
+
+    @torch.no_grad()
+    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor) -> "CenterContrastiveLoss":
+        """Set the center of every class in ``labels`` to ``normalize(mean_{y_i = k} x̂_i)`` of ``embeddings`` (N, D)
+        (e.g. a pretrained network's embeddings of the training set), in place, in either update mode; the rows of
+        absent classes keep their values. With distribution enabled (see ``distributed``) every rank passes its
+        part of the data and the means are over all ranks' rows (all ranks must call it together). Returns self."""
+        backend = resolve(self.backend, "ccl", _device(embeddings))
+
+        def check():
+            _check_inputs(embeddings, labels, self.centers, backend, self.check_inputs, self.embedding_dim)
+
+        if _distributed.enabled(self.distributed, self.process_group):
+            embeddings, labels = _distributed.gather_batch(embeddings, labels, check, self.process_group)[:2]
+        else:
+            check()
+        if embeddings.shape[0]:
+            new = backend.ccl_update(self.centers.detach(), embeddings.detach(), labels, 0.0)  # μ = 0: the means
+            if new is not self.centers:
+                self.centers.copy_(new)
+        return self
 
     @property
     def temperature(self) -> float:

@@ -369,3 +369,21 @@ class ShardedCenterContrastiveLoss(ShardedBank):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._reduce(self.loss_rows(embeddings, labels), self.reduction)
+
+    @torch.no_grad()
+    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor) -> "ShardedCenterContrastiveLoss":
+        """Collective: set the center of every class in the labels of all ranks to ``normalize(mean x̂)`` of its
+        rows over all ranks (each rank passes its part of, e.g., a pretrained network's training-set embeddings
+        with global labels); each rank writes the rows of its own slice, in either update mode, and absent
+        classes keep their values: the bank ``CenterContrastiveLoss.init_centers_`` gives on the concatenated
+        data. Returns self."""
+        xg, yg, _ = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group)
+        bank = self._stored_rows()
+        if xg.shape[0] and bank.shape[0]:
+            backend = resolve(self.backend, "ccl", embeddings.device)
+            local = yg.to(bank.device) - self.start
+            local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
+            source = bank.detach().contiguous()
+            new = backend.ccl_update(source, xg.detach(), local, 0.0)  # μ = 0: the class means
+            bank.copy_(new)
+        return self

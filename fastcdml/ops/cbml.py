@@ -1,14 +1,17 @@
 """Contrastive Bayesian loss op: ``fastcdml::cbml_fwd`` (math: ``docs/spec.md``, "Contrastive Bayesian loss").
 
 ``cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
-variance_weight, mean_weight, phi_sqrt, top_k, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
+variance_weight, mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref)
+-> (loss, grad_x, grad_ref)``
     x (B, D) fp32/bf16/fp16 contiguous, labels (B,) int32/int64; ref (M, D) contiguous (M may be 0) with
     ref_labels (M,). Reference set = [x̂ if include_self] ++ [r̂] (R columns); self pairs are excluded by index;
     a reference with a negative label is absent (in no set, not in the row mean). ``pair_mask``: None, or a
     (B, ceil(R/8)) uint8 bit mask of the pairs allowed as positives or negatives (mined pairs; bit j % 8 of byte
     [i, j // 8]; B·R/8 bytes, see ``fastcdml.reference.cbml.pack_pairs``).
-    ``top_k = 0``: adaptive hard negatives; ``top_k > 0``: the top_k hardest negatives. ``phi_sqrt``: φ = sqrt
-    instead of log.
+    ``top_k = 0``: adaptive hard negatives; ``top_k > 0``: the top_k hardest negatives. ``phi``: 0 = log,
+    1 = sqrt, 2 = constant (``1 + pos_weight·Σ`` / ``1 + neg_weight·Σ``; the weights are unused otherwise).
+    ``class_means``: the variance term's centre is h·mean(P) + (1−h)·mean(N), else (1−h)·mean(row) +
+    h·(minP + maxN)/2 (h = mean_weight).
     loss () fp32 = Σ_i L_i / B (0 for B = 0).
     grad_x (B, D) fp32 when ``grad_x`` else (0, D): ∂loss/∂x through both roles of x (query and, with
     include_self, reference); grad_ref (M, D) fp32 when ``grad_ref`` else (0, D).
@@ -26,12 +29,13 @@ from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mask, bool include_self, " \
       "float pos_a, float pos_b, " \
-      "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, bool phi_sqrt, " \
-      "int top_k, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
+      "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, int phi, " \
+      "float pos_weight, float neg_weight, bool class_means, int top_k, bool grad_x, bool grad_ref) " \
+      "-> (Tensor, Tensor, Tensor)"
 
 
 def _fwd_fake(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-              mean_weight, phi_sqrt, top_k, grad_x, grad_ref):
+              mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref):
     f32 = torch.float32
     return (
         x.new_empty((), dtype=f32),
@@ -58,7 +62,7 @@ def _backward(ctx, grad_loss, _g1, _g2):
         gx = (grad_loss * grad_x).to(ctx.dtypes[0])
     if ctx.needs_input_grad[2]:
         gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
-    return (gx, None, gr) + (None,) * 14
+    return (gx, None, gr) + (None,) * 17
 
 
 def _fwd_triton(*args):
@@ -78,7 +82,8 @@ def cbml_loss(x, labels, ref, ref_labels, include_self, params: BayesianParams, 
         x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(),
         None if pair_mask is None else pair_mask.contiguous(), include_self,
         params.pos_a, params.pos_b, params.neg_a, params.neg_b, params.margin, params.variance_weight,
-        params.mean_weight, params.phi == "sqrt", params.hard_negatives,
+        params.mean_weight, params.phi_code, params.pos_weight, params.neg_weight,
+        params.variance_center == "class_means", params.hard_negatives,
         grad_on and x.requires_grad, grad_on and ref.requires_grad,
     )
     return loss

@@ -5,21 +5,25 @@ is given], with labels ``y_r``. ``S_ij = x̂_i · R_j`` in fp32 (fp64 for fp64 i
 
     P_i = {j : y_r[j] = y_i, j ≠ i (by index, self part only)}     N_i = {j : y_r[j] ≠ y_i}
     minP_i = min_{P_i} S_ij,  maxN_i = max_{N_i} S_ij               (ties: lowest index)
-    mean_i = (1 − h)·mean_j S_ij + h·(minP_i + maxN_i)/2             (over the whole row, diagonal included)
+    μ_i = h·mean_{P_i} S_ij + (1 − h)·mean_{N_i} S_ij               (variance_center="class_means")
+    μ_i = (1 − h)·mean_j S_ij + h·(minP_i + maxN_i)/2                (variance_center="boundary"; the row mean is
+                                                                      over the whole row, diagonal included)
 
 A reference entry with a negative label (an empty slot of a cross-batch memory) is in no set and not in the row
 mean: the loss is that of the reference set without it. A pair mask (mined pairs) restricts P_i and N_i to the
-listed pairs; the row mean is unchanged.
-    σ_i    = Σ_{N_i} (S_ij − mean_i)²
+listed pairs (and so the class means); the row mean is unchanged.
+    σ_i    = Σ_{N_i} (S_ij − μ_i)²
     P̃_i = {j ∈ P_i : S_ij − margin < maxN_i}
     Ñ_i = {j ∈ N_i : S_ij + margin > minP_i}   (adaptive)   or the top_k largest S_ij of N_i (ties: lowest index)
-    pos_i = φ(1 + Σ_{P̃_i} exp(−(S_ij − a_p)/b_p)),   neg_i = φ(1 + Σ_{Ñ_i} exp((S_ij − a_n)/b_n))
+    pos_i = φ(1 + Σ_{P̃_i} exp(−(S_ij − a_p)/b_p)),   neg_i = φ(1 + Σ_{Ñ_i} exp((S_ij − a_n)/b_n))   (log, sqrt)
+    pos_i = 1 + w_p·Σ_{P̃_i} exp(−(S_ij − a_p)/b_p),   neg_i = 1 + w_n·Σ_{Ñ_i} exp((S_ij − a_n)/b_n)     (constant)
     L_i = pos_i + neg_i + w·σ_i,  and L_i = 0 when P_i, N_i, P̃_i or Ñ_i is empty
     L   = Σ_i L_i / B        (0 for an empty batch)
 
-φ is ``log`` or ``sqrt``; both are evaluated through ``u = log(1 + Σ exp(t))`` as a log-sum-exp (φ = u or
-exp(u/2)), which cannot overflow for any hyper-parameters. Set membership uses forward values; gradients flow
-through S, including through mean_i and the elements minP/maxN pick.
+``log`` and ``sqrt`` are evaluated through ``u = log(1 + Σ exp(t))`` as a log-sum-exp (φ = u or exp(u/2)), which
+cannot overflow for any hyper-parameters; ``constant`` is the plain sum (it overflows only where its value does).
+Set membership uses forward values; gradients flow through S, including through μ_i (the class means, or the row
+mean and the elements minP/maxN pick).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import torch
 
 from .ccl import compute_dtype, normalize_rows
 
-PHIS = ("log", "sqrt")
+PHIS = ("log", "sqrt", "constant")
+VARIANCE_CENTERS = ("class_means", "boundary")
 
 
 def _log1p_sum_exp(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -69,16 +74,24 @@ def cbml_loss_rows(
     neg_b: float = 0.01,
     margin: float = 0.1,
     variance_weight: float = 1.0,
-    mean_weight: float = 0.1,
+    mean_weight: float = 0.2,
     phi: str = "log",
     top_k: int = 0,
+    variance_center: str = "class_means",
+    pos_weight: float = 0.25,
+    neg_weight: float = 0.25,
 ) -> torch.Tensor:
-    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives.
+    """Per-row CBML losses ``L_i`` (B,) (skipped rows are 0). ``top_k = 0`` selects adaptive negatives;
+    ``variance_center`` ``"class_means"`` or ``"boundary"`` picks μ; ``pos_weight`` / ``neg_weight`` are used by
+    ``phi="constant"`` only.
 
     ``pair_mask`` (:func:`pack_pairs` of mined pairs, over the reference set's columns): only the listed pairs can
-    be positives or negatives; the row mean stays over every present reference."""
+    be positives or negatives (so the class means are over them too); the boundary form's row mean stays over
+    every present reference."""
     if phi not in PHIS:
         raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
+    if variance_center not in VARIANCE_CENTERS:
+        raise ValueError(f"variance_center must be one of {VARIANCE_CENTERS}, got {variance_center!r}")
     dtype = compute_dtype(x, *([ref] if ref is not None else []))
     b = x.shape[0]
     xh = normalize_rows(x, dtype)
@@ -113,8 +126,14 @@ def cbml_loss_rows(
     arg_max_n = torch.where(neg, sd, -inf).argmax(dim=1, keepdim=True)
     min_p = s.gather(1, arg_min_p)
     max_n = s.gather(1, arg_max_n)
-    row_mean = (s * present).sum(dim=1, keepdim=True) / present.sum().clamp_min(1)
-    mean = (1.0 - mean_weight) * row_mean + mean_weight * (min_p + max_n) / 2
+    if variance_center == "class_means":
+        def set_mean(m):
+            return (s * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1)
+
+        mean = mean_weight * set_mean(pos) + (1.0 - mean_weight) * set_mean(neg)
+    else:
+        row_mean = (s * present).sum(dim=1, keepdim=True) / present.sum().clamp_min(1)
+        mean = (1.0 - mean_weight) * row_mean + mean_weight * (min_p + max_n) / 2
     sigma = ((s - mean) ** 2 * neg).sum(dim=1)
 
     hard_pos = pos & (sd - margin < max_n.detach())
@@ -124,11 +143,17 @@ def cbml_loss_rows(
     else:
         hard_neg = neg & (sd + margin > min_p.detach())
 
-    u_pos = _log1p_sum_exp(-(s - pos_a) / pos_b, hard_pos)
-    u_neg = _log1p_sum_exp((s - neg_a) / neg_b, hard_neg)
-    if phi == "sqrt":
-        u_pos, u_neg = torch.exp(u_pos / 2), torch.exp(u_neg / 2)
-    loss = u_pos + u_neg + variance_weight * sigma
+    t_pos, t_neg = -(s - pos_a) / pos_b, (s - neg_a) / neg_b
+    if phi == "constant":
+        def weighted_sum(t, mask, w):
+            return 1.0 + w * torch.where(mask, t, torch.full_like(t, float("-inf"))).exp().sum(dim=1)
+
+        f_pos, f_neg = weighted_sum(t_pos, hard_pos, pos_weight), weighted_sum(t_neg, hard_neg, neg_weight)
+    else:
+        f_pos, f_neg = _log1p_sum_exp(t_pos, hard_pos), _log1p_sum_exp(t_neg, hard_neg)
+        if phi == "sqrt":
+            f_pos, f_neg = torch.exp(f_pos / 2), torch.exp(f_neg / 2)
+    loss = f_pos + f_neg + variance_weight * sigma
     valid = pos.any(1) & neg.any(1) & hard_pos.any(1) & hard_neg.any(1)
     return torch.where(valid, loss, torch.zeros_like(loss))
 

@@ -108,7 +108,9 @@ def cases(dims=DIMS) -> list[dict]:
       at D = 128 and 512.
     - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
       K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
-      reference set without the batch; a mined-pair mask (adaptive and top-K).
+      reference set without the batch; a mined-pair mask (adaptive and top-K). These use the class-means
+      variance centre and φ = log; the boundary centre for the fp32, 16-bit and mixed pairs (adaptive) and top-K
+      with K = 100, and φ = sqrt and constant once each.
     """
     mid = [d for d in dims if d in (128, 512)] or list(dims[:1])
     out = []
@@ -124,7 +126,8 @@ def cases(dims=DIMS) -> list[dict]:
     for d in dims:
         pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in mid else ())
         out += [dict(ccl, op="sharded", d=d, x=x, bank=w) for x, w in pairs]
-    cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True)
+    cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True,
+                center="class_means", phi="log")
     for d in dims:
         pairs = CBML_PAIRS if d == mid[0] else (("fp32", "fp32"), ("bf16", "bf16"))
         out += [dict(cbml, d=d, x=x, bank=r) for x, r in pairs]
@@ -133,11 +136,19 @@ def cases(dims=DIMS) -> list[dict]:
                 for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
     out.append(dict(cbml, op="ref-only", d=mid[0], x="bf16", bank="bf16", top_k=100, include_self=False))
     out += [dict(cbml, d=mid[0], x="bf16", bank="fp32", top_k=top_k, mask=True) for top_k in (0, 100)]
+    out += [dict(cbml, d=mid[0], x=x, bank=r, center="boundary") for x, r in (("fp32", "fp32"), ("bf16", "bf16"),
+                                                                              ("bf16", "fp32"))]
+    out.append(dict(cbml, d=mid[0], x="bf16", bank="bf16", top_k=100, center="boundary"))
+    out += [dict(cbml, d=mid[0], x="bf16", bank="bf16", phi=phi) for phi in ("sqrt", "constant")]
     return out
 
 
 def case_name(case: dict) -> str:
-    extra = f" top_k={case['top_k']}" + (" masked" if case.get("mask") else "") if case["loss"] == "cbml" else ""
+    extra = ""
+    if case["loss"] == "cbml":
+        extra = f" top_k={case['top_k']}" + (" masked" if case.get("mask") else "")
+        extra += "".join(f" {k}={case[k]}" for k, default in (("center", "class_means"), ("phi", "log"))
+                         if case.get(k, default) != default)
     if case.get("margin_type") or case.get("sub_centers", 1) > 1:
         extra = f" margin_type={case.get('margin_type', 0)} K={case.get('sub_centers', 1)}"
     prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
@@ -299,8 +310,10 @@ class _Session:
                 yr = torch.zeros(m, dtype=torch.int64)
                 width = m + (b if case["include_self"] else 0)
                 mask = torch.zeros(b, -(-width // 8), dtype=torch.uint8) if case.get("mask") else None
-                cbml.cbml_fwd(x, y, r, yr, mask, case["include_self"], 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.1, False,
-                              case["top_k"], True, not case["include_self"])
+                phi = ("log", "sqrt", "constant").index(case.get("phi", "log"))
+                cbml.cbml_fwd(x, y, r, yr, mask, case["include_self"], 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, phi,
+                              0.25, 0.25, case.get("center", "class_means") == "class_means", case["top_k"], True,
+                              not case["include_self"])
         except _Aborted:
             pass
         finally:
