@@ -171,7 +171,10 @@ def test_cbml_steps_match_the_float64_reference(backend, data):
     hyper = dict(pos_a=data.draw(st.floats(0.2, 0.8)), pos_b=data.draw(st.floats(0.2, 1.0)),
                  neg_a=data.draw(st.floats(0.6, 1.2)), neg_b=data.draw(st.floats(0.02, 0.5)),
                  margin=data.draw(st.floats(0.0, 0.3)), variance_weight=data.draw(st.floats(0.0, 2.0)),
-                 mean_weight=data.draw(st.floats(0.0, 1.0)), phi=data.draw(st.sampled_from(["log", "sqrt"])),
+                 mean_weight=data.draw(st.floats(0.0, 1.0)),
+                 phi=data.draw(st.sampled_from(["log", "sqrt", "constant"])),
+                 pos_weight=data.draw(st.floats(0.05, 1.0)), neg_weight=data.draw(st.floats(0.05, 1.0)),
+                 variance_center=data.draw(st.sampled_from(["class_means", "boundary"])),
                  negatives=negatives, top_k=data.draw(st.integers(1, 12)))
     torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     ours = fastcdml.ContrastiveBayesianLoss(memory_size=memory, backend=backend, check_inputs=True, **hyper)
