@@ -1,10 +1,12 @@
-"""The offline GPU compile check (``fastcdml/tools/compile_check.py``): its gate logic on made-up results, one
-real problem compiled for sm_90a through the launchers, and — selected with ``-m compile_gates``, a CI step of
+"""The offline GPU compile check (``fastcdml/tools/compile_check.py``): its gate logic on made-up results, the
+launchers' statelessness, one real problem compiled for sm_90a through the launchers, and — selected with ``-m compile_gates``, a CI step of
 several minutes — the gates over the whole problem matrix on sm_90a, sm_80 and sm_86."""
 from __future__ import annotations
 
 import pytest
+from triton.runtime.errors import OutOfResources
 
+from fastcdml.kernels import ccl
 from fastcdml.tools import compile_check as cc
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="needs triton's NVIDIA backend (ptxas)")
@@ -33,6 +35,23 @@ def test_gates_name_every_failure_and_pass_good_kernels():
     assert len(failed) == len(expected), failed
     for line, what in zip(failed, expected):
         assert line.startswith("sm_90a") and what in line, (line, what)
+
+
+def test_the_launch_config_does_not_depend_on_earlier_launches():
+    """A config shrunk after ``OutOfResources`` is not carried into the next launch of the same shapes."""
+    first = ccl.Config(64, 64, 1, 8, 3)
+    used = []
+
+    def tight(cfg):  # a launch whose variant does not fit the requested config
+        used.append(cfg)
+        if cfg == first:
+            raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+
+    ccl._launch(first, tight)
+    assert used == [first, ccl._shrink(first)]
+    used.clear()
+    ccl._launch(first, used.append)
+    assert used == [first]
 
 
 def test_one_problem_compiles_through_the_launchers():

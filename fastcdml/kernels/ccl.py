@@ -87,12 +87,14 @@ operands); registers are dominated by the fp32 accumulator, ``rows × D/dv_split
 smallest M of a Hopper wgmma) wherever they fit, 8 warps from D = 128 (two warpgroups share the accumulator);
 past that, fewer columns and stages, the D split of the accumulator (``dv_split`` programs per row block, each
 recomputing ``s``: more FLOPs, fewer registers), and fewer rows last. The entries come from the offline compile
-check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``). If a
-config does not fit anyway (``OutOfResources``), the launcher retries along ``_shrink`` and remembers what worked.
-``config=`` and ``split=`` (keyword-only) on the launchers override the heuristics; ``FASTCDML_AUTOTUNE=1``
-autotunes the forward and proxy-gradient kernels over ``_TUNE_SPACE`` (never the in-place update). Under the
-interpreter: one small fixed config. Configs exist for D ≤ 1024; a larger D needs a K-loop over D for ``s``
-(not implemented).
+check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``).
+The config a launch uses is a function of the problem and the GPU only, never of what the process launched
+before: on a GPU whose shared memory is below the smallest class (``OutOfResources``) each launch retries along
+``_shrink``, and nothing is remembered between calls. The compile gates fail on any table entry that needs that
+retry on their targets, so there it never runs. ``config=`` and ``split=`` (keyword-only) on the launchers
+override the heuristics; ``FASTCDML_AUTOTUNE=1`` autotunes the forward and proxy-gradient kernels over
+``_TUNE_SPACE`` (never the in-place update). Under the interpreter: one small fixed config. Configs exist for
+D ≤ 1024; a larger D needs a K-loop over D for ``s`` (not implemented).
 """
 from __future__ import annotations
 
@@ -257,23 +259,19 @@ def _shrink(cfg: Config) -> Config | None:
     return None
 
 
-_WORKING: dict = {}  # (kernel, shape/dtype key, requested config) -> the config that compiled
-
-
-def _launch(kernel: str, key: tuple, requested: Config, launch) -> None:
-    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the largest smaller config that fits."""
-    cfg = _WORKING.get((kernel, key, requested), requested)
+def _launch(requested: Config, launch) -> None:
+    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``_shrink`` that fits.
+    Stateless: a shrunk config is not remembered (it would make the next launch's config depend on what ran
+    first, e.g. a split-C launch and a fused-epilogue launch of the same shapes); retrying costs one failed
+    kernel load per step, on GPUs outside ``SMEM_CLASSES`` only."""
+    cfg = requested
     while True:
         try:
-            out = launch(cfg)
+            return launch(cfg)
         except OutOfResources:
-            smaller = _shrink(cfg)
-            if smaller is None:
+            cfg = _shrink(cfg)
+            if cfg is None:
                 raise
-            cfg = smaller
-            continue
-        _WORKING[(kernel, key, requested)] = cfg
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,7 +771,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper["two_lambda"] = 2.0 * center_weight
-    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp)
+    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp, margin_type)  # what the split kernel compiles for
     launched = {}
 
     def run(cfg, split, warmup=False):
@@ -801,7 +799,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
         run(cfg, split or default_split(b, c * kp, cfg,
                                         *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
-    _launch("fwd", key, cfg, launch)
+    _launch(cfg, launch)
     return launched["parts"], hyper, flags, dot
 
 
@@ -809,7 +807,7 @@ def _smem(dev: torch.device) -> int:
     return SMEM_CLASSES[0] if INTERPRET else _device.limits(dev).smem_per_block
 
 
-_OCCUPANCY: dict = {}  # (device, key, config) -> programs of the split-C forward kernel per SM
+_OCCUPANCY: dict = {}  # (device, split kernel's dtypes and constexprs, config) -> its programs per SM
 
 
 def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -> tuple[int, int]:
@@ -854,7 +852,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
                    **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels, DOT=dot,
                    UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp, foreign_labels), cfg, launch)
+    _launch(cfg, launch)
     return out
 
 

@@ -17,7 +17,9 @@ registers and spills. A compiled kernel whose shared memory exceeds the target's
 memory: the split heuristic's occupancy) are answered from the target's table and the ptxas log.
 
 Each target runs in its own process with a fresh ``TRITON_CACHE_DIR`` (nothing is cached between runs); the
-same specialisation met by several problems is compiled once per target.
+same specialisation met by several problems is compiled once per target. The launchers keep no state that
+changes their config choice (``fastcdml.kernels.ccl._launch``), so a problem compiles the same kernels whatever
+ran before it in the process.
 
 Gates (``gates()``; ``--gates`` exits 1 when one fails): every kernel compiles on every target; the launcher's
 config fits without the shrink path; on sm_90a the matrix-product loops (``WGMMA_KERNELS``) use wgmma unless
@@ -269,7 +271,6 @@ class _Session:
         self.case = case_name(case)
         self.x_dtype = case["x"]
         self.pending_shrink.clear()
-        ccl._WORKING.clear()  # each problem starts from the launcher's first choice
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         b, d = case["b"], case["d"]
         x = torch.zeros(b, d, dtype=dt[case["x"]])
