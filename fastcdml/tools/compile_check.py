@@ -9,10 +9,11 @@ sm_90a, and the compile time.
 A row is one compiled specialisation per target (its identity: Triton's kernel hash, which covers every
 constexpr, argument dtype, integer and alignment specialisation and launch option), shown by its ``spec``
 (``_spec``: every constexpr — ``EPILOGUE``, ``COMPUTE_GRAD``, ``FOREIGN``, ``ANGULAR``, … —, the dtypes of the
-tensor arguments that are not fp32, ``num_warps`` and ``num_stages``) and listing every problem that compiled
-it; a compile error is one row per spec. Nothing in a row or a verdict depends on the order of the problems,
-and the problems of one D do not depend on which other Ds are asked for (``cases``), so ``--dims 512`` judges
-exactly the D = 512 kernels of the full run.
+tensor arguments that are not fp32, ``num_warps`` and ``num_stages``; two rows share one when only Triton's
+integer or alignment specialisation differs) and listing every problem that compiled it; a compile error is
+one row per spec. Nothing in a row or a verdict depends on the order of the problems, and the problems of one
+D do not depend on which other Ds are asked for (``cases``), so ``--dims 512`` judges exactly the D = 512
+kernels of the full run.
 
 How: the launchers run on CPU tensors with Triton's active driver replaced by one that only names the target
 (``GPUTarget("cuda", cc, 32)``) and with ``JITFunction.run`` turned into a compile (``warmup=True``), so the
@@ -26,8 +27,8 @@ memory: the split heuristic's occupancy) are answered from the target's table an
 
 Each target runs in its own process with a fresh ``TRITON_CACHE_DIR`` (nothing is cached between runs); the
 same specialisation met by several problems is compiled once per target. The launchers keep no state that
-changes their config choice (``fastcdml.kernels.ccl._launch``), so a problem compiles the same kernels whatever
-ran before it in the process.
+changes their config choice (``fastcdml.kernels.ccl._launch``); their one cache, the split kernel's occupancy,
+is emptied before each problem, so a problem compiles the same kernels whatever ran before it in the process.
 
 Gates (``gates()``; ``--gates`` exits 1 when one fails): every kernel compiles on every target; the launcher's
 config fits without the shrink path (a config that needs the launcher's runtime shrink fails); on sm_90a the
@@ -48,7 +49,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import NamedTuple
 
@@ -204,7 +204,8 @@ def _spec(jit, args: tuple, kwargs: dict) -> dict:
     """What distinguishes a launch's compiled kernel, for the table, the JSON and ``OVER_BUDGET``: every constexpr
     in signature order (bools included: ``EPILOGUE``, ``COMPUTE_GRAD``, ``FOREIGN``, ``ANGULAR``, …), then the
     dtype of every tensor argument that is not fp32 (named without ``_ptr``), ``num_warps`` and ``num_stages``
-    when the launch sets them. Values are JSON scalars (a Triton dtype as its name)."""
+    (as launched; a compiled row takes them from the kernel). Values are JSON scalars (a Triton dtype as its
+    name). Triton's integer and alignment specialisations are not shown: two rows may share a spec."""
     bound = {p.name: v for p, v in zip(jit.params, args)} | kwargs
     spec = {}
     for p in jit.params:
@@ -290,6 +291,8 @@ class _Session:
             _add_problem(row, self.case)
             raise _Aborted from exc
         seconds = time.perf_counter() - t0
+        if kernel.metadata.target.arch != self.target.capability:  # see check(): one target per process
+            raise RuntimeError(f"{name} compiled for {kernel.metadata.target} in the {self.name} session")
         row = self.kernels.get(kernel.hash)
         if row is None:
             md = kernel.metadata
@@ -389,9 +392,10 @@ def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int 
     t0 = time.perf_counter()
     interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers, started now, must compile for real
     try:
-        with ProcessPoolExecutor(max(1, min(jobs, len(targets))), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_check_target, t, problems) for t in targets]
-            results = [f.result() for f in futures]
+        # maxtasksperchild=1: a fresh process per target. Triton's in-process kernel cache holds the target the
+        # process compiled for first, so a reused worker would compile the next target's kernels for that one.
+        with get_context("spawn").Pool(max(1, min(jobs, len(targets))), maxtasksperchild=1) as pool:
+            results = pool.starmap(_check_target, [(t, problems) for t in targets], chunksize=1)
     finally:
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
