@@ -86,13 +86,17 @@ num_warps, num_stages)`` per shared-memory class of ``SMEM_CLASSES`` (sm_90 227 
 operands); registers are dominated by the fp32 accumulator, ``rows × D/dv_split`` floats. Rows stay at 64 (the
 smallest M of a Hopper wgmma) wherever they fit, 8 warps from D = 128 (two warpgroups share the accumulator);
 past that, fewer columns and stages, the D split of the accumulator (``dv_split`` programs per row block, each
-recomputing ``s``: more FLOPs, fewer registers), and fewer rows last. The entries come from the offline compile
-check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``). If a
-config does not fit anyway (``OutOfResources``), the launcher retries along ``_shrink`` and remembers what worked.
-``config=`` and ``split=`` (keyword-only) on the launchers override the heuristics; ``FASTCDML_AUTOTUNE=1``
-autotunes the forward and proxy-gradient kernels over ``_TUNE_SPACE`` (never the in-place update). Under the
-interpreter: one small fixed config. Configs exist for D ≤ 1024; a larger D needs a K-loop over D for ``s``
-(not implemented).
+recomputing ``s``: more FLOPs, fewer registers), and fewer rows last; fp32 FMA products (``ieee``, no wgmma)
+take 32 rows without the D split at D = 256 and 512. Each entry serves both forward variants (split-C partials
+and the fused epilogue, which holds ``acc`` and the epilogue's tiles at once). The entries come from the offline
+compile check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``).
+The config a launch uses is a function of the problem and the GPU only, never of what the process launched
+before: on a GPU whose shared memory is below the smallest class (``OutOfResources``) each launch retries along
+``_shrink``, and nothing is remembered between calls. The compile gates fail on any table entry that needs that
+retry on their targets, so there it never runs. ``config=`` and ``split=`` (keyword-only) on the launchers
+override the heuristics; ``FASTCDML_AUTOTUNE=1`` autotunes the forward and proxy-gradient kernels over
+``_TUNE_SPACE`` (never the in-place update). Under the interpreter: one small fixed config. Configs exist for
+D ≤ 1024; a larger D needs a K-loop over D for ``s`` (not implemented).
 """
 from __future__ import annotations
 
@@ -140,7 +144,8 @@ FWD_CONFIGS = {
     (128, 2, "16"): (C(64, 64, 1, 8, 3),) * 2 + (C(64, 64, 1, 8, 2),),
     (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 16, 1, 8, 2),),
     (256, 2, "16"): (C(64, 32, 1, 8, 2), C(64, 64, 1, 8, 2), C(64, 32, 1, 8, 2)),
-    (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1)),
+    # fp32 bank: D split 2 (without it the fused-epilogue variant spilled 944 / 84 / 56 B on sm_90a / 80 / 86)
+    (256, 4, "16"): (C(64, 32, 2, 8, 2), C(64, 16, 2, 8, 2), C(64, 32, 2, 8, 1)),
     (512, 2, "16"): (C(64, 32, 2, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
     (512, 4, "16"): (C(64, 32, 2, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
     (1024, 2, "16"): (C(64, 16, 4, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
@@ -155,14 +160,18 @@ FWD_CONFIGS = {
     (256, 4, "tf32x3"): (None,) * 3,  # 64 rows: 192 KB and 1.7 KB spilled per thread on sm_90a
     (512, 4, "tf32x3"): (None,) * 3,  # 5–11 KB spilled per thread at any row count that fits
     (1024, 4, "tf32x3"): (None,) * 3,
-    (256, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
-    (512, 4, "ieee"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(32, 16, 2, 8, 1)),
+    # FMA products have no wgmma M to keep: 32 rows without the D split (1.5× fewer products than 64 rows split
+    # in two); with 64 rows the fused-epilogue variant compiled to 32 registers and 9.6 / 20.9 KB of spills
+    # (D = 256 / 512) on sm_90a
+    (256, 4, "ieee"): (C(32, 16, 1, 8, 1),) * 3,
+    (512, 4, "ieee"): (C(32, 16, 1, 8, 1),) * 3,
     (1024, 4, "ieee"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
 }
 # The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
 BWD_CONFIGS = {**FWD_CONFIGS,
                (64, 2, "16"): (C(64, 64, 1, 4, 2),) * 3, (64, 4, "16"): (C(64, 64, 1, 4, 2),) * 3,
                (256, 2, "16"): (C(64, 32, 1, 8, 2),) * 3,
+               (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1)),  # no epilogue here
                (512, 2, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
                (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1)),
                (256, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3, (512, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3,
@@ -257,23 +266,19 @@ def _shrink(cfg: Config) -> Config | None:
     return None
 
 
-_WORKING: dict = {}  # (kernel, shape/dtype key, requested config) -> the config that compiled
-
-
-def _launch(kernel: str, key: tuple, requested: Config, launch) -> None:
-    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the largest smaller config that fits."""
-    cfg = _WORKING.get((kernel, key, requested), requested)
+def _launch(requested: Config, launch) -> None:
+    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``_shrink`` that fits.
+    Stateless: a shrunk config is not remembered (it would make the next launch's config depend on what ran
+    first, e.g. a split-C launch and a fused-epilogue launch of the same shapes); retrying costs one failed
+    kernel load per step, on GPUs outside ``SMEM_CLASSES`` only."""
+    cfg = requested
     while True:
         try:
-            out = launch(cfg)
+            return launch(cfg)
         except OutOfResources:
-            smaller = _shrink(cfg)
-            if smaller is None:
+            cfg = _shrink(cfg)
+            if cfg is None:
                 raise
-            cfg = smaller
-            continue
-        _WORKING[(kernel, key, requested)] = cfg
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,8 +338,8 @@ def _subcenter_scatter(v, kstar, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K
 
 
 @triton.jit
-def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m2, l, lo, ps, acc, c_y, k_y,
-                  dv_cols, write_rows, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D: tl.constexpr,
+def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m2, l, lo, ps, acc,
+                  c_y, k_y, dv_cols, write_rows, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
                   COMPUTE_GRAD: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr):
     """Loss, lse and the D-slice ``dv_cols`` of ∂L/∂x for ``rows`` from the merged online-softmax state.
 
@@ -351,15 +356,13 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
     margin t' = 1 and a = −1/τ − 2λ.) ``W_y`` is rounded to the ``tl.dot`` operand dtype like its copy in ``acc``.
     ``q`` is stored for the proxy gradient.
 
-    ``m2``: running max of z in base-2 units; ``l``: Σ 2^(z2 − m2); ``lo``: the same sum without the label's
-    column; ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols] (all unnormalised, relative to ``m2``). ``write_rows``:
+    ``norm``: max(‖x‖, 1e-12) of the rows, from the caller (the forward kernel has it from normalising x̂; the
+    epilogue loads only the ``dv_cols`` slice of x). ``m2``: running max of z in base-2 units; ``l``:
+    Σ 2^(z2 − m2); ``lo``: the same sum without the label's column; ``ps``: Σ p·c; ``acc``: Σ p·W[:, dv_cols]
+    (all unnormalised, relative to ``m2``). ``write_rows``:
     per-row mask of the loss/lse stores (vectors only: the interpreter cannot broadcast a scalar boolean into a
     store mask).
     """
-    dk = tl.arange(0, BLOCK_D)
-    dmask = dk < D
-    x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
-    norm = _row_norm(x)
     valid = (lab >= 0) & (lab < C)
     t_y, dt_y = _target_logit(c_y, margin, cos_m, sin_m, ANGULAR)
     lse = (m2 + tl.log2(l)) * 0.6931471805599453
@@ -410,9 +413,10 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
     first = rmask & ((tl.zeros_like(rows) + dv) == 0)  # loss, lse and scalar partials: written by D-slice 0
 
     x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
+    norm = _row_norm(x)  # kept for the epilogue
     # tl.dot operands: rounded to DOT, then widened to fp32 when UPCAST (the interpreter's bf16 dot is wrong).
     # Casts and loads in the loops are inlined: each nested jit call costs the interpreter ~10 ms per iteration.
-    xq = (x / _row_norm(x)[:, None]).to(DOT)
+    xq = (x / norm[:, None]).to(DOT)
     if UPCAST:
         xq = xq.to(tl.float32)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
@@ -472,8 +476,8 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
         w_tile += NC * K * D
 
     if EPILOGUE:
-        _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m_i, l_i, lo_i, ps_i, acc,
-                      c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D,
+        _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m_i, l_i, lo_i, ps_i,
+                      acc, c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
                       COMPUTE_GRAD, ANGULAR, DOT)
     else:
         prow = pid_s.to(tl.int64) * B + rows
@@ -518,9 +522,10 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q
             ps += a * tl.load(pps_ptr + prow, mask=rmask, other=0.0)
             acc += a[:, None] * _load_rows(pacc_ptr, prow, rmask, dk, dmask, D)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, lab, m, l, lo, ps, acc, c_y,
-                  k_y.to(tl.int32),
-                  dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, BLOCK_D, COMPUTE_GRAD, ANGULAR, DOT)
+    norm = _row_norm(_load_rows(x_ptr, rows, rmask, dk, dmask, D))
+    _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m, l, lo, ps, acc, c_y,
+                  k_y.to(tl.int32), dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, COMPUTE_GRAD,
+                  ANGULAR, DOT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,7 +778,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper["two_lambda"] = 2.0 * center_weight
-    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp)
+    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp, margin_type)  # what the split kernel compiles for
     launched = {}
 
     def run(cfg, split, warmup=False):
@@ -801,7 +806,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
         run(cfg, split or default_split(b, c * kp, cfg,
                                         *_machine(dev, key, cfg, lambda: run(cfg, 2, warmup=True))))
 
-    _launch("fwd", key, cfg, launch)
+    _launch(cfg, launch)
     return launched["parts"], hyper, flags, dot
 
 
@@ -809,7 +814,7 @@ def _smem(dev: torch.device) -> int:
     return SMEM_CLASSES[0] if INTERPRET else _device.limits(dev).smem_per_block
 
 
-_OCCUPANCY: dict = {}  # (device, key, config) -> programs of the split-C forward kernel per SM
+_OCCUPANCY: dict = {}  # (device, split kernel's dtypes and constexprs, config) -> its programs per SM
 
 
 def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -> tuple[int, int]:
@@ -854,7 +859,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
                    **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels, DOT=dot,
                    UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
-    _launch("bwd_centers", (d, x.dtype, centers.dtype, kind, kp, foreign_labels), cfg, launch)
+    _launch(cfg, launch)
     return out
 
 

@@ -6,6 +6,15 @@ and reports per compiled kernel: compiled or the error, registers per thread, sp
 against the target's per-block limit, whether the launcher had to shrink its config to fit, wgmma use on
 sm_90a, and the compile time.
 
+A row is one compiled specialisation per target (its identity: Triton's kernel hash, which covers every
+constexpr, argument dtype, integer and alignment specialisation and launch option), shown by its ``spec``
+(``_spec``: every constexpr — ``EPILOGUE``, ``COMPUTE_GRAD``, ``FOREIGN``, ``ANGULAR``, … —, the dtypes of the
+tensor arguments that are not fp32, ``num_warps`` and ``num_stages``; two rows share one when only Triton's
+integer or alignment specialisation differs) and listing every problem that compiled it; a compile error is
+one row per spec. Nothing in a row or a verdict depends on the order of the problems, and the problems of one
+D do not depend on which other Ds are asked for (``cases``), so ``--dims 512`` judges exactly the D = 512
+kernels of the full run.
+
 How: the launchers run on CPU tensors with Triton's active driver replaced by one that only names the target
 (``GPUTarget("cuda", cc, 32)``) and with ``JITFunction.run`` turned into a compile (``warmup=True``), so the
 launcher's own config choice, its shrink retries, its split heuristic and Triton's argument specialisation
@@ -17,13 +26,16 @@ registers and spills. A compiled kernel whose shared memory exceeds the target's
 memory: the split heuristic's occupancy) are answered from the target's table and the ptxas log.
 
 Each target runs in its own process with a fresh ``TRITON_CACHE_DIR`` (nothing is cached between runs); the
-same specialisation met by several problems is compiled once per target.
+same specialisation met by several problems is compiled once per target. The launchers keep no state that
+changes their config choice (``fastcdml.kernels.ccl._launch``); their one cache, the split kernel's occupancy,
+is emptied before each problem, so a problem compiles the same kernels whatever ran before it in the process.
 
 Gates (``gates()``; ``--gates`` exits 1 when one fails): every kernel compiles on every target; the launcher's
-config fits without the shrink path; on sm_90a the matrix-product loops (``WGMMA_KERNELS``) use wgmma unless
-they compute fp32 FMA products or have fewer than the 64 rows a wgmma needs (``_wgmma_expected``); no
-spills in the CCL forward at D ≤ 256 with 16-bit queries, at most ``SPILL_BUDGET`` bytes elsewhere unless the
-kernel is named in ``OVER_BUDGET`` with its reason; no kernel takes more than ``MAX_COMPILE_S`` to compile.
+config fits without the shrink path (a config that needs the launcher's runtime shrink fails); on sm_90a the
+matrix-product loops (``WGMMA_KERNELS``) use wgmma unless they compute fp32 FMA products or have fewer than the
+64 rows a wgmma needs (``_wgmma_expected``); no spills in the CCL forward at D ≤ 256 with 16-bit queries, at
+most ``SPILL_BUDGET`` bytes elsewhere unless the specialisation matches an ``OVER_BUDGET`` entry with its
+reason; no kernel takes more than ``MAX_COMPILE_S`` to compile.
 """
 from __future__ import annotations
 
@@ -37,7 +49,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import NamedTuple
 
@@ -56,6 +67,7 @@ TARGETS = {
     "sm_86": Target(86, 84, 99 * 1024, 100 * 1024, 1536),  # RTX 3090 / A40 class
 }
 DIMS = (64, 128, 256, 512, 1024)
+FULL_DIMS = (128, 512)  # every dtype pair here; CBML's modes at the first, the fp32 precisions at the last
 # (x dtype, bank dtype): CCL queries with the fp32 master bank or a bf16 bank; CBML batch with its memory.
 CCL_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"))
 CBML_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
@@ -64,45 +76,50 @@ WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kern
                  "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
 SPILL_BUDGET = 512  # bytes of spill stores per thread
 MAX_COMPILE_S = 60.0
-# Kernels allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, regular expression
-# that the config string must match, targets, reason).
-OVER_BUDGET: list[tuple[str, str, tuple[str, ...], str]] = [
-    ("_ccl_fwd_kernel", r"BLOCK_D=1024 DOT=(bf16|fp16)", ("sm_90a",),
-     "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split"),
-    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=fp32 .*PREC=tf32 ", ("sm_90a",),
+# Specialisations allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, {spec field:
+# regular expression its value must match in full}, targets, reason). An entry that names no EPILOGUE /
+# COMPUTE_GRAD / … value covers every variant.
+OVER_BUDGET: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [
+    ("_ccl_fwd_kernel", dict(BLOCK_D="1024", DOT="bf16|fp16"), ("sm_90a",),
+     "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split, "
+     "2.3 KB in the fused-epilogue variant"),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="512", DOT="fp32", PREC="tf32"), ("sm_90a",),
      "'high' fp32 operands, 64 × 512 query tile: 1.1 KB; 32 rows would lose wgmma"),
-    ("_ccl_fwd_kernel", r"BLOCK_D=512 DOT=(bf16|fp16)", ("sm_90a", "sm_80", "sm_86"),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="512", DOT="bf16|fp16"), ("sm_90a", "sm_80", "sm_86"),
      "64 rows × 512: the fp32 accumulator alone is 128 registers per thread at 8 warps; 1.1–1.9 KB, also with "
      "the D split (it halves the accumulator but adds the PV operand tile)"),
-    ("_ccl_fwd_kernel", r"BLOCK_D=128 DOT=fp32 .*PREC=tf32x3", ("sm_90a",),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="128", DOT="fp32", PREC="tf32x3"), ("sm_90a",),
      "tf32x3 keeps hi and lo parts of both operands: 680 B at 64 × 128"),
-    ("_cbml_stats_kernel", r"PRECISION=tf32x3 TOPK=1", ("sm_90a",),
+    ("_cbml_stats_kernel", dict(PRECISION="tf32x3", TOPK="1"), ("sm_90a",),
      "fp32 or mixed inputs at 'highest', top-K: hi/lo operand parts next to the 64 × 64 int64 key tile, 0.4–0.6 KB"),
-    ("_cbml_stats_kernel", r"PRECISION=tf32x3 TOPK=0", ("sm_90a",),
+    ("_cbml_stats_kernel", dict(PRECISION="tf32x3", TOPK="0"), ("sm_90a",),
      "fp32 inputs at 'highest', adaptive negatives: hi/lo operand parts of the 64 × 64 tile; within 512 B with "
      "triton 3.9, 532 B with triton 3.6"),
-    ("_cbml_grad_query_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+    ("_cbml_grad_query_kernel", dict(PRECISION="tf32x3"), ("sm_90a",),
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.5–0.7 KB"),
-    ("_cbml_grad_ref_kernel", r"PRECISION=tf32x3", ("sm_90a",),
+    ("_cbml_grad_ref_kernel", dict(PRECISION="tf32x3"), ("sm_90a",),
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.7–1.1 KB"),
 ]
 
 
 def _allowed_over_budget(target: str, row: dict) -> bool:
-    return any(row["kernel"] == k and re.search(rx, row["config"] + " ") and target in ts
-               for k, rx, ts, _ in OVER_BUDGET)
+    return any(row["kernel"] == k and target in ts and all(
+        f in row["spec"] and re.fullmatch(rx, str(row["spec"][f])) for f, rx in fields.items())
+        for k, fields, ts, _ in OVER_BUDGET)
 
 
 def cases(dims=DIMS) -> list[dict]:
     """The problem matrix (B=256, C=1000 classes, CBML memory M=4096), chosen so that every kernel, code path
     and dtype branch compiles at least once per target at a moderate cost (a specialisation met twice compiles
-    once):
+    once). Which problems a D gets depends on that D alone (``FULL_DIMS``), so ``cases(dims)`` holds the
+    problems of ``cases((d,))`` for each d in ``dims``:
 
     - CCL training step (forward + query gradient, proxy gradient, momentum update: both update modes' kernels)
       for every (x, bank) dtype pair at D = 128 and 512, and for fp32 and bf16 queries with the fp32 bank and
       the bf16 bank at every D; fp32 products at each ``torch.set_float32_matmul_precision`` setting at D = 512
-      (at D = 128 "highest" only); the fused-epilogue path (a batch that fills the GPU, so no split of C) and
-      the forward without gradient.
+      (at the other D "highest" only); the fused-epilogue path (a batch that fills the GPU, so no split of C)
+      for fp32 and bf16 queries with the fp32 bank at every D and the bf16 bank at D = 128 and 512; the forward
+      without gradient at D = 512.
     - The class-sharded step (per-slice partials, the forward kernel without its epilogue, and the slice's proxy
       gradient with foreign labels) for fp32 and bf16 queries with the fp32 bank at every D, and the bf16 bank
       at D = 128 and 512.
@@ -112,34 +129,36 @@ def cases(dims=DIMS) -> list[dict]:
       variance centre and φ = log; the boundary centre for the fp32, 16-bit and mixed pairs (adaptive) and top-K
       with K = 100, and φ = sqrt and constant once each.
     """
-    mid = [d for d in dims if d in (128, 512)] or list(dims[:1])
+    full, modes = FULL_DIMS, [d for d in dims if d == FULL_DIMS[0]]
     out = []
     ccl = dict(loss="ccl", op="train", precision="highest", b=256, c=1000)
     for d in dims:
-        pairs = CCL_PAIRS if d in mid else (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
+        pairs = CCL_PAIRS if d in full else (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
         out += [dict(ccl, d=d, x=x, bank=w) for x, w in pairs]
-        if d == mid[-1]:
+        if d == full[-1]:
             out += [dict(ccl, d=d, x="fp32", bank="fp32", precision=p) for p in PRECISIONS[1:]]
-    out += [dict(ccl, op="fused", d=mid[0], x=x, bank=w, b=32768) for x, w in (("bf16", "fp32"), ("fp32", "fp32"))]
-    out.append(dict(ccl, op="fused", d=mid[-1], x="bf16", bank="bf16", b=32768))
-    out.append(dict(ccl, op="eval", d=mid[-1], x="bf16", bank="fp32"))
     for d in dims:
-        pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in mid else ())
+        pairs = (("bf16", "fp32"), ("fp32", "fp32")) + ((("bf16", "bf16"),) if d in full else ())
+        out += [dict(ccl, op="fused", d=d, x=x, bank=w, b=32768) for x, w in pairs]
+    out += [dict(ccl, op="eval", d=d, x="bf16", bank="fp32") for d in dims if d == full[-1]]
+    for d in dims:
+        pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in full else ())
         out += [dict(ccl, op="sharded", d=d, x=x, bank=w) for x, w in pairs]
     cbml = dict(loss="cbml", op="train", precision="highest", top_k=0, b=256, m=4096, include_self=True,
                 center="class_means", phi="log")
     for d in dims:
-        pairs = CBML_PAIRS if d == mid[0] else (("fp32", "fp32"), ("bf16", "bf16"))
+        pairs = CBML_PAIRS if d in modes else (("fp32", "fp32"), ("bf16", "bf16"))
         out += [dict(cbml, d=d, x=x, bank=r) for x, r in pairs]
-    for top_k in (100, 1000):
-        out += [dict(cbml, d=mid[0], x=x, bank=r, top_k=top_k)
-                for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
-    out.append(dict(cbml, op="ref-only", d=mid[0], x="bf16", bank="bf16", top_k=100, include_self=False))
-    out += [dict(cbml, d=mid[0], x="bf16", bank="fp32", top_k=top_k, mask=True) for top_k in (0, 100)]
-    out += [dict(cbml, d=mid[0], x=x, bank=r, center="boundary") for x, r in (("fp32", "fp32"), ("bf16", "bf16"),
-                                                                              ("bf16", "fp32"))]
-    out.append(dict(cbml, d=mid[0], x="bf16", bank="bf16", top_k=100, center="boundary"))
-    out += [dict(cbml, d=mid[0], x="bf16", bank="bf16", phi=phi) for phi in ("sqrt", "constant")]
+    for d in modes:
+        for top_k in (100, 1000):
+            out += [dict(cbml, d=d, x=x, bank=r, top_k=top_k)
+                    for x, r in (("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "fp32"))]
+        out.append(dict(cbml, op="ref-only", d=d, x="bf16", bank="bf16", top_k=100, include_self=False))
+        out += [dict(cbml, d=d, x="bf16", bank="fp32", top_k=top_k, mask=True) for top_k in (0, 100)]
+        out += [dict(cbml, d=d, x=x, bank=r, center="boundary")
+                for x, r in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))]
+        out.append(dict(cbml, d=d, x="bf16", bank="bf16", top_k=100, center="boundary"))
+        out += [dict(cbml, d=d, x="bf16", bank="bf16", phi=phi) for phi in ("sqrt", "constant")]
     return out
 
 
@@ -158,6 +177,13 @@ def case_name(case: dict) -> str:
 # ---------------------------------------------------------------------------------------------- one target
 class _Aborted(Exception):
     """A kernel failed to compile: the rest of this problem is skipped."""
+
+
+def _add_problem(row: dict, problem: str) -> None:
+    """Record that ``problem`` compiled (or failed on) ``row``'s kernel; kept sorted, so that a row does not depend
+    on the order the problems ran in."""
+    if problem not in row["problems"]:
+        row["problems"] = sorted(row["problems"] + [problem])
 
 
 _LOG = {"regs": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
@@ -182,6 +208,33 @@ def _ptxas_figures(log: str, ptx: str, arch: str) -> dict:
     return {k: int(m.group(1)) if (m := re.search(p, log)) else None for k, p in _LOG.items()}
 
 
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32", "uint8": "u8"}
+
+
+def _spec(jit, args: tuple, kwargs: dict) -> dict:
+    """What distinguishes a launch's compiled kernel, for the table, the JSON and ``OVER_BUDGET``: every constexpr
+    in signature order (bools included: ``EPILOGUE``, ``COMPUTE_GRAD``, ``FOREIGN``, ``ANGULAR``, …), then the
+    dtype of every tensor argument that is not fp32 (named without ``_ptr``), ``num_warps`` and ``num_stages``
+    (as launched; a compiled row takes them from the kernel). Values are JSON scalars (a Triton dtype as its
+    name). Triton's integer and alignment specialisations are not shown: two rows may share a spec."""
+    bound = {p.name: v for p, v in zip(jit.params, args)} | kwargs
+    spec = {}
+    for p in jit.params:
+        if p.is_constexpr:
+            v = bound.get(p.name, p.default)
+            spec[p.name] = v if isinstance(v, (bool, int, str)) else str(v)
+    for p in jit.params:
+        dtype = getattr(bound.get(p.name), "dtype", None)
+        if dtype is not None and str(dtype) != "torch.float32":
+            spec[p.name.removesuffix("_ptr")] = _SHORT.get(str(dtype).removeprefix("torch."), str(dtype))
+    spec.update({k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs})
+    return spec
+
+
+def _spec_text(spec: dict) -> str:
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in spec.items())
+
+
 class _Session:
     """Compiles what the launchers launch for one target."""
 
@@ -194,9 +247,8 @@ class _Session:
         self.name = target_name
         self.target = TARGETS[target_name]
         self.kernels: dict[str, dict] = {}  # compiled kernel hash -> row
-        self.failures: list[dict] = []
+        self.failures: dict[str, dict] = {}  # spec text -> row
         self.case = ""
-        self.x_dtype = ""
         self.pending_shrink: set[str] = set()
         gpu = GPUTarget("cuda", self.target.capability, 32)
 
@@ -236,6 +288,7 @@ class _Session:
         from triton.runtime.errors import OutOfResources
 
         name = jit.fn.__name__
+        spec = _spec(jit, args, kwargs)
         log = io.StringIO()
         t0 = time.perf_counter()
         try:
@@ -243,18 +296,20 @@ class _Session:
                 kernel = self._orig_run(jit, *args, grid=(1,), warmup=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every compiler failure is a result to report
             msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
-            self.failures.append(dict(target=self.name, kernel=name, case=self.case, error=" | ".join(msg[:3])[:400],
-                                      seconds=round(time.perf_counter() - t0, 1)))
+            row = self.failures.setdefault(_spec_text(spec), dict(
+                target=self.name, kernel=name, spec=spec, config=_spec_text(spec), problems=[],
+                error=" | ".join(msg[:3])[:400], seconds=round(time.perf_counter() - t0, 1)))
+            _add_problem(row, self.case)
             raise _Aborted from exc
         seconds = time.perf_counter() - t0
+        if kernel.metadata.target.arch != self.target.capability:  # see check(): one target per process
+            raise RuntimeError(f"{name} compiled for {kernel.metadata.target} in the {self.name} session")
         row = self.kernels.get(kernel.hash)
         if row is None:
             md = kernel.metadata
             ptx = kernel.asm.get("ptx", "")
-            row = dict(target=self.name, kernel=name, case=self.case, x=self.x_dtype, cases=0,
-                       config=" ".join(f"{k}={v}" for k, v in sorted(kwargs.items())
-                                       if not isinstance(v, (bool, float))),
-                       flags=" ".join(k for k, v in sorted(kwargs.items()) if v is True),
+            spec.update(num_warps=md.num_warps, num_stages=md.num_stages)
+            row = dict(target=self.name, kernel=name, spec=spec, config=_spec_text(spec), problems=[],
                        num_warps=md.num_warps, num_stages=md.num_stages, smem=md.shared,
                        smem_limit=self.target.smem_per_block, fits=md.shared <= self.target.smem_per_block,
                        after_shrink=False, wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx,
@@ -263,7 +318,7 @@ class _Session:
             print(f"[{self.name}]   {name} {row['config']}: {row['regs']} regs, {row['spill_stores']} B spilled, "
                   f"{row['smem'] // 1024} KB smem, {'wgmma' if row['wgmma'] else 'mma' if row['mma'] else '-'}, "
                   f"{row['seconds']} s", file=sys.stderr, flush=True)
-        row["cases"] += 1
+        _add_problem(row, self.case)
         if name in self.pending_shrink:
             row["after_shrink"] = True
         if not row["fits"]:
@@ -278,9 +333,8 @@ class _Session:
         from fastcdml.kernels import cbml, ccl
 
         self.case = case_name(case)
-        self.x_dtype = case["x"]
         self.pending_shrink.clear()
-        ccl._WORKING.clear()  # each problem starts from the launcher's first choice
+        ccl._OCCUPANCY.clear()  # a cache of compiled kernels' occupancy: each problem compiles its split kernel
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         b, d = case["b"], case["d"]
         x = torch.zeros(b, d, dtype=dt[case["x"]])
@@ -333,8 +387,13 @@ def _check_target(target_name: str, problems: list[dict]) -> dict:
             session.run_case(case)
             print(f"[{target_name}] {case_name(case)}: {len(session.kernels) + len(session.failures) - n} new "
                   f"kernels, {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        return dict(target=target_name, kernels=list(session.kernels.values()), failures=session.failures,
+        return dict(target=target_name, kernels=sorted(session.kernels.values(), key=_row_order),
+                    failures=sorted(session.failures.values(), key=_row_order),
                     seconds=round(time.perf_counter() - t0, 1))
+
+
+def _row_order(row: dict) -> tuple:
+    return row["kernel"], row["config"], row["problems"]
 
 
 def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int = 2) -> dict:
@@ -346,9 +405,10 @@ def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int 
     t0 = time.perf_counter()
     interpret = os.environ.pop("TRITON_INTERPRET", None)  # the workers, started now, must compile for real
     try:
-        with ProcessPoolExecutor(max(1, min(jobs, len(targets))), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_check_target, t, problems) for t in targets]
-            results = [f.result() for f in futures]
+        # maxtasksperchild=1: a fresh process per target. Triton's in-process kernel cache holds the target the
+        # process compiled for first, so a reused worker would compile the next target's kernels for that one.
+        with get_context("spawn").Pool(max(1, min(jobs, len(targets))), maxtasksperchild=1) as pool:
+            results = pool.starmap(_check_target, [(t, problems) for t in targets], chunksize=1)
     finally:
         if interpret is not None:
             os.environ["TRITON_INTERPRET"] = interpret
@@ -358,55 +418,68 @@ def check(targets=tuple(TARGETS), problems: list[dict] | None = None, jobs: int 
 
 # ---------------------------------------------------------------------------------------------- gates
 def _spill_limit(row: dict) -> int:
-    if row["kernel"] == "_ccl_fwd_kernel" and "DOT=fp32" not in row["config"]:
-        d = int(re.search(r"BLOCK_D=(\d+)", row["config"]).group(1))
-        if d <= 256 and row["x"] in ("bf16", "fp16"):
-            return 0
+    """0 B for the CCL forward with 16-bit queries and products at D ≤ 256, ``SPILL_BUDGET`` elsewhere."""
+    spec = row["spec"]
+    if (row["kernel"] == "_ccl_fwd_kernel" and spec["DOT"] != "fp32" and spec["BLOCK_D"] <= 256
+            and spec.get("x") in ("bf16", "fp16")):
+        return 0
     return SPILL_BUDGET
 
 
 def _wgmma_expected(row: dict) -> bool:
     """A matrix-product loop of ``WGMMA_KERNELS`` on tensor cores (not fp32 FMA products, ``PREC=ieee``) with
     the 64 rows a wgmma needs (the CCL launchers go below 64 only where 64 rows of fp32 operands cannot fit)."""
-    if row["kernel"] not in WGMMA_KERNELS or "PREC=ieee" in row["config"] and "DOT=fp32" in row["config"]:
+    spec = row["spec"]
+    if row["kernel"] not in WGMMA_KERNELS or spec.get("PREC") == "ieee" and spec.get("DOT") == "fp32":
         return False
-    rows = re.search(r"BLOCK_C=(\d+)" if row["kernel"] == "_ccl_bwd_centers_kernel" else r"BLOCK_B=(\d+)",
-                     row["config"])
-    return rows is None or int(rows.group(1)) >= 64
+    return spec.get("BLOCK_C" if row["kernel"] == "_ccl_bwd_centers_kernel" else "BLOCK_B", 64) >= 64
 
 
 def gates(result: dict) -> list[str]:
     """The failed gates, one line each (empty: all pass)."""
+    return [f"{line} ({_problems(row)})" for line, row in _verdicts(result)]
+
+
+def _verdicts(result: dict) -> list[tuple[str, dict]]:
+    """(failed gate, its row) in the rows' order; the line names the target, kernel, spec and what failed (not
+    the problems, which depend on the Ds asked for when a kernel serves several)."""
     bad = []
     for t in result["targets"]:
         for f in t["failures"]:
-            bad.append(f"{t['target']}: {f['kernel']} does not compile ({f['case']}): {f['error']}")
+            bad.append((f"{t['target']}: {f['kernel']} [{f['config']}] does not compile: {f['error']}", f))
         for row in t["kernels"]:
-            where = f"{t['target']}: {row['kernel']} [{row['config']}] ({row['case']})"
+            where = f"{t['target']}: {row['kernel']} [{row['config']}]"
             if not row["fits"]:
-                bad.append(f"{where}: shared memory {row['smem']} B > {row['smem_limit']} B (launcher shrinks)")
+                bad.append((f"{where}: shared memory {row['smem']} B > {row['smem_limit']} B (launcher shrinks)",
+                            row))
             if t["target"] == "sm_90a" and _wgmma_expected(row) and not row["wgmma"]:
-                bad.append(f"{where}: no wgmma")
+                bad.append((f"{where}: no wgmma", row))
             spill = row["spill_stores"] or 0
             if spill > _spill_limit(row) and not (_spill_limit(row) and _allowed_over_budget(t["target"], row)):
-                bad.append(f"{where}: {spill} B spill stores > {_spill_limit(row)} B")
+                bad.append((f"{where}: {spill} B spill stores > {_spill_limit(row)} B", row))
             if row["seconds"] > MAX_COMPILE_S:
-                bad.append(f"{where}: {row['seconds']} s to compile > {MAX_COMPILE_S} s")
+                bad.append((f"{where}: {row['seconds']} s to compile > {MAX_COMPILE_S} s", row))
     return bad
 
 
+def _problems(row: dict) -> str:
+    n = len(row["problems"])
+    return row["problems"][0] + (f" and {n - 1} more" if n > 1 else "")
+
+
 def table(result: dict) -> str:
-    head = ("target", "kernel", "config", "first problem", "regs", "spill B", "smem KB/limit", "fits", "shrunk",
+    head = ("target", "kernel", "spec", "problems", "regs", "spill B", "smem KB/limit", "fits", "shrunk",
             "wgmma", "s")
     lines = []
     for t in result["targets"]:
-        for row in sorted(t["kernels"], key=lambda r: (r["kernel"], r["case"])):
-            lines.append((t["target"], row["kernel"], row["config"], row["case"], str(row["regs"]),
+        for row in t["kernels"]:
+            lines.append((t["target"], row["kernel"], row["config"], _problems(row), str(row["regs"]),
                           str(row["spill_stores"]), f"{row['smem'] / 1024:.0f}/{row['smem_limit'] // 1024}",
                           "yes" if row["fits"] else "NO", "yes" if row["after_shrink"] else "",
                           "yes" if row["wgmma"] else ("mma" if row["mma"] else ""), str(row["seconds"])))
         for f in t["failures"]:
-            lines.append((t["target"], f["kernel"], "", f["case"], "", "", "", "ERROR", "", "", str(f["seconds"])))
+            lines.append((t["target"], f["kernel"], f["config"], _problems(f), "", "", "", "ERROR", "", "",
+                          str(f["seconds"])))
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:{w}}}" for w in widths)
     out = [fmt.format(*head)] + [fmt.format(*r) for r in lines]
