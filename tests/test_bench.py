@@ -196,3 +196,24 @@ def test_quick_runs_the_smallest_size_per_loss_in_process(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "measure_isolated", lambda *a, **k: pytest.fail("--quick must not start workers"))
     assert _sweep(tmp_path) == 0
     assert _results(tmp_path)["meta"]["runs"][0]["isolated"] is False
+
+
+def test_cpu_floor_measures_and_writes(tmp_path, monkeypatch):
+    """bench.cpu_floor times the C++ ops and the torch.mm floor of the same shapes and writes its results file."""
+    from bench import cpu_floor
+    from fastcdml._backend import unavailable_reason
+
+    if unavailable_reason("cpp", "ccl", "cpu") is not None:
+        pytest.skip("the C++ backend is not available")
+    monkeypatch.setattr(cpu_floor, "SIZES", ((9, 70, 12),))
+    threads = torch.get_num_threads()
+    try:
+        assert cpu_floor.main(["--reps", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = tmp_path.glob("*-cpu-floor-*.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["isa"] in ("avx512", "avx2", "generic") and data["meta"]["torch"] == torch.__version__
+    (row,) = data["floor_ratios"]
+    assert (row["B"], row["C"], row["D"]) == (9, 70, 12)
+    assert row["fwd_ms"] > 0 and row["fwd_over_floor"] > 0 and row["fwd_proxy_over_floor"] > 0
