@@ -88,9 +88,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()}, indent=2))
+    recipe.write_config(args)
     train_images = datasets.load(args.dataset, args.root, "train", recipe.transforms(args.image_size, train=True))
     plain_images = datasets.load(args.dataset, args.root, "train", recipe.transforms(args.image_size, train=False))
     unlabelled = WithLabels(plain_images, torch.zeros(len(plain_images), dtype=torch.int64))  # ids unknown yet

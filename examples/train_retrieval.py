@@ -162,14 +162,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_config(args: argparse.Namespace) -> None:
+    """The run's arguments as ``<out>/config.json`` (paths as strings), creating the folder."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()}, indent=2))
+
+
 def main(argv=None) -> dict:
     """Train, evaluating every ``eval_every`` iterations and at the end; returns the best evaluation."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()}, indent=2))
+    write_config(args)
     train_set = datasets.load(args.dataset, args.root, "train", transforms(args.image_size, train=True))
     sampler = datasets.MPerClassSampler(train_set.labels, args.m, args.batch_size, seed=args.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda")
