@@ -1,5 +1,5 @@
 """fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian, and drop-ins
-for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace).
+for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace, and ProxyAnchor).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval
@@ -15,6 +15,7 @@ from .losses import (
     ContrastiveBayesianLoss,
     CosFaceLoss,
     NormalizedSoftmaxLoss,
+    ProxyAnchorLoss,
     ShardedArcFaceLoss,
     ShardedCenterContrastiveLoss,
     ShardedCosFaceLoss,
@@ -41,6 +42,7 @@ __all__ = [
     "ShardedCosFaceLoss",
     "ShardedArcFaceLoss",
     "ShardedSubCenterArcFaceLoss",
+    "ProxyAnchorLoss",
     "CenterParams",
     "BayesianParams",
     "pseudo_labels",

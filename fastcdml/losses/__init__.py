@@ -1,6 +1,7 @@
 """User-facing loss modules."""
 from .cbml import ContrastiveBayesianLoss
 from .ccl import CenterContrastiveLoss
+from .proxy_anchor import ProxyAnchorLoss
 from .margin import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
 from .sharded_ccl import ShardedCenterContrastiveLoss
 from .sharded_margin import (ShardedArcFaceLoss, ShardedCosFaceLoss, ShardedNormalizedSoftmaxLoss,
@@ -8,4 +9,4 @@ from .sharded_margin import (ShardedArcFaceLoss, ShardedCosFaceLoss, ShardedNorm
 
 __all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss", "NormalizedSoftmaxLoss",
            "CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "ShardedNormalizedSoftmaxLoss", "ShardedCosFaceLoss",
-           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss"]
+           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss", "ProxyAnchorLoss"]
