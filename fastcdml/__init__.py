@@ -20,6 +20,7 @@ from .losses import (
     ShardedCenterContrastiveLoss,
     ShardedCosFaceLoss,
     ShardedNormalizedSoftmaxLoss,
+    ShardedProxyAnchorLoss,
     ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ShardedArcFaceLoss",
     "ShardedSubCenterArcFaceLoss",
     "ProxyAnchorLoss",
+    "ShardedProxyAnchorLoss",
     "CenterParams",
     "BayesianParams",
     "pseudo_labels",
