@@ -81,10 +81,16 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
   const float* tp = term_p.data_ptr<float>();
   const float* tn = term_n.data_ptr<float>();
 
-  // G tile in place from the exponents tile: e^{z − term} times the coefficients, the positive at its column
-  auto coefficients = [&](float* s, int64_t rb, int64_t cc, int64_t c0, const float* pos, const int64_t* jpos) {
+  // The G tile (rb × cc) of rows [r0, r0 + rb) and the normalised proxies phc of chunk c0, into s: the similarity
+  // tile, its exponents, then e^{z − term} times the coefficients (the positive at its column)
+  auto coefficients = [&](Tensor& s, const Tensor& xb, const Tensor& phc, int64_t r0, int64_t c0, float* pos,
+                          int64_t* jpos) {
+    const int64_t rb = s.size(0), cc = s.size(1);
+    mm_nt(s, xb, phc);
+    float* z = s.data_ptr<float>();
+    exponents_tile(z, rb, cc, c0, yp + r0, offp ? offp + r0 : nullptr, e, pos, jpos);
     for (int64_t r = 0; r < rb; ++r) {
-      float* row = s + r * cc;
+      float* row = z + r * cc;
       for (int64_t k = 0; k < cc; ++k) row[k] = gneg * fast_exp(row[k] - tn[c0 + k]);
       if (jpos[r] >= 0) row[jpos[r]] = gpos * fast_exp(pos[r] - tp[c0 + jpos[r]]);
     }
@@ -136,10 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
         Tensor s = tile(sbuf, rb, cc);
-        mm_nt(s, xb, phc);
-        float* z = s.data_ptr<float>();
-        exponents_tile(z, rb, cc, c0, yp + r0, offp ? offp + r0 : nullptr, e, pos.data(), jpos.data());
-        coefficients(z, rb, cc, c0, pos.data(), jpos.data());
+        coefficients(s, xb, phc, r0, c0, pos.data(), jpos.data());
         addmm_tn(gpc, s, xb);
       }
       const float* php = phc.data_ptr<float>();
@@ -164,10 +167,7 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
           Tensor phc = ph.narrow(0, 0, cc), pnc = pn.narrow(0, 0, cc);
           normalize_rows_into(proxies.narrow(0, c0, cc), phc, pnc);
           Tensor s = tile(sbuf, rb, cc);
-          mm_nt(s, xb, phc);
-          float* z = s.data_ptr<float>();
-          exponents_tile(z, rb, cc, c0, yp + r0, offp ? offp + r0 : nullptr, e, pos.data(), jpos.data());
-          coefficients(z, rb, cc, c0, pos.data(), jpos.data());
+          coefficients(s, xb, phc, r0, c0, pos.data(), jpos.data());
           addmm_nn(gxb, s, phc);
         }
         float* g = gxb.data_ptr<float>();

@@ -266,8 +266,9 @@ def _shrink(cfg: Config) -> Config | None:
     return None
 
 
-def _launch(requested: Config, launch) -> None:
-    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``_shrink`` that fits.
+def _launch(requested: Config, launch, shrink=None) -> None:
+    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``shrink`` (default
+    :func:`_shrink`) that fits.
     Stateless: a shrunk config is not remembered (it would make the next launch's config depend on what ran
     first, e.g. a split-C launch and a fused-epilogue launch of the same shapes); retrying costs one failed
     kernel load per step, on GPUs outside ``SMEM_CLASSES`` only."""
@@ -276,7 +277,7 @@ def _launch(requested: Config, launch) -> None:
         try:
             return launch(cfg)
         except OutOfResources:
-            cfg = _shrink(cfg)
+            cfg = (shrink or _shrink)(cfg)
             if cfg is None:
                 raise
 

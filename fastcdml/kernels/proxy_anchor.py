@@ -31,47 +31,66 @@ but the ``tl.dot`` operands is fp32 (norms, exponents, sums, logs), and the runn
 ``tl.dot`` operands follow ``fastcdml.kernels.ccl`` (``operand_dtype``: 16-bit when an input is 16-bit, fp32
 products as ``torch.get_float32_matmul_precision()`` asks; exact fp32 and bf16 upcast under the interpreter).
 
-**Configs.** ``CONFIGS`` below maps (padded D, operand bytes) to ``Config(rows, cols, 1, num_warps, num_stages)``,
-``rows`` the proxies (columns kernel) or batch rows (rows kernel) a program owns and keeps in registers with its
-fp32 accumulator of ``rows × D``, ``cols`` the tile streamed per step. A launch that does not fit the GPU retries
+**Configs.** ``CONFIGS`` below maps (padded D, operand bytes) to one ``Config(rows, cols, 1, num_warps,
+num_stages)`` per kernel, ``rows`` the proxies (columns kernel) or batch rows (rows kernel) a program owns and
+keeps in registers with its fp32 accumulator of ``rows × D``, ``cols`` the tile streamed per step. A launch that does not fit the GPU retries
 with fewer stages, then fewer streamed rows, then fewer owned rows (``_shrink``), remembering nothing.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from .._runtime import interpreter_active, new_output
-from .ccl import Config, _dot_types, _load_rows, _products, _row_norm, block_d
+from .ccl import Config, _dot_types, _launch, _load_rows, _products, _row_norm, _smem, block_d
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tuning (configs, precision policy): (BLOCK_D, operand bytes) -> Config(rows, cols, dv_split=1, warps, stages).
-# The fp32 accumulator of rows × BLOCK_D and the owned operand tile stay in registers: 64 rows up to D = 256,
-# 32 at 512, 16 at 1024; fp32 operands (tf32 / tf32x3 / FMA) stream half the tile of 16-bit ones.
+# Tuning (configs, precision policy): (BLOCK_D, operand bytes) -> (columns kernel, rows kernel) configs,
+# Config(rows owned, rows streamed, dv_split=1, warps, stages). The owned operand tile and the fp32 accumulator of
+# rows × BLOCK_D stay in registers. fp32 operands (tf32 / tf32x3 / FMA) own fewer rows past D = 128, where
+# "highest" computes FMA products ("ieee": tf32x3's hi/lo parts spilled 2–15 KB). The rows kernel renormalises each
+# streamed proxy tile in the loop and owns fewer rows than the columns kernel past D = 128 (it spilled 0.6–1.8 KB
+# with the columns kernel's tiles). Compile figures per entry: bench/NOTES.md.
 # ---------------------------------------------------------------------------------------------------------------
 C = Config
 CONFIGS = {
-    (64, 2): C(64, 64, 1, 4, 2), (128, 2): C(64, 64, 1, 8, 2), (256, 2): C(64, 32, 1, 8, 2),
-    (512, 2): C(32, 32, 1, 8, 1), (1024, 2): C(16, 16, 1, 8, 1),
-    (64, 4): C(64, 32, 1, 4, 2), (128, 4): C(64, 32, 1, 8, 2), (256, 4): C(32, 32, 1, 8, 1),
-    (512, 4): C(32, 16, 1, 8, 1), (1024, 4): C(16, 16, 1, 8, 1),
+    (64, 2): (C(64, 64, 1, 4, 2), C(64, 64, 1, 4, 2)),
+    (128, 2): (C(64, 64, 1, 8, 2), C(64, 64, 1, 8, 2)),
+    (256, 2): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 2)),
+    (512, 2): (C(32, 32, 1, 8, 1), C(16, 32, 1, 8, 1)),
+    (1024, 2): (C(16, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
+    (64, 4): (C(64, 32, 1, 4, 2), C(64, 32, 1, 4, 2)),
+    (128, 4): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 1)),
+    (256, 4): (C(32, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
+    (512, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
+    (1024, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
 }
 del C
+FP32_MIN_SMEM_D1024 = 163 * 1024  # below this per-block shared memory, D = 1024 takes 16-bit operands
 INTERPRETER_CONFIG = Config(16, 32, 1, 4, 1)
 INTERPRET = interpreter_active()
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def default_config(d: int, x_dtype: torch.dtype, p_dtype: torch.dtype) -> tuple[Config, str]:
-    """(config, product kind) for embedding size ``d`` (D ≤ 1024) and the input dtypes."""
+def default_config(d: int, x_dtype: torch.dtype, p_dtype: torch.dtype, smem: int = 227 * 1024
+                   ) -> tuple[tuple[Config, Config], str]:
+    """((columns kernel config, rows kernel config), product kind) for embedding size ``d`` (D ≤ 1024), the input
+    dtypes and ``smem`` bytes of shared memory per block."""
     kind = _products(x_dtype, p_dtype)
     if INTERPRET:
-        return INTERPRETER_CONFIG, kind
+        return (INTERPRETER_CONFIG, INTERPRETER_CONFIG), kind
     if d > 1024:
         raise ValueError(f"the Triton ProxyAnchor kernels take D <= 1024, got {d}")
+    if kind == "tf32x3" and d > 128:  # hi/lo operand parts spill past D = 128: fp32 FMA products, as accurate
+        kind = "ieee"
+    if kind != "16" and d > 512 and smem < FP32_MIN_SMEM_D1024:
+        warnings.warn(f"fastcdml ProxyAnchor: fp32 operands at D={d} do not fit in {smem // 1024} KB of shared "
+                      "memory; using 16-bit operands", stacklevel=3)
+        kind = "16"
     return CONFIGS[(min(max(block_d(d), 64), 1024), 2 if kind == "16" else 4)], kind
 
 
@@ -98,6 +117,23 @@ def _coefficients(s, lab, cols, live, off, tp2, tn2, alpha, margin, g_pos, g_neg
 
 
 @triton.jit
+def _row_tile(x_tile, labels_ptr, w_ptr, rows, rmask, dk, dmask, pq, BLOCK_B: tl.constexpr, HAS_W: tl.constexpr,
+              DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(x̂ as the dot operand, s = x̂ p̂ᵀ, labels, miner offsets w − 1) of one tile of rows in the columns kernel."""
+    x = tl.load(x_tile + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    xq = (x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]).to(DOT)
+    if UPCAST:
+        xq = xq.to(tl.float32)
+    s = tl.dot(xq, tl.trans(pq), input_precision=PREC)
+    lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
+    if HAS_W:
+        off = tl.load(w_ptr + rows, mask=rmask, other=1.0) - 1.0
+    else:
+        off = tl.zeros([BLOCK_B], tl.float32)
+    return xq, s, lab, off
+
+
+@triton.jit
 def _pa_cols_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, gp_ptr, B, C, D, neg_scale, alpha,
                     margin, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
                     GRAD_P: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -109,8 +145,7 @@ def _pa_cols_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
     dmask = dk < D
     p = _load_rows(p_ptr, cols, cmask, dk, dmask, D)
     pnorm = _row_norm(p)
-    ph = p / pnorm[:, None]
-    pq = ph.to(DOT)
+    pq = (p / pnorm[:, None]).to(DOT)  # only the operand and the norms live through the loops (registers)
     if UPCAST:
         pq = pq.to(tl.float32)
     mp = tl.zeros([BLOCK_C], tl.float32)  # m = 0, l = 1: the "1 +" inside the log
@@ -121,16 +156,8 @@ def _pa_cols_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        x = tl.load(x_tile + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        xq = (x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]).to(DOT)
-        if UPCAST:
-            xq = xq.to(tl.float32)
-        s = tl.dot(xq, tl.trans(pq), input_precision=PREC)
-        lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-        if HAS_W:
-            off = tl.load(w_ptr + rows, mask=rmask, other=1.0) - 1.0
-        else:
-            off = tl.zeros([BLOCK_B], tl.float32)
+        _, s, lab, off = _row_tile(x_tile, labels_ptr, w_ptr, rows, rmask, dk, dmask, pq, BLOCK_B, HAS_W, DOT, UPCAST,
+                                   PREC)
         live = rmask[:, None] & cmask[None, :]
         is_pos = lab[:, None] == cols[None, :]
         zp = tl.where(is_pos & live, (alpha * (margin - s) + off[:, None]) * 1.4426950408889634, float("-inf"))
@@ -154,22 +181,15 @@ def _pa_cols_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
             rmask = rows < B
-            x = tl.load(x_tile + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            xq = (x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]).to(DOT)
-            if UPCAST:
-                xq = xq.to(tl.float32)
-            s = tl.dot(xq, tl.trans(pq), input_precision=PREC)
-            lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
-            if HAS_W:
-                off = tl.load(w_ptr + rows, mask=rmask, other=1.0) - 1.0
-            else:
-                off = tl.zeros([BLOCK_B], tl.float32)
+            xq, s, lab, off = _row_tile(x_tile, labels_ptr, w_ptr, rows, rmask, dk, dmask, pq, BLOCK_B, HAS_W, DOT,
+                                        UPCAST, PREC)
             g = _coefficients(s, lab, cols, rmask[:, None] & cmask[None, :], off, tp2, tn2, alpha, margin, g_pos,
                               g_neg).to(DOT)
             if UPCAST:
                 g = g.to(tl.float32)
             acc += tl.dot(tl.trans(g), xq, input_precision=PREC)
             x_tile += BLOCK_B * D
+        ph = _load_rows(p_ptr, cols, cmask, dk, dmask, D) / pnorm[:, None]
         grad = (acc - ph * tl.sum(ph * acc, axis=1)[:, None]) / pnorm[:, None]
         offs = cols.to(tl.int64)[:, None] * D + dk[None, :]
         tl.store(gp_ptr + offs, grad, mask=cmask[:, None] & dmask[None, :])
@@ -186,8 +206,7 @@ def _pa_rows_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
     dmask = dk < D
     x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
     xnorm = _row_norm(x)
-    xh = x / xnorm[:, None]
-    xq = xh.to(DOT)
+    xq = (x / xnorm[:, None]).to(DOT)  # only the operand and the norms live through the loop (registers)
     if UPCAST:
         xq = xq.to(tl.float32)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
@@ -215,20 +234,10 @@ def _pa_rows_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
             g = g.to(tl.float32)
         acc += tl.dot(g, pq, input_precision=PREC)
         p_tile += BLOCK_C * D
+    xh = _load_rows(x_ptr, rows, rmask, dk, dmask, D) / xnorm[:, None]
     grad = (acc - xh * tl.sum(xh * acc, axis=1)[:, None]) / xnorm[:, None]
     offs = rows.to(tl.int64)[:, None] * D + dk[None, :]
     tl.store(gx_ptr + offs, grad, mask=rmask[:, None] & dmask[None, :])
-
-
-def _launch(cfg: Config, launch) -> None:
-    """``launch(cfg)``, retrying along ``_shrink`` after ``OutOfResources`` (nothing remembered between calls)."""
-    while True:
-        try:
-            return launch(cfg)
-        except OutOfResources:
-            cfg = _shrink(cfg)
-            if cfg is None:
-                raise
 
 
 def proxy_anchor_fwd(x, labels, proxies, weights, pos_scale, neg_scale, margin, alpha, grad_x, grad_proxies, *,
@@ -240,21 +249,21 @@ def proxy_anchor_fwd(x, labels, proxies, weights, pos_scale, neg_scale, margin, 
     gx = new_output((b if grad_x else 0, d), f32, dev)
     gp = new_output((c if grad_proxies else 0, d), f32, dev)
     tp, tn = new_output((c,), f32, dev), new_output((c,), f32, dev)
-    heuristic, kind = default_config(d, x.dtype, proxies.dtype)
+    heuristic, kind = default_config(d, x.dtype, proxies.dtype, _smem(dev))
     dot, upcast, prec = _dot_types(x.dtype, proxies.dtype, kind)
     w = x if weights is None else weights  # an unused pointer without weights
     scale = pos_scale.to(device=dev, dtype=f32).reshape(1)
     common = dict(BLOCK_D=block_d(d), HAS_W=weights is not None, DOT=dot, UPCAST=upcast, PREC=prec)
     args = (float(neg_scale), float(alpha), float(margin))
     if c:
-        _launch(config or heuristic, lambda cfg: _pa_cols_kernel[(triton.cdiv(c, cfg.rows),)](
+        _launch(config or heuristic[0], lambda cfg: _pa_cols_kernel[(triton.cdiv(c, cfg.rows),)](
             x, labels, w, proxies, scale, tp, tn, gp, b, c, d, *args, BLOCK_C=cfg.rows, BLOCK_B=cfg.cols,
-            GRAD_P=grad_proxies, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            GRAD_P=grad_proxies, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages), _shrink)
     if grad_x and b:
         if c:
-            _launch(config or heuristic, lambda cfg: _pa_rows_kernel[(triton.cdiv(b, cfg.rows),)](
+            _launch(config or heuristic[1], lambda cfg: _pa_rows_kernel[(triton.cdiv(b, cfg.rows),)](
                 x, labels, w, proxies, scale, tp, tn, gx, b, c, d, *args, BLOCK_B=cfg.rows, BLOCK_C=cfg.cols,
-                **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages), _shrink)
         else:
             gx.zero_()
     loss = (tp.sum() * scale[0] + tn.sum() * neg_scale).reshape(())

@@ -50,17 +50,12 @@ def check_args(name: str, num_classes, embedding_size, margin, alpha, backend, p
     _checks.choice(backend, "backend", BACKENDS)
 
 
-def check_batch(name, embeddings, labels, indices_tuple, ref_emb, ref_labels, backend_name, embedding_size,
-                num_classes, check_inputs):
-    """PML's call contract and the input checks: ``(backend, labels on the embeddings' device, miner weights)``."""
-    labels = _pml.require_labels(name, labels)
-    _pml.no_reference(name, ref_emb, ref_labels)
-    device = _checks.tensor(embeddings, "embeddings").device
-    labels = _checks.tensor(labels, "labels").to(device)
-    backend = resolve(backend_name, "proxy_anchor", device)
+def check_batch(embeddings, labels, indices_tuple, backend_name, embedding_size, num_classes, check_inputs):
+    """The input checks of a batch whose labels are on the embeddings' device: ``(backend, miner weights)``."""
+    backend = resolve(backend_name, "proxy_anchor", embeddings.device)
     _checks.embeddings(embeddings, "embeddings", backend, embedding_size, check_inputs)
     _checks.labels(labels, "labels", embeddings, "embeddings", num_classes, check_inputs)
-    return backend, labels, _pml.miner_weights(indices_tuple, embeddings.shape[0], device)
+    return backend, _pml.miner_weights(indices_tuple, embeddings.shape[0], embeddings.device)
 
 
 class ProxyAnchorLoss(nn.Module):
@@ -78,9 +73,9 @@ class ProxyAnchorLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss, 0-d float32 (float64 for float64 inputs on the reference backend), PML's call contract."""
-        backend, labels, weights = check_batch(type(self).__name__, embeddings, labels, indices_tuple, ref_emb,
-                                               ref_labels, self.backend, self.embedding_size, self.num_classes,
-                                               self.check_inputs)
+        _, labels = _pml.call_contract(type(self).__name__, embeddings, labels, ref_emb, ref_labels)
+        backend, weights = check_batch(embeddings, labels, indices_tuple, self.backend, self.embedding_size,
+                                       self.num_classes, self.check_inputs)
         _checks.same_device(self.proxies, "proxies", embeddings, "embeddings", "; move the loss with .to(device)")
         return backend.proxy_anchor(embeddings, labels, self.proxies, weights, self.margin, self.alpha)
 

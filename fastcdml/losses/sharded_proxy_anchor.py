@@ -114,15 +114,12 @@ class ShardedProxyAnchorLoss(ShardedBank):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss of the global batch (0-d float32; float64 for float64 inputs on the reference backend)."""
         name = type(self).__name__
-        labels = _pml.require_labels(name, labels)
-        _pml.no_reference(name, ref_emb, ref_labels)
-        device = _checks.tensor(embeddings, "embeddings").device
-        labels = _checks.tensor(labels, "labels").to(device)
+        device, labels = _pml.call_contract(name, embeddings, labels, ref_emb, ref_labels)
         checked = {}
 
         def check():
-            checked["out"] = check_batch(name, embeddings, labels, indices_tuple, None, None, self.backend,
-                                         self.embedding_size, self.num_classes, self.check_inputs)
+            checked["out"] = check_batch(embeddings, labels, indices_tuple, self.backend, self.embedding_size,
+                                         self.num_classes, self.check_inputs)
             _checks.same_device(self.proxies, "proxies", embeddings, "embeddings", "; move the loss with .to(device)")
 
         self.stats.start_step(self.process_group)
@@ -130,7 +127,7 @@ class ShardedProxyAnchorLoss(ShardedBank):
             xg, yg, sizes = gather_batch(embeddings, labels, check, self.process_group, self.stats)
             if sum(sizes) == 0:
                 return embeddings.sum() * 0.0 + self.proxies.sum() * 0.0
-            backend, _, weights = checked["out"]
+            backend, weights = checked["out"]
             compute = torch.float64 if xg.dtype == torch.float64 else torch.float32
             own = torch.ones(embeddings.shape[0], dtype=compute, device=device) if weights is None else \
                 weights.to(compute)
