@@ -22,7 +22,7 @@ from .ops import cbml as cbml_ops
 from .ops import ccl as ccl_ops
 from .ops import proxy_anchor as proxy_anchor_ops
 from .ops._registry import INTERPRET, MAIN, has_kernel
-from .params import BayesianParams, CenterParams
+from .params import BayesianParams, CenterParams, ProxyAnchorParams
 from .reference import cbml as cbml_reference
 from .reference import ccl as ccl_reference
 from .reference import proxy_anchor as proxy_anchor_reference
@@ -84,14 +84,14 @@ class Backend:
         to mined pairs (``fastcdml.reference.cbml.pack_pairs``)."""
         raise NotImplementedError
 
-    def proxy_anchor(self, x, labels, proxies, weights, margin: float, alpha: float, pos_scale=None,
+    def proxy_anchor(self, x, labels, proxies, weights, params: ProxyAnchorParams, pos_scale=None,
                      neg_scale: float | None = None) -> torch.Tensor:
         """The Proxy Anchor loss (0-d) of ``x`` against ``proxies`` (C, D), differentiable in both; ``weights``
         (B,) PML's miner weights or None; ``pos_scale`` (0-d tensor) and ``neg_scale`` default to ``1/|C⁺|`` and
         ``1/C`` (``fastcdml.reference.proxy_anchor``)."""
         raise NotImplementedError
 
-    def proxy_anchor_grads(self, x, labels, proxies, weights, margin: float, alpha: float, pos_scale,
+    def proxy_anchor_grads(self, x, labels, proxies, weights, params: ProxyAnchorParams, pos_scale,
                            neg_scale: float, grad_x: bool, grad_proxies: bool):
         """``(loss, ∂loss/∂x or (0, D), ∂loss/∂proxies or (0, D))`` without autograd, for one slice of
         class-sharded proxies (labels outside ``[0, C)`` belong to other slices; global scales)."""
@@ -134,15 +134,14 @@ class ReferenceBackend(Backend):
             top_k=params.hard_negatives, variance_center=params.variance_center, pos_weight=params.pos_weight,
             neg_weight=params.neg_weight)
 
-    def proxy_anchor(self, x, labels, proxies, weights, margin, alpha, pos_scale=None, neg_scale=None):
-        return proxy_anchor_reference.proxy_anchor_loss(x, labels, proxies, margin, alpha, weights, pos_scale,
-                                                        neg_scale)
+    def proxy_anchor(self, x, labels, proxies, weights, params, pos_scale=None, neg_scale=None):
+        return proxy_anchor_reference.proxy_anchor_loss(x, labels, proxies, params.margin, params.alpha, weights,
+                                                        pos_scale, neg_scale)
 
-    def proxy_anchor_grads(self, x, labels, proxies, weights, margin, alpha, pos_scale, neg_scale, grad_x,
-                           grad_proxies):
+    def proxy_anchor_grads(self, x, labels, proxies, weights, params, pos_scale, neg_scale, grad_x, grad_proxies):
         x, proxies = x.detach().requires_grad_(grad_x), proxies.detach().requires_grad_(grad_proxies)
         with torch.enable_grad():
-            loss = self.proxy_anchor(x, labels, proxies, weights, margin, alpha, pos_scale, neg_scale)
+            loss = self.proxy_anchor(x, labels, proxies, weights, params, pos_scale, neg_scale)
             wanted = [t for t, want in ((x, grad_x), (proxies, grad_proxies)) if want]
             grads = list(torch.autograd.grad(loss, wanted)) if wanted else []
         gx = grads.pop(0) if grad_x else x.new_empty(0, x.shape[1], dtype=loss.dtype)
@@ -181,16 +180,15 @@ class FusedBackend(Backend):
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, pair_mask, self.namespace)
 
-    def proxy_anchor(self, x, labels, proxies, weights, margin, alpha, pos_scale=None, neg_scale=None):
+    def proxy_anchor(self, x, labels, proxies, weights, params, pos_scale=None, neg_scale=None):
         pos_scale = proxy_anchor_reference.positive_scale(labels) if pos_scale is None else pos_scale
         neg_scale = 1.0 / proxies.shape[0] if neg_scale is None else neg_scale
         return proxy_anchor_ops.proxy_anchor_loss(getattr(torch.ops, self.namespace), x, labels, proxies, weights,
-                                                  margin, alpha, pos_scale, neg_scale)
+                                                  params, pos_scale, neg_scale)
 
-    def proxy_anchor_grads(self, x, labels, proxies, weights, margin, alpha, pos_scale, neg_scale, grad_x,
-                           grad_proxies):
+    def proxy_anchor_grads(self, x, labels, proxies, weights, params, pos_scale, neg_scale, grad_x, grad_proxies):
         return proxy_anchor_ops.proxy_anchor_grads(getattr(torch.ops, self.namespace), x, labels, proxies, weights,
-                                                   margin, alpha, pos_scale, neg_scale, grad_x, grad_proxies)
+                                                   params, pos_scale, neg_scale, grad_x, grad_proxies)
 
 
 _INSTANCES = {

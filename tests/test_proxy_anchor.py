@@ -242,3 +242,17 @@ def test_compiled_training_compiles_once_and_matches_eager(backend):
         torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5, msg=what)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 9\)"):
         step(x, y + 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_init_centers_sets_proxies_to_class_means(backend):
+    loss_fn = fastcdml.ProxyAnchorLoss(6, 8, backend=backend).to(DEVICE)
+    before = loss_fn.proxies.detach().clone()
+    x, y = torch.randn(9, 8, device=DEVICE), torch.tensor([0, 0, 2, 2, 2, 5, 0, 5, 2], device=DEVICE)
+    loss_fn.init_centers_(x, y)
+    xh = torch.nn.functional.normalize(x, dim=1)
+    for k in (0, 2, 5):
+        torch.testing.assert_close(loss_fn.proxies[k], torch.nn.functional.normalize(xh[y == k].mean(0), dim=0),
+                                   atol=1e-5, rtol=1e-5)
+    for k in (1, 3, 4):  # absent classes keep their proxies
+        assert torch.equal(loss_fn.proxies[k], before[k])

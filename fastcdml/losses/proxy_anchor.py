@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .._backend import BACKENDS, resolve
+from .._backend import BACKENDS, Backend, resolve
+from ..params import ProxyAnchorParams
 from . import _pml
+from ._bank import Bank
 
 
 def init_proxies(proxies: torch.Tensor, weight_init_func=None) -> torch.Tensor:
@@ -38,52 +40,51 @@ def init_proxies(proxies: torch.Tensor, weight_init_func=None) -> torch.Tensor:
     return proxies
 
 
-def check_args(name: str, num_classes, embedding_size, margin, alpha, backend, pml_kwargs) -> None:
-    """The constructor checks shared with the class-sharded version."""
+def check_args(name: str, num_classes: int, embedding_size: int, backend: str, pml_kwargs: dict) -> None:
+    """The constructor checks shared with the class-sharded version (the loss parameters check themselves)."""
     _pml.reject_options(name, pml_kwargs)
     if num_classes < 1 or embedding_size < 1:
         raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if not abs(float(margin)) < float("inf"):
-        raise ValueError(f"margin must be finite, got {margin}")
     _checks.choice(backend, "backend", BACKENDS)
 
 
-def check_batch(embeddings, labels, indices_tuple, backend_name, embedding_size, num_classes, check_inputs):
-    """The input checks of a batch whose labels are on the embeddings' device: ``(backend, miner weights)``."""
-    backend = resolve(backend_name, "proxy_anchor", embeddings.device)
-    _checks.embeddings(embeddings, "embeddings", backend, embedding_size, check_inputs)
-    _checks.labels(labels, "labels", embeddings, "embeddings", num_classes, check_inputs)
-    return backend, _pml.miner_weights(indices_tuple, embeddings.shape[0], embeddings.device)
+class ProxyAnchorLoss(Bank):
+    """PML's ``ProxyAnchorLoss`` (see the module docstring): a :class:`fastcdml.losses._bank.Bank` of one learnable,
+    unnormalised proxy per class, stored as ``proxies`` (C, D) (the kernels normalise them). ``backend``
+    (``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``) and ``check_inputs`` (value checks on labels and
+    embeddings) are fastcdml's; ``init_centers_`` (from the bank) sets proxies to class means."""
 
-
-class ProxyAnchorLoss(nn.Module):
-    """PML's ``ProxyAnchorLoss`` (see the module docstring). ``backend`` (``"auto"``, ``"triton"``, ``"cpp"``,
-    ``"reference"``) and ``check_inputs`` (value checks on labels and embeddings) are fastcdml's."""
+    KEY = "proxies"
 
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32, *,
                  backend: str = "auto", check_inputs: bool = True, weight_init_func=None, **kwargs):
-        super().__init__()
-        check_args(type(self).__name__, num_classes, embedding_size, margin, alpha, backend, kwargs)
-        self.num_classes, self.embedding_size = num_classes, embedding_size
+        check_args(type(self).__name__, num_classes, embedding_size, backend, kwargs)
+        params = ProxyAnchorParams(margin, alpha)
+        proxies = init_proxies(torch.empty(num_classes, embedding_size), weight_init_func)
+        super().__init__(num_classes, embedding_size, params, "gradient", 0.0, backend, check_inputs, proxies,
+                         normalize=False)
         self.margin, self.alpha = margin, alpha
-        self.backend, self.check_inputs = backend, check_inputs
-        self.proxies = nn.Parameter(init_proxies(torch.empty(num_classes, embedding_size), weight_init_func))
+
+    def _resolve(self, embeddings) -> Backend:
+        return resolve(self.backend, "proxy_anchor", _checks.tensor(embeddings, "embeddings").device)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss, 0-d float32 (float64 for float64 inputs on the reference backend), PML's call contract."""
         _, labels = _pml.call_contract(type(self).__name__, embeddings, labels, ref_emb, ref_labels)
-        backend, weights = check_batch(embeddings, labels, indices_tuple, self.backend, self.embedding_size,
-                                       self.num_classes, self.check_inputs)
-        _checks.same_device(self.proxies, "proxies", embeddings, "embeddings", "; move the loss with .to(device)")
-        return backend.proxy_anchor(embeddings, labels, self.proxies, weights, self.margin, self.alpha)
+        backend = self._resolve(embeddings)
+        self._check(embeddings, labels, backend)
+        weights = _pml.miner_weights(indices_tuple, embeddings.shape[0], embeddings.device)
+        return backend.proxy_anchor(embeddings, labels, self.proxies, weights, self.params)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) cosines of the embeddings and the proxies (PML's ``get_logits``)."""
-        return nn.functional.normalize(embeddings.float(), dim=1) @ nn.functional.normalize(
-            self.proxies.float(), dim=1).t()
+        return cosines(embeddings, self.proxies)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
                 f"alpha={self.alpha}, backend={self.backend!r}")
+
+
+def cosines(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    """(B, C) cosines of the rows of ``embeddings`` and ``proxies``, fp32."""
+    return nn.functional.normalize(embeddings.float(), dim=1) @ nn.functional.normalize(proxies.float(), dim=1).t()

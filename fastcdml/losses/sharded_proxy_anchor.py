@@ -36,13 +36,13 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .. import _checks
-from .._backend import resolve
+from .._backend import Backend, resolve
 from ..distributed import all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
-from ..params import CenterParams
+from ..params import ProxyAnchorParams
 from ..reference.proxy_anchor import positive_scale
+from .. import _checks
 from . import _pml
-from .proxy_anchor import check_args, check_batch
+from .proxy_anchor import check_args, cosines
 from .sharded_ccl import ShardedBank, _random_rows
 
 
@@ -67,11 +67,11 @@ class _ShardedProxyAnchor(torch.autograd.Function):
     """The global loss from this rank's slice (module docstring, steps 2–3); gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, x, proxies, xg, local_labels, weights, pos_scale, sizes, margin, alpha, neg_scale, backend,
-                group, stats):
+    def forward(ctx, x, proxies, xg, local_labels, weights, pos_scale, sizes, params, neg_scale, backend, group,
+                stats):
         want_x, want_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, gxg, gp = backend.proxy_anchor_grads(xg, local_labels, proxies, weights, margin, alpha, pos_scale,
-                                                   neg_scale, want_x, want_p)
+        loss, gxg, gp = backend.proxy_anchor_grads(xg, local_labels, proxies, weights, params, pos_scale, neg_scale,
+                                                   want_x, want_p)
         total = loss.reshape(1).clone()
         all_reduce(total, dist.ReduceOp.SUM, group, stats, "loss")
         gx = reduce_scatter_rows(gxg, sizes, group, stats, "grad_rows") if want_x else None
@@ -83,7 +83,7 @@ class _ShardedProxyAnchor(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gx, gp = ctx.saved_tensors
         return ((grad_loss * gx).to(ctx.dtypes[0]) if gx is not None else None,
-                (grad_loss * gp).to(ctx.dtypes[1]) if gp is not None else None) + (None,) * 11
+                (grad_loss * gp).to(ctx.dtypes[1]) if gp is not None else None) + (None,) * 10
 
 
 class ShardedProxyAnchorLoss(ShardedBank):
@@ -97,7 +97,8 @@ class ShardedProxyAnchorLoss(ShardedBank):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.1, alpha: float = 32, *,
                  backend: str = "auto", check_inputs: bool = True, weight_init_func=None,
                  shard_sizes: Sequence[int] | None = None, process_group=None, **kwargs):
-        check_args(type(self).__name__, num_classes, embedding_size, margin, alpha, backend, kwargs)
+        check_args(type(self).__name__, num_classes, embedding_size, backend, kwargs)
+        params = ProxyAnchorParams(margin, alpha)
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{type(self).__name__} needs torch.distributed.init_process_group() first")
         start, stop = shard_range(num_classes, dist.get_world_size(process_group), dist.get_rank(process_group),
@@ -107,9 +108,12 @@ class ShardedProxyAnchorLoss(ShardedBank):
         else:
             rows = torch.empty(stop - start, embedding_size)
             weight_init_func(rows)
-        super().__init__(num_classes, embedding_size, CenterParams(), "gradient", 0.0, backend, check_inputs, rows,
+        super().__init__(num_classes, embedding_size, params, "gradient", 0.0, backend, check_inputs, rows,
                          torch.float32, None, shard_sizes, 1.0, process_group, normalize_init=False)
-        self.embedding_size, self.margin, self.alpha = embedding_size, margin, alpha
+        self.margin, self.alpha = margin, alpha
+
+    def _resolve(self, embeddings) -> Backend:
+        return resolve(self.backend, "proxy_anchor", _checks.tensor(embeddings, "embeddings").device)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The loss of the global batch (0-d float32; float64 for float64 inputs on the reference backend)."""
@@ -117,17 +121,17 @@ class ShardedProxyAnchorLoss(ShardedBank):
         device, labels = _pml.call_contract(name, embeddings, labels, ref_emb, ref_labels)
         checked = {}
 
-        def check():
-            checked["out"] = check_batch(embeddings, labels, indices_tuple, self.backend, self.embedding_size,
-                                         self.num_classes, self.check_inputs)
-            _checks.same_device(self.proxies, "proxies", embeddings, "embeddings", "; move the loss with .to(device)")
+        def check():  # every rank's inputs and mined tuple, before anything is gathered
+            checked["backend"] = self._resolve(embeddings)
+            self._check(embeddings, labels, checked["backend"])
+            checked["weights"] = _pml.miner_weights(indices_tuple, embeddings.shape[0], device)
 
         self.stats.start_step(self.process_group)
         try:
             xg, yg, sizes = gather_batch(embeddings, labels, check, self.process_group, self.stats)
             if sum(sizes) == 0:
                 return embeddings.sum() * 0.0 + self.proxies.sum() * 0.0
-            backend, weights = checked["out"]
+            weights = checked["weights"]
             compute = torch.float64 if xg.dtype == torch.float64 else torch.float32
             own = torch.ones(embeddings.shape[0], dtype=compute, device=device) if weights is None else \
                 weights.to(compute)
@@ -137,16 +141,15 @@ class ShardedProxyAnchorLoss(ShardedBank):
             local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
             x, proxies = (embeddings, self.proxies) if torch.is_grad_enabled() else (embeddings.detach(),
                                                                                       self.proxies.detach())
-            return _ShardedProxyAnchor.apply(x, proxies, xg, local, wg, positive_scale(yg), sizes,
-                                             self.margin, self.alpha, 1.0 / self.num_classes, backend,
-                                             self.process_group, self.stats)
+            return _ShardedProxyAnchor.apply(x, proxies, xg, local, wg, positive_scale(yg), sizes, self.params,
+                                             1.0 / self.num_classes, checked["backend"], self.process_group,
+                                             self.stats)
         finally:
             self.stats.log_step(name, self.process_group)
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, stop − start): cosines of the embeddings and this rank's proxies (not a collective)."""
-        return torch.nn.functional.normalize(embeddings.float(), dim=1) @ torch.nn.functional.normalize(
-            self.proxies.float(), dim=1).t()
+        return cosines(embeddings, self.proxies)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, classes=[{self.start}, "

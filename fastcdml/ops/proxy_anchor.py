@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..params import ProxyAnchorParams
 from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor proxies, Tensor? weights, Tensor pos_scale, float neg_scale, float margin, " \
@@ -64,23 +65,24 @@ for _ns in namespaces():
     define(_ns, "proxy_anchor_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
-def _call(ops, x, labels, proxies, weights, pos_scale, neg_scale, margin, alpha, grad_x, grad_proxies):
+def _call(ops, x, labels, proxies, weights, params: ProxyAnchorParams, pos_scale, neg_scale, grad_x, grad_proxies):
     return ops.proxy_anchor_fwd(
         x.contiguous(), labels.contiguous(), proxies.contiguous(),
         None if weights is None else weights.float().contiguous(), pos_scale.float().reshape(()), float(neg_scale),
-        float(margin), float(alpha), grad_x, grad_proxies)
+        float(params.margin), float(params.alpha), grad_x, grad_proxies)
 
 
-def proxy_anchor_loss(ops, x, labels, proxies, weights, margin, alpha, pos_scale, neg_scale):
+def proxy_anchor_loss(ops, x, labels, proxies, weights, params: ProxyAnchorParams, pos_scale, neg_scale):
     """The loss (0-d fp32) through the op namespace ``ops`` (``torch.ops.fastcdml`` or ``fastcdml_interpret``),
     differentiable in ``x`` and ``proxies``."""
     grad_on = torch.is_grad_enabled()
-    return _call(ops, x, labels, proxies, weights, pos_scale, neg_scale, margin, alpha,
-                 grad_on and x.requires_grad, grad_on and proxies.requires_grad)[0]
+    return _call(ops, x, labels, proxies, weights, params, pos_scale, neg_scale, grad_on and x.requires_grad,
+                 grad_on and proxies.requires_grad)[0]
 
 
-def proxy_anchor_grads(ops, x, labels, proxies, weights, margin, alpha, pos_scale, neg_scale, grad_x, grad_proxies):
+def proxy_anchor_grads(ops, x, labels, proxies, weights, params: ProxyAnchorParams, pos_scale, neg_scale, grad_x,
+                       grad_proxies):
     """``(loss, ∂loss/∂x or (0, D), ∂loss/∂proxies or (0, D))`` fp32 without autograd, for a slice of a
     class-sharded set of proxies (global ``pos_scale``, ``neg_scale``)."""
-    return _call(ops, x.detach(), labels, proxies.detach(), weights, pos_scale, neg_scale, margin, alpha, grad_x,
+    return _call(ops, x.detach(), labels, proxies.detach(), weights, params, pos_scale, neg_scale, grad_x,
                  grad_proxies)
