@@ -51,9 +51,9 @@ from .ccl import Config, _dot_types, _launch, _load_rows, _products, _row_norm, 
 # Tuning (configs, precision policy): (BLOCK_D, operand bytes) -> (columns kernel, rows kernel) configs,
 # Config(rows owned, rows streamed, dv_split=1, warps, stages). The owned operand tile and the fp32 accumulator of
 # rows × BLOCK_D stay in registers. fp32 operands (tf32 / tf32x3 / FMA) own fewer rows past D = 128, where
-# "highest" computes FMA products ("ieee": tf32x3's hi/lo parts spilled 2–15 KB). The rows kernel renormalises each
-# streamed proxy tile in the loop and owns fewer rows than the columns kernel past D = 128 (it spilled 0.6–1.8 KB
-# with the columns kernel's tiles). Compile figures per entry: bench/NOTES.md.
+# "highest" computes FMA products ("ieee": tf32x3's hi/lo parts spilled 2–15 KB), and D = 1024 takes 16-bit
+# operands. The rows kernel renormalises each streamed proxy tile in the loop and owns fewer rows than the columns
+# kernel past D = 128 (it spilled 0.6–1.8 KB with the columns kernel's tiles). Compile figures: bench/NOTES.md.
 # ---------------------------------------------------------------------------------------------------------------
 C = Config
 CONFIGS = {
@@ -64,12 +64,13 @@ CONFIGS = {
     (1024, 2): (C(16, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
     (64, 4): (C(64, 32, 1, 4, 2), C(64, 32, 1, 4, 2)),
     (128, 4): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 1)),
-    (256, 4): (C(32, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
-    (512, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
-    (1024, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 4, 1)),
+    (256, 4): (C(32, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
+    (512, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
 }
+# GPUs with less than 163 KB of shared memory per block (sm_86/89): tf32x3's hi/lo operand tiles of the columns
+# kernel at D = 128 take 131 KB with 64 owned rows.
+SMALL_SMEM, SMALL_SMEM_CONFIGS = 163 * 1024, {(128, 4): (C(32, 32, 1, 8, 1), C(32, 32, 1, 8, 1))}
 del C
-FP32_MIN_SMEM_D1024 = 163 * 1024  # below this per-block shared memory, D = 1024 takes 16-bit operands
 INTERPRETER_CONFIG = Config(16, 32, 1, 4, 1)
 INTERPRET = interpreter_active()
 LOG2E = 1.4426950408889634
@@ -87,11 +88,12 @@ def default_config(d: int, x_dtype: torch.dtype, p_dtype: torch.dtype, smem: int
         raise ValueError(f"the Triton ProxyAnchor kernels take D <= 1024, got {d}")
     if kind == "tf32x3" and d > 128:  # hi/lo operand parts spill past D = 128: fp32 FMA products, as accurate
         kind = "ieee"
-    if kind != "16" and d > 512 and smem < FP32_MIN_SMEM_D1024:
-        warnings.warn(f"fastcdml ProxyAnchor: fp32 operands at D={d} do not fit in {smem // 1024} KB of shared "
-                      "memory; using 16-bit operands", stacklevel=3)
+    if kind != "16" and d > 512:  # fp32 operand tiles of 16 × 1024: 8–25 KB spilled and minutes to compile
+        warnings.warn(f"fastcdml ProxyAnchor: fp32 operands at D={d} do not fit the kernels' registers; using "
+                      "16-bit operands (fp32 accumulation)", stacklevel=3)
         kind = "16"
-    return CONFIGS[(min(max(block_d(d), 64), 1024), 2 if kind == "16" else 4)], kind
+    key = (min(max(block_d(d), 64), 1024), 2 if kind == "16" else 4)
+    return (SMALL_SMEM_CONFIGS.get(key) if smem < SMALL_SMEM else None) or CONFIGS[key], kind
 
 
 def _shrink(cfg: Config) -> Config | None:

@@ -100,6 +100,11 @@ OVER_BUDGET: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.5–0.7 KB"),
     ("_cbml_grad_ref_kernel", dict(PRECISION="tf32x3"), ("sm_90a",),
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.7–1.1 KB"),
+    ("_pa_rows_kernel", dict(BLOCK_D="512", DOT="fp32", PREC="ieee"), ("sm_90a", "sm_80", "sm_86"),
+     "fp32 inputs at 'highest' (FMA products): the owned 16 × 512 query operand, the accumulator and the streamed "
+     "proxy tile in the FMA layouts of both products, 2.2–2.6 KB at 8 warps (9–13 KB at 4)"),
+    ("_pa_rows_kernel", dict(BLOCK_D="1024", DOT="bf16|fp16"), ("sm_90a", "sm_80", "sm_86"),
+     "16 rows × D = 1024: the owned operand, the accumulator and the renormalised proxy tile, 0.6–1.4 KB"),
 ]
 
 
