@@ -256,3 +256,16 @@ def test_init_centers_sets_proxies_to_class_means(backend):
                                    atol=1e-5, rtol=1e-5)
     for k in (1, 3, 4):  # absent classes keep their proxies
         assert torch.equal(loss_fn.proxies[k], before[k])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_grad_output_scales_and_a_second_backward_is_refused(backend):
+    loss_fn = fastcdml.ProxyAnchorLoss(7, 8, backend=backend).to(DEVICE)
+    x, y = torch.randn(6, 8, device=DEVICE, requires_grad=True), torch.tensor([0, 1, 1, 3, 6, 6], device=DEVICE)
+    expected = torch.autograd.grad(loss_fn(x, y), [x, loss_fn.proxies])
+    loss = loss_fn(x, y)
+    got = torch.autograd.grad(loss * -2.5, [x, loss_fn.proxies], retain_graph=True)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, -2.5 * e)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, [x, loss_fn.proxies])

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from .._backend import Backend, resolve
 from ..distributed import all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
+from ..ops.proxy_anchor import scale_saved
 from ..params import ProxyAnchorParams
 from ..reference.proxy_anchor import positive_scale
 from .. import _checks
@@ -82,8 +83,8 @@ class _ShardedProxyAnchor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         gx, gp = ctx.saved_tensors
-        return ((grad_loss * gx).to(ctx.dtypes[0]) if gx is not None else None,
-                (grad_loss * gp).to(ctx.dtypes[1]) if gp is not None else None) + (None,) * 10
+        return (scale_saved(gx, grad_loss).to(ctx.dtypes[0]) if gx is not None else None,
+                scale_saved(gp, grad_loss).to(ctx.dtypes[1]) if gp is not None else None) + (None,) * 10
 
 
 class ShardedProxyAnchorLoss(ShardedBank):

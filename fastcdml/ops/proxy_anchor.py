@@ -13,7 +13,8 @@
     grad_x (B, D) fp32 when ``grad_x`` else (0, D): ∂loss/∂x; grad_proxies (C, D) fp32 when ``grad_proxies`` else
     (0, D): ∂loss/∂proxies (normalisation backward included in both).
 
-The gradients are computed in the forward (the loss is a scalar, so backward is one scaling by grad_output): the
+The gradients are computed in the forward (the loss is a scalar, so backward is one scaling by grad_output, done in
+place on the saved gradients: backward through the same graph twice is refused by autograd): the
 kernels reduce per column (per proxy, over all B rows) in one pass over the proxies, which also gives the proxies'
 gradient from a second loop over the rows, and one pass over the proxies per block of rows gives the rows'
 gradient from the saved per-column normalisers (``docs/kernels.md``).
@@ -49,10 +50,18 @@ def _backward(ctx, grad_loss, _g1, _g2):
         if ctx.needs_input_grad[i] and not computed:
             raise RuntimeError("proxy_anchor_fwd ran without the gradient flag for an input that now needs a gradient")
     if ctx.needs_input_grad[0]:
-        gx = (grad_loss * grad_x).to(ctx.dtypes[0])
+        gx = scale_saved(grad_x, grad_loss).to(ctx.dtypes[0])
     if ctx.needs_input_grad[2]:
-        gp = (grad_loss * grad_p).to(ctx.dtypes[1])
+        gp = scale_saved(grad_p, grad_loss).to(ctx.dtypes[1])
     return (gx, None, gp) + (None,) * 7
+
+
+def scale_saved(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad_loss · grad`` for a gradient saved by the forward: in place when running eagerly (a second (C, D)
+    buffer would double the op's peak memory; a second backward through the same graph then fails autograd's check
+    of the saved tensors' versions), out of place when traced (torch.compile, whose partitioner cannot return a
+    mutated saved tensor)."""
+    return grad.mul_(grad_loss) if type(grad) is torch.Tensor else grad * grad_loss
 
 
 def _fwd_triton(*args):
