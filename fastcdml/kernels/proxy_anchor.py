@@ -33,8 +33,9 @@ products as ``torch.get_float32_matmul_precision()`` asks; exact fp32 and bf16 u
 
 **Configs.** ``CONFIGS`` below maps (padded D, operand bytes) to one ``Config(rows, cols, 1, num_warps,
 num_stages)`` per kernel, ``rows`` the proxies (columns kernel) or batch rows (rows kernel) a program owns and
-keeps in registers with its fp32 accumulator of ``rows × D``, ``cols`` the tile streamed per step. A launch that does not fit the GPU retries
-with fewer stages, then fewer streamed rows, then fewer owned rows (``_shrink``), remembering nothing.
+keeps in registers with its fp32 accumulator of ``rows × D``, ``cols`` the tile streamed per step. A launch
+that does not fit the GPU retries with fewer stages, then fewer streamed rows, then fewer owned rows
+(``_shrink``), remembering nothing; the compile gates fail on a table entry that needs it.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
 replaces it), so a PML ``state_dict`` loads unchanged; it is called as PML's losses are,
 ``loss_fn(embeddings, labels, indices_tuple=None)``, and computes (``fastcdml.reference.proxy_anchor``)::
 
-    L = (1/|C⁺|) Σ_j log(1 + Σ_{i: y_i = j} e^{α(δ − c_ij) + w_i − 1}) + (1/C) Σ_j log(1 + Σ_{i: y_i ≠ j} e^{α(c_ij + δ) + w_i − 1})
+    L = (1/|C⁺|) Σ_j log(1 + Σ_{i: y_i = j} e^{α(δ − c_ij) + w_i − 1})
+      + (1/C)    Σ_j log(1 + Σ_{i: y_i ≠ j} e^{α(c_ij + δ) + w_i − 1})
 
 with ``c_ij`` the cosine of embedding i and proxy j, ``C⁺`` the classes present in the batch, and ``w_i`` PML's
 miner weights (``convert_to_weights``: 1 without an ``indices_tuple``, else the number of times row i occurs in the
