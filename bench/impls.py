@@ -10,6 +10,9 @@ implementation allows it:
 * margin (``variant="gradient"``): PML's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace (K = 3) with
   their default hyper-parameters, fastcdml's drop-in against PML's class of the same name: forward, backward to
   the embeddings and to the learnable ``W`` (D, C·K); no optimizer step.
+* proxy_anchor (``variant="gradient"``): PML's ProxyAnchorLoss (δ = 0.1, α = 32) against fastcdml's drop-in:
+  forward, backward to the embeddings and to the learnable proxies (C, D); no optimizer step. Sizes that would
+  not finish or fit on the machine are not run (:func:`over_budget`), and the run records why.
 
 Peers that do more or less work than that say so in :data:`NOTES`. Inputs are random normal (never zeros),
 labels uniform; CBML batches hold 4 samples per class so every row has positives.
@@ -38,6 +41,7 @@ IMPLS = {
     "cbml": ("fastcdml", "reference", "torch_compile", "pml_multisimilarity", "pml_contrastive"),
     "margin": tuple(f"{who}_{name}" for name in ("normalizedsoftmax", "cosface", "arcface", "subcenter")
                     for who in ("fastcdml", "pml")),
+    "proxy_anchor": ("fastcdml", "pml"),
 }
 # the margin family: bench name -> (class name in fastcdml and PML, sub-centers K)
 MARGIN_CLASSES = {"normalizedsoftmax": ("NormalizedSoftmaxLoss", 1), "cosface": ("CosFaceLoss", 1),
@@ -107,6 +111,7 @@ def nominal_gflop(case: Case) -> float:
     """FLOPs of the products the loss contract needs per step (the same count for every impl), in GFLOP.
 
     CCL: 4·B·C·D (similarities, softmax-weighted center sum). margin: 6·B·C·K·D (and the proxy gradient).
+    proxy_anchor: 6·B·C·D (similarities, both gradients; the fused kernels recompute the similarities twice more).
     CBML: 4·B·R·D over R references (similarities, query gradient) plus 2·B·B·D for the gradient of the batch
     part of the reference set.
     """
@@ -114,6 +119,8 @@ def nominal_gflop(case: Case) -> float:
         return 4 * case.B * case.C * case.D / 1e9
     if case.loss == "margin":
         return 6 * case.B * case.C * MARGIN_CLASSES[case.impl.split("_", 1)[1]][1] * case.D / 1e9
+    if case.loss == "proxy_anchor":
+        return 6 * case.B * case.C * case.D / 1e9
     refs = case.B + (case.C if case.variant == "memory" else 0)
     return (4 * case.B * refs + 2 * case.B * case.B) * case.D / 1e9
 
@@ -129,7 +136,7 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, to
         y = torch.randint(0, case.C, (case.B,), generator=g)
         bank = ref_ccl.normalize_rows(torch.randn(case.C, case.D, generator=g))
         return {"x": x, "y": y.to(device), "bank": bank.to(device)}
-    if case.loss == "margin":
+    if case.loss in ("margin", "proxy_anchor"):
         return {"x": x, "y": torch.randint(0, case.C, (case.B,), generator=g).to(device)}
     n_classes = max(case.B // CBML_PER_CLASS, 1)
     y = (torch.arange(case.B) % n_classes)[torch.randperm(case.B, generator=g)]
@@ -247,6 +254,65 @@ def _margin(case, x, y):
     return Step(run, backend)
 
 
+# ------------------------------------------------------------------------------------------- proxy anchor
+
+# What a proxy-anchor step needs, for :func:`over_budget`: PML's extra memory per B×C element (two int64 one-hot
+# masks and about a dozen fp32 B×C temporaries; 43.6 B measured at B = 256, C = 100k), and roughly the nominal
+# GFLOP/s (6·B·C·D per step) each implementation reached at C = 1k on this project's 2-core CPU (bench/NOTES.md:
+# 1–6 and 0.3–4.4), used to leave out sizes that would run for longer than the budget.
+PML_BYTES_PER_BC = 44
+CPU_NOMINAL_GFLOPS = {"fastcdml": 2.0, "pml": 1.0}
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def over_budget(case: Case, device: torch.device, max_case_s: float) -> str | None:
+    """Why a proxy-anchor ``case`` is left out on ``device``: PML's B×C temporaries would not fit in the memory
+    available now, or (CPU) the estimated time of the timed steps (about 13 of them with the warm-ups and the
+    memory run, at :data:`CPU_NOMINAL_GFLOPS`) exceeds ``max_case_s``. None: run it."""
+    if case.loss != "proxy_anchor":
+        return None
+    if case.impl == "pml":
+        need = PML_BYTES_PER_BC * case.B * case.C + 4 * case.C * case.D * 3
+        have = _available_bytes(device)
+        if need > 0.8 * have:
+            return (f"not run: PML needs ~{need / 2**30:.1f} GiB of B×C temporaries "
+                    f"({PML_BYTES_PER_BC} B per element), {have / 2**30:.1f} GiB available")
+    if device.type == "cpu":
+        seconds = 13 * nominal_gflop(case) / CPU_NOMINAL_GFLOPS[case.impl]
+        if seconds > max_case_s:
+            return f"not run: ~{seconds:,.0f} s estimated (> {max_case_s:.0f} s budget) on this CPU"
+    return None
+
+
+def _proxy_anchor(case, x, y):
+    """fastcdml's ProxyAnchorLoss or PML's, default hyper-parameters, proxies from the same seed."""
+    if case.impl == "pml":
+        from pytorch_metric_learning import losses
+
+        loss_fn, backend = losses.ProxyAnchorLoss(case.C, case.D), _version("pml")
+    else:
+        import fastcdml
+
+        loss_fn = fastcdml.ProxyAnchorLoss(case.C, case.D, check_inputs=False)
+        backend = resolve("auto", "proxy_anchor", x.device).name
+    with torch.no_grad():
+        loss_fn.proxies.copy_(torch.randn(loss_fn.proxies.shape, generator=torch.Generator().manual_seed(1)))
+    loss_fn = loss_fn.to(x.device)
+
+    def run():
+        x.grad = None
+        loss_fn.proxies.grad = None
+        loss_fn(x, y).backward()
+
+    return Step(run, backend)
+
+
 # -------------------------------------------------------------------------------------------------- CBML
 
 _CBML_HYPER = dict(pos_a=0.5, pos_b=0.5, neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.2,
@@ -315,4 +381,5 @@ _BUILDERS = {
             "cce": _ccl_fused_ce, "liger": _ccl_fused_ce},
     "cbml": {"fastcdml": _cbml_own, "reference": _cbml_own, "torch": _cbml_compile, "pml": _cbml_pml},
     "margin": {"fastcdml": _margin, "pml": _margin},
+    "proxy_anchor": {"fastcdml": _proxy_anchor, "pml": _proxy_anchor},
 }

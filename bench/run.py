@@ -62,25 +62,27 @@ class Preset:
     impls: tuple[str, ...] | None = None  # None: every implementation importable here
 
 
+PROXY_ANCHOR_SIZES = tuple(f"{b}x{c}x{d}" for c in (1000, 100_000, 1_000_000) for b in (256, 1024) for d in (128, 512))
 PRESETS = {
     "cpu": Preset(
         "CPU sweep (default without CUDA): a few minutes on 2 cores, C up to 50k / M up to 8k",
         "float32",
         {"ccl": ("256x1000x128", "256x10000x128", "256x50000x128"),
          "cbml": ("256xselfx128", "256x2048x128", "256x8192x128"),
-         "margin": ("256x1000x128", "256x10000x128")},
+         "margin": ("256x1000x128", "256x10000x128"), "proxy_anchor": ("256x1000x128",)},
     ),
     "cpu-full": Preset(
         "longer CPU sweep, C up to 100k / M up to 16k: ~12 min on 2 busy cores, 30 cases",
         "float32",
         {"ccl": ("256x1000x128", "256x10000x128", "256x100000x128"),
          "cbml": ("256xselfx128", "256x2048x128", "256x16384x128"),
-         "margin": ("256x1000x128", "256x10000x128", "256x100000x128")},
+         "margin": ("256x1000x128", "256x10000x128", "256x100000x128"), "proxy_anchor": ("256x1000x128",)},
     ),
     "cpu-targets": Preset(
         "the C++ backend's target sizes: C++ vs the eager reference",
         "float32",
-        {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128"), "margin": ()},
+        {"ccl": ("1024x100000x128", "256x11318x512"), "cbml": ("512xselfx512", "256x16384x128"), "margin": (),
+         "proxy_anchor": ()},
         ("fastcdml", "reference"),
     ),
     "gpu": Preset(
@@ -90,7 +92,13 @@ PRESETS = {
                  "4096x1000000x512"),
          "cbml": ("100xselfx512", "512xselfx512", "1024x4096x128", "1024x16384x128", "256x55000x128",
                   "1024x65536x128"),
-         "margin": ("512x100000x512", "1024x1000000x512")},
+         "margin": ("512x100000x512", "1024x1000000x512"), "proxy_anchor": PROXY_ANCHOR_SIZES},
+    ),
+    "proxy-anchor": Preset(
+        "ProxyAnchor against PML, C in {1k, 100k, 1M} x B in {256, 1024} x D in {128, 512}; sizes beyond the "
+        "machine's memory (PML) or --max-case-s (CPU estimate) are recorded as not run",
+        "float32",
+        {"proxy_anchor": PROXY_ANCHOR_SIZES},
     ),
 }
 
@@ -105,7 +113,7 @@ def parse_size(text: str, loss: str, impl: str, dtype: str) -> Case:
         if loss != "cbml":
             raise ValueError(f"size {text!r}: 'self' is a CBML reference set, not a number of classes")
         return Case(loss, impl, "self", int(b), int(b), int(d), dtype)
-    variant = {"ccl": "momentum", "margin": "gradient"}.get(loss, "memory")
+    variant = {"ccl": "momentum", "margin": "gradient", "proxy_anchor": "gradient"}.get(loss, "memory")
     return Case(loss, impl, variant, int(b), int(c), int(d), dtype)
 
 
@@ -120,7 +128,7 @@ def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
     dtype = args.dtype or preset.dtype
     cases, skipped = [], []
     for loss in losses:
-        sizes = args.sizes.split(",") if args.sizes else preset.sizes[loss][: 1 if args.quick else None]
+        sizes = args.sizes.split(",") if args.sizes else preset.sizes.get(loss, ())[: 1 if args.quick else None]
         if args.sizes and loss == "ccl" and not args.loss:
             sizes = [s for s in sizes if "self" not in s]
         names = [i for i in impls.IMPLS[loss] if i in (wanted or preset.impls or impls.IMPLS[loss])]
@@ -133,7 +141,12 @@ def plan(args, device: torch.device) -> tuple[list[Case], list[dict]]:
                 runnable.append(impl)
             else:
                 skipped.append({"loss": loss, "impl": impl, "reason": reason})
-        cases += [parse_size(s, loss, impl, dtype) for s in sizes for impl in runnable]
+        for case in (parse_size(s, loss, impl, dtype) for s in sizes for impl in runnable):
+            reason = impls.over_budget(case, device, args.max_case_s)
+            if reason is None:
+                cases.append(case)
+            else:
+                skipped.append({**asdict(case), "reason": reason})
     return cases, skipped
 
 
@@ -366,8 +379,9 @@ def plot(rows: list[dict], out: Path, stem: str) -> tuple[list[str], str | None]
             mem = [(r["C"], r["peak_extra_mb"]) for r in line if (r["peak_extra_mb"] or 0) > 0]
             if mem:
                 ax_m.plot(*zip(*mem), marker="o", label=label, color=handle.get_color())
-        xlabel = {"ccl": "C (classes)", "margin": "C (classes)", "self": "B = reference set (self mode)"}.get(
-            loss if loss in ("ccl", "margin") else variant, "M (memory entries)")
+        xlabel = {"ccl": "C (classes)", "margin": "C (classes)", "proxy_anchor": "C (classes)",
+                  "self": "B = reference set (self mode)"}.get(
+            loss if loss in ("ccl", "margin", "proxy_anchor") else variant, "M (memory entries)")
         size = f"D={d}" if b is None else f"B={b}, D={d}"
         for ax, ylabel in ((ax_t, "ms per training step (median, p20–p80)"), (ax_m, "peak extra memory (MB)")):
             ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
@@ -421,6 +435,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fresh subprocesses per case (default: on for CPU, where memory is exact only so, except "
                         "with --quick; off for CUDA)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per isolated case (default 1800)")
+    p.add_argument("--max-case-s", type=float, default=600,
+                   help="proxy_anchor on CPU: leave out (and record) sizes whose estimated time exceeds this "
+                        "(default 600)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parts", default="time,memory", help=argparse.SUPPRESS)
     return p

@@ -34,6 +34,7 @@ namespace fastcdml {
 // once the op schemas exist, so that a build from other sources fails with an exception instead of aborting).
 void register_ccl(torch::Library& m);
 void register_cbml(torch::Library& m);
+void register_proxy_anchor(torch::Library& m);
 
 constexpr float kEps = 1e-12f;       // x̂ = x / max(‖x‖, kEps)
 constexpr int64_t kRowBlock = 64;    // rows per block (one block = one task of at::parallel_for)

@@ -1,5 +1,5 @@
 """fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian, and drop-ins
-for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace).
+for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace, and ProxyAnchor).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval
@@ -15,10 +15,12 @@ from .losses import (
     ContrastiveBayesianLoss,
     CosFaceLoss,
     NormalizedSoftmaxLoss,
+    ProxyAnchorLoss,
     ShardedArcFaceLoss,
     ShardedCenterContrastiveLoss,
     ShardedCosFaceLoss,
     ShardedNormalizedSoftmaxLoss,
+    ShardedProxyAnchorLoss,
     ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "ShardedCosFaceLoss",
     "ShardedArcFaceLoss",
     "ShardedSubCenterArcFaceLoss",
+    "ProxyAnchorLoss",
+    "ShardedProxyAnchorLoss",
     "CenterParams",
     "BayesianParams",
     "pseudo_labels",

@@ -3,7 +3,9 @@ tests all pass these frozen dataclasses around. Each validates itself on constru
 argument. The math they parametrise is in ``docs/spec.md``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ._checks import choice
 
@@ -105,3 +107,25 @@ class BayesianParams:
     def hard_negatives(self) -> int:
         """The op-level encoding of the negative rule: 0 = adaptive, K > 0 = the K hardest."""
         return self.top_k if self.negatives == "topk" else 0
+
+
+@dataclass(frozen=True)
+class ProxyAnchorParams:
+    """Proxy Anchor (PML's ``ProxyAnchorLoss``): ``log(1 + Σ exp(α(δ − c) + w − 1))`` over each proxy's positives
+    and ``log(1 + Σ exp(α(c + δ) + w − 1))`` over its negatives (``docs/spec.md``, 1d).
+
+    ``margin`` δ (finite; PML does not restrict its sign), ``alpha`` α > 0 (the scale). One proxy per class:
+    ``sub_centers`` is 1 (what the bank base class reads)."""
+
+    margin: float = 0.1
+    alpha: float = 32.0
+    sub_centers: ClassVar[int] = 1
+
+    def __post_init__(self):
+        _at_least(self.alpha, "alpha", strict=True)
+        if not math.isfinite(self.margin):
+            raise ValueError(f"margin must be finite, got {self.margin}")
+
+    def as_args(self) -> tuple:
+        """``(margin, alpha)``: the hyper-parameters of ``fastcdml.reference.proxy_anchor`` / ``ops.proxy_anchor``."""
+        return self.margin, self.alpha

@@ -110,6 +110,31 @@ def test_margin_step_computes_both_gradients(impl):
     assert impls.nominal_gflop(case) > 0 and step.backend
 
 
+@pytest.mark.parametrize("impl", [i for i in impls.IMPLS["proxy_anchor"] if HAS_PML or i != "pml"])
+def test_proxy_anchor_step_computes_both_gradients(impl):
+    case = impls.Case("proxy_anchor", impl, "gradient", 10, 30, 8, "float32")
+    inputs = impls.make_inputs(case, torch.device("cpu"))
+    step = impls.build(case, inputs)
+    step.run()
+    x = inputs["x"]
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert impls.nominal_gflop(case) > 0 and step.backend
+
+
+def test_proxy_anchor_sizes_beyond_the_machine_are_recorded_not_run():
+    cpu = torch.device("cpu")
+    huge = impls.Case("proxy_anchor", "pml", "gradient", 1024, 1_000_000, 512, "float32")
+    assert "GiB of B×C temporaries" in impls.over_budget(huge, cpu, 600)
+    slow = impls.Case("proxy_anchor", "fastcdml", "gradient", 1024, 1_000_000, 512, "float32")
+    assert "s estimated" in impls.over_budget(slow, cpu, 600)
+    small = impls.Case("proxy_anchor", "fastcdml", "gradient", 256, 1000, 128, "float32")
+    assert impls.over_budget(small, cpu, 600) is None
+    args = bench._parser().parse_args(["--preset", "proxy-anchor", "--max-case-s", "600"])
+    cases, skipped = bench.plan(args, cpu)
+    assert {c.loss for c in cases} == {"proxy_anchor"} and len(cases) + len(
+        [s for s in skipped if s.get("loss") == "proxy_anchor"]) == 2 * 12
+
+
 def test_sizes_and_impls_are_validated():
     assert bench.parse_size("512xselfx64", "cbml", "reference", "float32") == impls.Case(
         "cbml", "reference", "self", 512, 512, 64, "float32")
@@ -188,8 +213,9 @@ def test_quick_runs_the_smallest_size_per_loss_in_process(tmp_path, monkeypatch)
     args = bench._parser().parse_args(["--quick", "--impl", "fastcdml,reference", "--device", "cpu"])
     args.preset = "cpu"
     cases, _ = bench.plan(args, torch.device("cpu"))
-    assert {(c.loss, c.impl) for c in cases} == {(l, i) for l in ("ccl", "cbml") for i in ("fastcdml", "reference")}
-    assert len(cases) == 4  # one size each
+    assert {(c.loss, c.impl) for c in cases} == {(l, i) for l in ("ccl", "cbml") for i in ("fastcdml", "reference")
+                                                 } | {("proxy_anchor", "fastcdml")}
+    assert len(cases) == 5  # one size each
     args = bench._parser().parse_args(["--quick", "--device", "cpu"])
     args.preset = "cpu"
     assert "torch_compile" not in {c.impl for c in bench.plan(args, torch.device("cpu"))[0]}

@@ -239,6 +239,9 @@ def _all_outputs():
         for center in (True, False):
             out += ops.cbml_fwd(xb, yb, r, yr, None, True, 0.5, 0.5, 1.0, 0.01, 0.1, 1.0, 0.2, 0, 0.25, 0.25, center, k,
                                 True, True)
+    xp, yp = torch.randn(150, 40).to(torch.bfloat16), torch.randint(0, 3000, (150,))  # labels ≥ 2500: other slices
+    out += ops.proxy_anchor_fwd(xp, yp, torch.randn(2500, 40), torch.rand(150), torch.tensor(0.01), 1 / 2500, 0.1,
+                                32.0, True, True)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import queue
 import socket
@@ -537,6 +538,41 @@ def _comm_stats_match_formula(rank, world, dtype, backend):
         logger.setLevel(logging.NOTSET)
 
 
+def _sharded_proxy_anchor_matches_single_process(rank, world, dtype, backend, shard_sizes):
+    """The class-sharded ProxyAnchor vs the single-process reference on the concatenated batch: the global loss on
+    every rank, the rank's rows of the embedding gradient, its slice of the proxy gradient, with rank-local mined
+    tuples at step 1 (the rows' weights gathered), uneven and empty batches; and its byte counters."""
+    from fastcdml.losses._pml import miner_weights
+    from fastcdml.losses.sharded_proxy_anchor import step_bytes
+    from fastcdml.reference.proxy_anchor import proxy_anchor_loss
+
+    loss_fn = fastcdml.ShardedProxyAnchorLoss(C, D, backend=backend, shard_sizes=shard_sizes)
+    full = loss_fn.full_state_dict(dst=None)["proxies"]
+    assert full.std().item() == pytest.approx(math.sqrt(2 / C), rel=0.5)  # PML's Kaiming fan_out scale
+    e, c = torch.empty((), dtype=dtype).element_size(), 8 if dtype == torch.float64 else 4
+    for step in range(4):
+        x_all, y_all = _batch(world, step, dtype)
+        sizes = _sizes(world, step)
+        x, y = _part(x_all, world, step, rank).clone().requires_grad_(), _part(y_all, world, step, rank)
+        tuples = [(torch.arange(0, n, 2), torch.arange(n) % max(n, 1), torch.zeros(1, dtype=torch.long))
+                  if step == 1 and n else None for n in sizes]
+        weights = torch.cat([torch.ones(n) if t is None else miner_weights(t, n, "cpu") for t, n in zip(tuples, sizes)])
+        loss_fn.proxies.grad = None
+        loss = loss_fn(x, y, tuples[rank])
+        loss.backward()
+        xr, pr = x_all.clone().double().requires_grad_(), full.clone().double().requires_grad_()
+        ref = proxy_anchor_loss(xr, y_all, pr, 0.1, 32.0, weights if step == 1 else None)
+        ref.backward()
+        what = f"{backend} step {step}"
+        _close(loss, ref, dtype, f"{what} loss")
+        _close(x.grad, _part(xr.grad, world, step, rank), dtype, f"{what} embedding gradient")
+        _close(loss_fn.proxies.grad, pr.grad[loss_fn.start: loss_fn.stop], torch.float32, f"{what} proxy gradient")
+        assert loss_fn.stats.last_step == step_bytes(sizes, D, e, c), loss_fn.stats.last_step
+    with torch.no_grad():  # no embedding gradient: the rows' gradient is not exchanged
+        loss_fn(_part(x_all, world, 3, rank), _part(y_all, world, 3, rank))
+    assert loss_fn.stats.last_step == step_bytes(_sizes(world, 3), D, e, c, query_grad=False), loss_fn.stats.last_step
+
+
 def _nccl_world_one(rank, world):
     for loss_fn in (fastcdml.CenterContrastiveLoss(C, D, centers=_bank(), distributed=True),
                     fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank())):
@@ -627,6 +663,13 @@ def test_sharded_partial_fc_sampling(ranks):
 def test_checkpoint_reshard_two_to_three(ranks, tmp_path):
     ranks(2, "_checkpoint_save_two", str(tmp_path))
     ranks(3, "_checkpoint_load_three", str(tmp_path))
+
+
+@pytest.mark.parametrize("world,shard_sizes", [(2, None), (3, None), (3, [6, 0, 7])],
+                         ids=["2-even", "3-even", "3-empty-slice"])
+@pytest.mark.parametrize("dtype,backend", EVERY_BACKEND)
+def test_sharded_proxy_anchor_matches_single_process(ranks, world, shard_sizes, dtype, backend):
+    ranks(world, "_sharded_proxy_anchor_matches_single_process", dtype, backend, shard_sizes)
 
 
 @pytest.mark.gpu

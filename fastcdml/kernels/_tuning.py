@@ -164,19 +164,67 @@ def ccl_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int,
         kind = PRODUCT_FALLBACK[kind]
 
 
-def shrink(cfg: Config) -> Config | None:
-    """A smaller CCL config to retry with after ``OutOfResources`` (a GPU below the smallest shared-memory class):
-    fewer stages, then the accumulator's D split (halves the PV operand and accumulator), then fewer columns (down
-    to 16), and only then fewer than 64 rows (64 is the smallest M of a Hopper wgmma)."""
+def shrink(cfg: Config, split_d: bool = True) -> Config | None:
+    """A smaller config to retry with after ``OutOfResources`` (a GPU below the smallest shared-memory class):
+    fewer stages, then (``split_d``: kernels with an accumulator D split) the D split (halves the PV operand and
+    accumulator), then fewer columns (down to 16), and only then fewer than 64 rows (64 is the smallest M of a
+    Hopper wgmma)."""
     if cfg.num_stages > 1:
         return cfg._replace(num_stages=cfg.num_stages - 1)
-    if cfg.dv_split < 4:
+    if split_d and cfg.dv_split < 4:
         return cfg._replace(dv_split=cfg.dv_split * 2)
     if cfg.cols > 16:
         return cfg._replace(cols=cfg.cols // 2)
     if cfg.rows > 16:
         return cfg._replace(rows=cfg.rows // 2)
     return None
+
+
+# ---------------------------------------------------------------------------------------------------- ProxyAnchor
+# (BLOCK_D, operand bytes) -> (columns kernel, rows kernel) configs, Config(rows owned, rows streamed, dv_split=1,
+# warps, stages). The owned operand tile and the fp32 accumulator of rows × BLOCK_D stay in registers. fp32 operands
+# (tf32 / tf32x3 / FMA) own fewer rows past D = 128, where "highest" computes FMA products ("ieee": tf32x3's hi/lo
+# parts spilled 2–15 KB), and D = 1024 takes 16-bit operands. The rows kernel renormalises each streamed proxy tile
+# in the loop and owns fewer rows than the columns kernel past D = 128 (it spilled 0.6–1.8 KB with the columns
+# kernel's tiles). Compile figures: bench/NOTES.md.
+C = Config
+PROXY_ANCHOR_CONFIGS = {
+    (64, 2): (C(64, 64, 1, 4, 2), C(64, 64, 1, 4, 2)),
+    (128, 2): (C(64, 64, 1, 8, 2), C(64, 64, 1, 8, 2)),
+    (256, 2): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 2)),
+    (512, 2): (C(32, 32, 1, 8, 1), C(16, 32, 1, 8, 1)),
+    (1024, 2): (C(16, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
+    (64, 4): (C(64, 32, 1, 4, 2), C(64, 32, 1, 4, 2)),
+    (128, 4): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 1)),
+    (256, 4): (C(32, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
+    (512, 4): (C(16, 16, 1, 8, 1), C(16, 16, 1, 8, 1)),
+}
+# GPUs with less than 163 KB of shared memory per block (sm_86/89): tf32x3's hi/lo operand tiles of the columns
+# kernel at D = 128 take 131 KB with 64 owned rows.
+PROXY_ANCHOR_SMALL_SMEM = 163 * 1024
+PROXY_ANCHOR_SMALL_SMEM_CONFIGS = {(128, 4): (C(32, 32, 1, 8, 1), C(32, 32, 1, 8, 1))}
+del C
+PROXY_ANCHOR_INTERPRETER_CONFIG = Config(16, 32, 1, 4, 1)
+
+
+def proxy_anchor_config(d: int, x_dtype: torch.dtype, p_dtype: torch.dtype, smem: int = SMEM_CLASSES[0]
+                        ) -> tuple[tuple[Config, Config], str]:
+    """((columns kernel config, rows kernel config), product kind) of the ProxyAnchor kernels for embedding size
+    ``d`` (D ≤ 1024), the input dtypes and ``smem`` bytes of shared memory per block."""
+    kind = products(x_dtype, p_dtype)
+    if interpreter_active():
+        return (PROXY_ANCHOR_INTERPRETER_CONFIG, PROXY_ANCHOR_INTERPRETER_CONFIG), kind
+    if d > 1024:
+        raise ValueError(f"the Triton ProxyAnchor kernels take D <= 1024, got {d}")
+    if kind == "tf32x3" and d > 128:  # hi/lo operand parts spill past D = 128: fp32 FMA products, as accurate
+        kind = "ieee"
+    if kind != "16" and d > 512:  # fp32 operand tiles of 16 × 1024: 8–25 KB spilled and minutes to compile
+        warnings.warn(f"fastcdml ProxyAnchor: fp32 operands at D={d} do not fit the kernels' registers; using "
+                      "16-bit operands (fp32 accumulation)", stacklevel=3)
+        kind = "16"
+    key = (min(max(pow2(d), 64), 1024), 2 if kind == "16" else 4)
+    small = PROXY_ANCHOR_SMALL_SMEM_CONFIGS.get(key) if smem < PROXY_ANCHOR_SMALL_SMEM else None
+    return small or PROXY_ANCHOR_CONFIGS[key], kind
 
 
 # ------------------------------------------------------------------------------------------------------------ CBML

@@ -133,8 +133,9 @@ def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
-def _launch(requested: Config, launch) -> None:
-    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``shrink`` that fits.
+def _launch(requested: Config, launch, shrink=shrink) -> None:
+    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``shrink`` (default
+    ``_tuning.shrink``) that fits.
     Stateless: a shrunk config is not remembered (it would make the next launch's config depend on what ran
     first, e.g. a split-C launch and a fused-epilogue launch of the same shapes); retrying costs one failed
     kernel load per step, on GPUs outside ``SMEM_CLASSES`` only."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _checks
+
 # PML constructor options fastcdml does not implement, and why.
 UNSUPPORTED = {
     "reducer": "fastcdml losses reduce with reduction='mean' | 'sum' | 'none' (PML's default MeanReducer is 'mean')",
@@ -46,6 +48,15 @@ def no_reference(loss: str, ref_emb, ref_labels) -> None:
     if ref_emb is not None or ref_labels is not None:
         raise ValueError(f"{loss} compares queries with class centers: ref_emb / ref_labels are not supported "
                          "(as in PML's proxy losses)")
+
+
+def call_contract(loss: str, embeddings, labels, ref_emb, ref_labels) -> tuple[torch.device, torch.Tensor]:
+    """PML's call contract of a proxy loss: labels required, no reference set; ``(the embeddings' device, the
+    labels on it)``."""
+    labels = require_labels(loss, labels)
+    no_reference(loss, ref_emb, ref_labels)
+    device = _checks.tensor(embeddings, "embeddings").device
+    return device, _checks.tensor(labels, "labels").to(device)
 
 
 def _check_tuple(indices_tuple) -> tuple[torch.Tensor, ...]:

@@ -71,6 +71,7 @@ FULL_DIMS = (128, 512)  # every dtype pair here; CBML's modes at the first, the 
 # (x dtype, bank dtype): CCL queries with the fp32 master bank or a bf16 bank; CBML batch with its memory.
 CCL_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"))
 CBML_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
+PA_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))  # (embeddings, proxies)
 PRECISIONS = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() for fp32 products
 WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kernel", "_cbml_sums_kernel",
                  "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
@@ -99,6 +100,11 @@ OVER_BUDGET: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.5–0.7 KB"),
     ("_cbml_grad_ref_kernel", dict(PRECISION="tf32x3"), ("sm_90a",),
      "fp32 inputs at 'highest': hi/lo parts of the G tile and of the operand, 0.7–1.1 KB"),
+    ("_pa_rows_kernel", dict(BLOCK_D="512", DOT="fp32", PREC="ieee"), ("sm_90a", "sm_80", "sm_86"),
+     "fp32 inputs at 'highest' (FMA products): the owned 16 × 512 query operand, the accumulator and the streamed "
+     "proxy tile in the FMA layouts of both products, 2.2–2.6 KB at 8 warps (9–13 KB at 4)"),
+    ("_pa_rows_kernel", dict(BLOCK_D="1024", DOT="bf16|fp16"), ("sm_90a", "sm_80", "sm_86"),
+     "16 rows × D = 1024: the owned operand, the accumulator and the renormalised proxy tile, 0.6–1.4 KB"),
 ]
 
 
@@ -123,6 +129,8 @@ def cases(dims=DIMS) -> list[dict]:
     - The class-sharded step (per-slice partials, the forward kernel without its epilogue, and the slice's proxy
       gradient with foreign labels) for fp32 and bf16 queries with the fp32 bank at every D, and the bf16 bank
       at D = 128 and 512.
+    - ProxyAnchor forward with both gradients (columns and rows kernels) for fp32 and bf16 embeddings with fp32
+      proxies at every D, and fp16 / fp32 and bf16 / bf16 at D = 128 and 512.
     - CBML forward + both gradients, adaptive negatives, for every (batch, memory) dtype pair; top-K with
       K = 100 and 1000 for 16-bit, fp32 and mixed inputs; every D for one 16-bit and the fp32 pair; the
       reference set without the batch; a mined-pair mask (adaptive and top-K). These use the class-means
@@ -159,6 +167,10 @@ def cases(dims=DIMS) -> list[dict]:
                 for x, r in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))]
         out.append(dict(cbml, d=d, x="bf16", bank="bf16", top_k=100, center="boundary"))
         out += [dict(cbml, d=d, x="bf16", bank="bf16", phi=phi) for phi in ("sqrt", "constant")]
+    pa = dict(loss="proxy_anchor", op="train", precision="highest", b=256, c=1000)
+    for d in dims:
+        pairs = PA_PAIRS if d in full else PA_PAIRS[:2]
+        out += [dict(pa, d=d, x=x, bank=p) for x, p in pairs]
     return out
 
 
@@ -330,7 +342,7 @@ class _Session:
     def run_case(self, case: dict) -> None:
         import torch
 
-        from fastcdml.kernels import cbml, ccl
+        from fastcdml.kernels import cbml, ccl, proxy_anchor
 
         self.case = case_name(case)
         self.pending_shrink.clear()
@@ -358,6 +370,9 @@ class _Session:
                     ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, lse, True)
                 else:
                     ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused", *family)
+            elif case["loss"] == "proxy_anchor":
+                p = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
+                proxy_anchor.proxy_anchor_fwd(x, y, p, None, torch.tensor(1.0), 1e-3, 0.1, 32.0, True, True)
             else:
                 m = case["m"]
                 r = torch.zeros(m, d, dtype=dt[case["bank"]])
@@ -493,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcdml compile-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from %(default)s")
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="embedding sizes (%(default)s)")
-    parser.add_argument("--loss", choices=("ccl", "cbml", "all"), default="all")
+    parser.add_argument("--loss", choices=("ccl", "cbml", "proxy_anchor", "all"), default="all")
     parser.add_argument("--jobs", type=int, default=min(3, os.cpu_count() or 1), help="targets compiled at once")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--gates", action="store_true", help="exit 1 when a gate fails")
