@@ -13,7 +13,11 @@ from .losses import (
     ArcFaceLoss,
     CenterContrastiveLoss,
     ContrastiveBayesianLoss,
+    ContrastiveLoss,
     CosFaceLoss,
+    CrossBatchMemory,
+    MultiSimilarityLoss,
+    NTXentLoss,
     NormalizedSoftmaxLoss,
     ShardedArcFaceLoss,
     ShardedCenterContrastiveLoss,
@@ -21,6 +25,7 @@ from .losses import (
     ShardedNormalizedSoftmaxLoss,
     ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
+    SupConLoss,
 )
 from .clustering import pseudo_labels
 from .params import BayesianParams, CenterParams
@@ -41,6 +46,11 @@ __all__ = [
     "ShardedCosFaceLoss",
     "ShardedArcFaceLoss",
     "ShardedSubCenterArcFaceLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "MultiSimilarityLoss",
+    "ContrastiveLoss",
+    "CrossBatchMemory",
     "CenterParams",
     "BayesianParams",
     "pseudo_labels",

@@ -20,14 +20,16 @@ from . import _extension
 from ._runtime import interpreter_active
 from .ops import cbml as cbml_ops
 from .ops import ccl as ccl_ops
+from .ops import pair as pair_ops
 from .ops._registry import INTERPRET, MAIN, has_kernel
 from .params import BayesianParams, CenterParams
 from .reference import cbml as cbml_reference
 from .reference import ccl as ccl_reference
+from .reference import pair as pair_reference
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FIRST_OP = {"ccl": "ccl_fwd", "cbml": "cbml_fwd"}
+_FIRST_OP = {"ccl": "ccl_fwd", "cbml": "cbml_fwd", "pair": "pair_fwd"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -82,6 +84,13 @@ class Backend:
         to mined pairs (``fastcdml.reference.cbml.pack_pairs``)."""
         raise NotImplementedError
 
+    def pair(self, kind: str, x, labels, ref, ref_labels, params: tuple, exclude=None, counts=None) -> torch.Tensor:
+        """The pair loss ``kind`` (``fastcdml.reference.pair.KINDS``, 0-d) of ``x`` against ``ref`` (R, D), R ≥ 1,
+        differentiable in ``x`` and ``ref`` (pass the same tensor for a batch compared with itself);
+        ``exclude`` (B,) int64: a column that is no positive of its row (−1: none); ``counts`` (B, R) uint8: the
+        multiplicity of each pair (mined pairs), or None for every pair once."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<fastcdml backend {self.name!r}>"
 
@@ -119,6 +128,9 @@ class ReferenceBackend(Backend):
             top_k=params.hard_negatives, variance_center=params.variance_center, pos_weight=params.pos_weight,
             neg_weight=params.neg_weight)
 
+    def pair(self, kind, x, labels, ref, ref_labels, params, exclude=None, counts=None):
+        return pair_reference.pair_loss(kind, x, labels, ref, ref_labels, params, exclude, counts)
+
 
 class FusedBackend(Backend):
     """The ``torch.library`` ops of one namespace: Triton kernels (CUDA, or the CPU under the interpreter) or
@@ -151,6 +163,10 @@ class FusedBackend(Backend):
     def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
         return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, pair_mask, self.namespace)
 
+    def pair(self, kind, x, labels, ref, ref_labels, params, exclude=None, counts=None):
+        return pair_ops.pair_loss(getattr(torch.ops, self.namespace), kind, x, labels, ref, ref_labels, params,
+                                  exclude, counts)
+
 
 _INSTANCES = {
     ("reference", None): ReferenceBackend(),
@@ -176,6 +192,9 @@ def _triton_reason(loss: str, device_type: str) -> str | None:
         return f"Triton kernels do not run on {device_type} tensors"
     if device_type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    namespace = INTERPRET if device_type == "cpu" else MAIN
+    if not has_kernel(namespace, _FIRST_OP[loss], device_type.upper()):
+        return f"fastcdml has no Triton kernel for {loss}"
     return None
 
 
@@ -228,7 +247,7 @@ _resolve_key._dynamo_marked_constant = True  # what torch.compiler.assume_consta
 
 
 def resolve(backend: str, loss: str, device: torch.device) -> Backend:
-    """The :class:`Backend` that computes ``loss`` (``"ccl"`` or ``"cbml"``) on ``device``'s tensors."""
+    """The :class:`Backend` that computes ``loss`` (``"ccl"``, ``"cbml"`` or ``"pair"``) on ``device``'s tensors."""
     return _INSTANCES[_resolve_key(backend, loss, device.type)]
 
 

@@ -1,11 +1,14 @@
 """User-facing loss modules."""
 from .cbml import ContrastiveBayesianLoss
 from .ccl import CenterContrastiveLoss
+from .cross_batch_memory import CrossBatchMemory
 from .margin import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
+from .pair import ContrastiveLoss, MultiSimilarityLoss, NTXentLoss, SupConLoss
 from .sharded_ccl import ShardedCenterContrastiveLoss
 from .sharded_margin import (ShardedArcFaceLoss, ShardedCosFaceLoss, ShardedNormalizedSoftmaxLoss,
                              ShardedSubCenterArcFaceLoss)
 
 __all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss", "NormalizedSoftmaxLoss",
            "CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "ShardedNormalizedSoftmaxLoss", "ShardedCosFaceLoss",
-           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss"]
+           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss", "NTXentLoss", "SupConLoss", "MultiSimilarityLoss",
+           "ContrastiveLoss", "CrossBatchMemory"]

@@ -38,16 +38,18 @@ def define(
     name: str,
     schema: str,
     fake: Callable,
-    triton_impl: Callable,
+    triton_impl: Callable | None,
     backward: Callable | None = None,
     setup_context: Callable | None = None,
 ) -> None:
-    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` and optional autograd."""
+    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` (None: no Triton kernel) and
+    optional autograd."""
     lib = _library(ns)
     lib.define(name + schema)
     qualname = f"{ns}::{name}"
     torch.library.register_fake(qualname, fake, lib=lib)
-    torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
+    if triton_impl is not None:
+        torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
 
@@ -55,3 +57,28 @@ def define(
 def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
     """Whether ``ns::name`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)
+
+
+def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Callable]:
+    """``(backward, setup_context)`` of an op ``(x, labels, ref, …, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
+    that computes its gradients in the forward when the two flags ask for them: backward scales them by
+    grad_output (in the inputs' dtypes) and raises if an input needs a gradient its flag did not compute."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.dtypes = (inputs[0].dtype, inputs[2].dtype)
+        ctx.computed = (inputs[-2], inputs[-1])
+        ctx.save_for_backward(output[1], output[2])
+
+    def backward(ctx, grad_loss, _g1, _g2):
+        grad_x, grad_ref = ctx.saved_tensors
+        gx = gr = None
+        for i in (0, 2):
+            if ctx.needs_input_grad[i] and not ctx.computed[i // 2]:
+                raise RuntimeError(f"{name} ran without the gradient flag for an input that now needs a gradient")
+        if ctx.needs_input_grad[0]:
+            gx = (grad_loss * grad_x).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
+        return (gx, None, gr) + (None,) * (num_inputs - 3)
+
+    return backward, setup_context
