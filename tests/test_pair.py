@@ -44,6 +44,7 @@ def _check(ours, theirs, x, backend, *args, **kwargs):
         for g, e, what in zip(got, expected, ("loss", "gradient")):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-9, msg=what)
         return
+    args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     low = _run(theirs, x.float(), *args, **kwargs)
     got = _run(ours, x.float(), *args, **kwargs)
     for g, e, lo, what in zip(got, expected, low, ("loss", "gradient")):
@@ -119,14 +120,17 @@ def test_cross_batch_memory_indices_tuple_equals_pml(name, triplets):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["NTXentLoss", "ContrastiveLoss"])
-def test_pair_based_losses_count_repeated_pairs(name, backend):
-    """NTXent and Contrastive average over the listed pairs, so a repeated pair counts repeatedly (as in PML)."""
+@pytest.mark.parametrize("name", LOSSES)
+def test_repeated_pairs_equal_pml(name, backend):
+    """NTXent and Contrastive average over the listed pairs, so a repeated pair counts repeatedly; SupCon and
+    MultiSimilarity use the set of pairs; a tuple of one pair listed twice is not the "at most one pair" zero."""
     x, y = torch.randn(10, 4, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
     a1, p = torch.tensor([0, 0, 0, 3, 6]), torch.tensor([1, 1, 2, 4, 7])
     a2, n = torch.tensor([0, 0, 3, 6, 6, 6]), torch.tensor([3, 3, 0, 0, 0, 9])
-    _check(getattr(fastcdml, name)(**LOSSES[name], backend=backend), getattr(pml_losses, name)(**LOSSES[name]),
-           x, backend, y, (a1, p, a2, n))
+    ours, theirs = getattr(fastcdml, name)(**LOSSES[name], backend=backend), getattr(pml_losses, name)(**LOSSES[name])
+    _check(ours, theirs, x, backend, y, (a1, p, a2, n))
+    _check(ours, theirs, x, backend, y, (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0]),
+                                         torch.tensor([3])))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,3 +253,97 @@ def test_cross_batch_memory_with_cbml_equals_cbml_on_pmls_pairs(mined):
         pairs = miner(x, y, e, ey) if mined else lmu.get_all_pairs_indices(y, ey)
         pairs = lmu.remove_self_comparisons(pairs, slots, 12)
         torch.testing.assert_close(cbm(x, y), cbml(x, y, pairs, e, ey))
+
+
+PARAMS = {"ntxent": (0.3,), "supcon": (0.4,), "multi_similarity": (2.0, 5.0, 0.3), "contrastive": (0.2, 1.1)}
+KERNELS = kernel_backends("pair", torch.device("cpu"))
+
+
+def _fused(backend):
+    return fastcdml._backend.resolve(backend, "pair", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b, r, d, mined", [(1, 1, 3, False), (37, 75, 72, False), (70, 131, 20, True)],
+                         ids=["tiny", "ragged", "multi-tile-mined"])
+def test_kernels_match_reference(kind, dtype, backend, b, r, d, mined):
+    """Loss and both gradients (queries and references) against the float64 reference, every input dtype."""
+    x, ref = torch.randn(b, d, dtype=torch.float64), torch.randn(r, d, dtype=torch.float64)
+    y, ry = _labels(b, 5), _labels(r, 5)
+    exclude = counts = None
+    if mined:
+        counts = torch.randint(0, 3, (b, r), dtype=torch.uint8)  # multiplicities 0, 1, 2
+    else:
+        exclude = torch.randint(-1, r, (b,))
+
+    def run(backend_obj, dt):
+        xa, ra = x.to(dt).requires_grad_(), ref.to(dt).requires_grad_()
+        loss = backend_obj.pair(kind, xa, y, ra, ry, PARAMS[kind], exclude, counts)
+        gx, gr = torch.autograd.grad(loss, (xa, ra))
+        return loss, gx, gr
+
+    reference = fastcdml._backend.resolve("reference", "pair", torch.device("cpu"))
+    expected, low, got = run(reference, torch.float64), run(reference, dtype), run(_fused(backend), dtype)
+    for g, e, lo, what in zip(got, expected, low, ("loss", "grad x", "grad ref")):
+        assert_close(g, e, lo, dtype, f"{kind} {what}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_gradient_of_a_batch_against_itself(backend):
+    """ref = x (the plain PML call): autograd adds the two roles' gradients."""
+    x, y = torch.randn(23, 9, dtype=torch.float64), _labels(23)
+    got = _run(fastcdml.SupConLoss(backend=backend), x.float(), y)
+    expected = _run(fastcdml.SupConLoss(backend="reference"), x, y)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_cpp_is_thread_count_independent():
+    if "cpp" not in KERNELS:
+        pytest.skip("no C++ extension")
+    x, ref = torch.randn(150, 40), torch.randn(2100, 40)
+    y, ry = _labels(150, 30), _labels(2100, 30)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for kind in KINDS:
+                xa, ra = x.clone().requires_grad_(), ref.clone().requires_grad_()
+                loss = _fused("cpp").pair(kind, xa, y, ra, ry, PARAMS[kind])
+                results.append((threads, kind, loss, *torch.autograd.grad(loss, (xa, ra))))
+    finally:
+        torch.set_num_threads(before)
+    for t, kind, *values in results[len(KINDS):]:
+        first = next(r for r in results if r[1] == kind)
+        assert all(torch.equal(a, b) for a, b in zip(values, first[2:])), f"{kind} differs at {t} threads"
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_compiled_module_matches_eager(name):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    loss_fn = getattr(fastcdml, name)(**LOSSES[name])
+    x, y = torch.randn(21, 12), _labels(21)
+    eager = _run(loss_fn, x, y)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    for _ in range(2):
+        got = _run(compiled, x, y)
+    assert counter.frame_count == 1
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    ns = getattr(torch.ops, _fused(backend).namespace)
+    x, ref, y, ry = torch.randn(9, 5), torch.randn(13, 5), _labels(9), _labels(13)
+    for kind in range(4):
+        for exclude, counts in ((torch.randint(-1, 13, (9,)), None), (None, torch.randint(0, 3, (9, 13)).byte())):
+            args = (x.requires_grad_(), y, ref.requires_grad_(), ry, exclude, counts, kind, 0.3, 1.1, 0.2, True,
+                    True)
+            torch.library.opcheck(ns.pair_fwd.default, args)

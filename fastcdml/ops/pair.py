@@ -37,8 +37,14 @@ def _fwd_fake(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, gra
 _backward, _setup_context = forward_gradient_autograd("pair_fwd", 12)
 
 
+def _fwd_triton(*args):
+    from ..kernels import pair as kernels  # imported on first call: it needs triton
+
+    return kernels.pair_fwd(*args)
+
+
 for _ns in namespaces():
-    define(_ns, "pair_fwd", FWD, _fwd_fake, None, _backward, _setup_context)
+    define(_ns, "pair_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
 def pair_loss(ops, kind: str, x, labels, ref, ref_labels, params: tuple, exclude=None, counts=None):

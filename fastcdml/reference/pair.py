@@ -19,7 +19,7 @@ Per kind (``KINDS``), with u = S / τ:
 * ``"contrastive"`` (m⁺, m⁻): ``d_ij = √(max(2 − 2 S_ij, 0))`` (Euclidean distance of the unit rows),
   ``L = Σ w⁺ [d − m⁺]₊ / Σ w⁺ [d > m⁺] + Σ w⁻ [m⁻ − d]₊ / Σ w⁻ [d < m⁻]`` (each part 0 when its count is 0).
 
-Every kind is 0 when n⁺ ≤ 1 and n⁻ ≤ 1. SupCon and MultiSimilarity use the sets (multiplicities are ignored),
+Every kind is 0 when n⁺ ≤ 1 and n⁻ ≤ 1 (multiplicities counted). SupCon and MultiSimilarity use the sets (multiplicities are ignored),
 NTXent and Contrastive the multiplicities. The row filters (L_i > 0, hinge > 0) use forward values; gradients flow
 through S. The gradient of d at d = 0 is taken as 0.
 """
@@ -68,11 +68,11 @@ def pair_loss(kind: str, x, labels, ref, ref_labels, params, exclude=None, count
     dtype = compute_dtype(x, ref)
     s = normalize_rows(x, dtype) @ normalize_rows(ref, dtype).t()
     wp, wn = pair_weights(labels, ref_labels, exclude, counts, dtype)
-    if kind in SET_KINDS:
-        wp, wn = (wp > 0).to(dtype), (wn > 0).to(dtype)
     n_pos, n_neg = wp.sum(), wn.sum()
     if x.shape[0] == 0 or (n_pos <= 1 and n_neg <= 1):
         return _zero(s)
+    if kind in SET_KINDS:
+        wp, wn = (wp > 0).to(dtype), (wn > 0).to(dtype)
     pos, neg = wp > 0, wn > 0
     if kind == "ntxent":
         if n_pos == 0 or n_neg == 0:
