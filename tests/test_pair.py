@@ -61,7 +61,8 @@ def _labels(b, classes=4):
 def test_equals_pml(name, miner, backend):
     ours = getattr(fastcdml, name)(**LOSSES[name], backend=backend)
     theirs = getattr(pml_losses, name)(**LOSSES[name])
-    for b, d in ((13, 6), (37, 20)):
+    # PML's NTXent with triplets builds a (triplets × triplets) matrix: the larger batch only without them
+    for b, d in ((13, 6), (37, 20)) if miner != "triplets" else ((13, 6),):
         x, y = torch.randn(b, d, dtype=torch.float64), _labels(b)
         mined = None if MINERS[miner]() is None else MINERS[miner]()(x, y)
         _check(ours, theirs, x, backend, y, mined)
@@ -81,6 +82,8 @@ def test_defaults_equal_pml(name):
 @pytest.mark.parametrize("miner", MINERS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_cross_batch_memory_equals_pml(name, miner, enqueue, backend):
+    if backend == "triton" and miner == "pairs":
+        pytest.skip("the interpreter is slow; pair miners are covered by the other backends")
     d = 6
     ours = fastcdml.CrossBatchMemory(getattr(fastcdml, name)(**LOSSES[name], backend=backend), d, memory_size=20,
                                      miner=MINERS[miner]())
@@ -342,8 +345,7 @@ def test_compiled_module_matches_eager(name):
 def test_opcheck(backend):
     ns = getattr(torch.ops, _fused(backend).namespace)
     x, ref, y, ry = torch.randn(9, 5), torch.randn(13, 5), _labels(9), _labels(13)
-    for kind in range(4):
-        for exclude, counts in ((torch.randint(-1, 13, (9,)), None), (None, torch.randint(0, 3, (9, 13)).byte())):
-            args = (x.requires_grad_(), y, ref.requires_grad_(), ry, exclude, counts, kind, 0.3, 1.1, 0.2, True,
-                    True)
-            torch.library.opcheck(ns.pair_fwd.default, args)
+    cases = ((0, torch.randint(-1, 13, (9,)), None), (3, None, torch.randint(0, 3, (9, 13)).byte()))
+    for kind, exclude, counts in cases:
+        args = (x.requires_grad_(), y, ref.requires_grad_(), ry, exclude, counts, kind, 0.3, 1.1, 0.2, True, True)
+        torch.library.opcheck(ns.pair_fwd.default, args)
