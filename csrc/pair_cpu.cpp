@@ -1,8 +1,10 @@
 // Pair losses (NTXent, SupCon, MultiSimilarity, Contrastive), CPU kernel for fastcdml::pair_fwd (schema:
 // fastcdml/ops/pair.py, math: docs/spec.md and fastcdml/reference/pair.py).
 //
-// x̂ (B, D) and r̂ (R, D) are normalised once into fp32 buffers. Similarities are computed tile by tile (kRowBlock
-// queries × one chunk of chunk_size(D) references, through gemm.h), never held as B×R:
+// x̂ (B, D) is normalised once into an fp32 buffer; the references are read in place (fp32) or converted chunk by
+// chunk (bf16 / fp16), and only their inverse norms are stored, so the extra memory is O(B·D + R) plus per-thread
+// tiles. Similarities S = (x̂ rᵀ) · diag(1/‖r‖) are computed tile by tile (kRowBlock queries × one chunk of
+// chunk_size(D) references, through gemm.h), never held as B×R:
 //   pass 1   per row: the multiplicities n⁺, n⁻ and the kind's statistics, reduced over the row's tiles: online
 //            log-sum-exps (NTXent: over the negatives of S/τ; SupCon: over P ∪ N of S/τ, with Σ_P S/τ and |P|;
 //            MultiSimilarity: log(1 + Σ_P e^{α(base − S)}) and log(1 + Σ_N e^{β(S − base)})), or the hinge sums
@@ -253,10 +255,35 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
   Tensor gx = at::zeros({want_gx ? B : 0, D}, f32), gref = at::zeros({want_gref ? R : 0, D}, f32);
   if (B == 0 || R == 0) return {at::zeros({}, f32), gx, gref};
   const auto [xh, xnorm] = normalize_rows(x_in);
-  const auto [rh, rnorm] = normalize_rows(ref_in);
+  const Tensor rc_all = ref_in.contiguous();
   const Hyper hp{kind, static_cast<float>(p0), static_cast<float>(p1), static_cast<float>(p2),
                  kind == kSupCon || kind == kMultiSimilarity};
-  const int64_t RB = kRowBlock, CC = chunk_size(D);
+  const int64_t RB = kRowBlock, CC = chunk_size(D), n_chunks = ceil_div(R, CC);
+  // the references' norms and inverse norms, chunk by chunk
+  Tensor rnorm = at::empty({R}, f32), rinv = at::empty({R}, f32);
+  parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
+    Tensor buf = at::empty({CC, D}, f32);
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
+      const int64_t c0 = ch * CC, cc = std::min(CC, R - c0);
+      const Tensor rc = rows_fp32(rc_all, c0, cc, buf);
+      const float* a = rc.data_ptr<float>();
+      for (int64_t j = 0; j < cc; ++j) {
+        float ss = 0.f;
+        for (int64_t k = 0; k < D; ++k) ss += a[j * D + k] * a[j * D + k];
+        rnorm.data_ptr<float>()[c0 + j] = std::sqrt(ss);
+        rinv.data_ptr<float>()[c0 + j] = 1.f / std::max(std::sqrt(ss), kEps);
+      }
+    }
+  });
+  const float* rinv_p = rinv.data_ptr<float>();
+  // S tile of the rows xb against reference chunk rc (fp32 rows) starting at c0: x̂ rᵀ, columns scaled by 1/‖r‖
+  auto sim_tile = [&](Tensor& s, const Tensor& xb, const Tensor& rc, int64_t c0) {
+    mm_nt(s, xb, rc);
+    float* sp = s.data_ptr<float>();
+    const int64_t rb = s.size(0), cc = s.size(1);
+    for (int64_t r = 0; r < rb; ++r)
+      for (int64_t jj = 0; jj < cc; ++jj) sp[r * cc + jj] *= rinv_p[c0 + jj];
+  };
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t* yrp = yr.data_ptr<int64_t>();
   const int64_t* exp_ = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
@@ -270,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
 
   // passes 1 and 2: one task per block of queries, its tiles recomputed for pass 2
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
-    Tensor sbuf = at::empty({RB * CC}, f32);
+    Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
       const Tensor xb = xh.narrow(0, r0, rb);
@@ -278,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
         for (int64_t c0 = 0; c0 < R; c0 += CC) {
           const int64_t cc = std::min(CC, R - c0);
           Tensor s = tile(sbuf, rb, cc);
-          mm_nt(s, xb, rh.narrow(0, c0, cc));
+          sim_tile(s, xb, rows_fp32(rc_all, c0, cc, rbuf), c0);
           for (int64_t r = 0; r < rb; ++r)
             (pass == 1 ? pass1_row : pass2_row)(rows[r0 + r], hp, s.data_ptr<float>() + r * cc, cc, c0,
                                                 pairs_of(r0 + r));
@@ -295,17 +322,20 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
 
   if (want_gx) {  // ∂/∂x̂ += G r̂, one task per block of queries
     parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
-      Tensor sbuf = at::empty({RB * CC}, f32);
+      Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
         for (int64_t c0 = 0; c0 < R; c0 += CC) {
           const int64_t cc = std::min(CC, R - c0);
           Tensor s = tile(sbuf, rb, cc);
-          const Tensor rc = rh.narrow(0, c0, cc);
-          mm_nt(s, xb, rc);
-          for (int64_t r = 0; r < rb; ++r)
-            grad_row(s.data_ptr<float>() + r * cc, cc, c0, rows[r0 + r], hp, g, pairs_of(r0 + r));
+          const Tensor rc = rows_fp32(rc_all, c0, cc, rbuf);
+          sim_tile(s, xb, rc, c0);
+          float* sp = s.data_ptr<float>();
+          for (int64_t r = 0; r < rb; ++r) {
+            grad_row(sp + r * cc, cc, c0, rows[r0 + r], hp, g, pairs_of(r0 + r));
+            for (int64_t jj = 0; jj < cc; ++jj) sp[r * cc + jj] *= rinv_p[c0 + jj];  // G_ij r̂_j = (G_ij / ‖r_j‖) r_j
+          }
           addmm_nn(gx.narrow(0, r0, rb), s, rc);
         }
       }
@@ -313,23 +343,30 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
     normalize_backward_rows(gx, xh, xnorm);
   }
   if (want_gref) {  // ∂/∂r̂ += Gᵀ x̂, one task per reference chunk, query blocks in order
-    parallel_for(0, ceil_div(R, CC), 1, [&](int64_t ch0, int64_t ch1) {
-      Tensor sbuf = at::empty({RB * CC}, f32);
+    parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
+      Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
+      std::vector<float> rhat(D);
       for (int64_t ch = ch0; ch < ch1; ++ch) {
         const int64_t c0 = ch * CC, cc = std::min(CC, R - c0);
-        const Tensor rc = rh.narrow(0, c0, cc);
+        const Tensor rc = rows_fp32(rc_all, c0, cc, rbuf);
+        Tensor grc = gref.narrow(0, c0, cc);
         for (int64_t r0 = 0; r0 < B; r0 += RB) {
           const int64_t rb = std::min(RB, B - r0);
           const Tensor xb = xh.narrow(0, r0, rb);
           Tensor s = tile(sbuf, rb, cc);
-          mm_nt(s, xb, rc);
+          sim_tile(s, xb, rc, c0);
           for (int64_t r = 0; r < rb; ++r)
             grad_row(s.data_ptr<float>() + r * cc, cc, c0, rows[r0 + r], hp, g, pairs_of(r0 + r));
-          addmm_tn(gref.narrow(0, c0, cc), s, xb);
+          addmm_tn(grc, s, xb);
+        }
+        // ∂/∂r̂ → ∂/∂r through the normalisation, with r̂ rebuilt row by row
+        const float* a = rc.data_ptr<float>();
+        for (int64_t j = 0; j < cc; ++j) {
+          for (int64_t k = 0; k < D; ++k) rhat[k] = a[j * D + k] * rinv_p[c0 + j];
+          normalize_backward_row(grc.data_ptr<float>() + j * D, rhat.data(), rnorm.data_ptr<float>()[c0 + j], D);
         }
       }
     });
-    normalize_backward_rows(gref, rh, rnorm);
   }
   return {loss, gx, gref};
 }

@@ -1,5 +1,6 @@
 """fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian, and drop-ins
-for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace).
+for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace, NTXent, SupCon,
+MultiSimilarity and Contrastive losses and its CrossBatchMemory).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval

@@ -59,6 +59,14 @@ def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)
 
 
+def forward_gradient_fake(x, ref, grad_x: bool, grad_ref: bool):
+    """The outputs ``(loss, grad_x, grad_ref)`` of such an op, as empty tensors: () fp32, (B or 0, D) and
+    (R or 0, D) fp32."""
+    f32 = torch.float32
+    return (x.new_empty((), dtype=f32), x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
+            x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32))
+
+
 def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Callable]:
     """``(backward, setup_context)`` of an op ``(x, labels, ref, …, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
     that computes its gradients in the forward when the two flags ask for them: backward scales them by

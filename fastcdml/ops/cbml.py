@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..params import BayesianParams
-from ._registry import define, forward_gradient_autograd, namespaces
+from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mask, bool include_self, " \
       "float pos_a, float pos_b, " \
@@ -36,12 +36,7 @@ FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mas
 
 def _fwd_fake(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
               mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref):
-    f32 = torch.float32
-    return (
-        x.new_empty((), dtype=f32),
-        x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
-        x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32),
-    )
+    return forward_gradient_fake(x, ref, grad_x, grad_ref)
 
 
 _backward, _setup_context = forward_gradient_autograd("cbml_fwd", 20)

@@ -19,19 +19,14 @@ from __future__ import annotations
 import torch
 
 from ..reference.pair import KINDS
-from ._registry import define, forward_gradient_autograd, namespaces
+from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? exclude, Tensor? counts, int kind, " \
       "float p0, float p1, float p2, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
 
 
 def _fwd_fake(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, grad_x, grad_ref):
-    f32 = torch.float32
-    return (
-        x.new_empty((), dtype=f32),
-        x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
-        x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32),
-    )
+    return forward_gradient_fake(x, ref, grad_x, grad_ref)
 
 
 _backward, _setup_context = forward_gradient_autograd("pair_fwd", 12)
