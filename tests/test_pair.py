@@ -262,8 +262,12 @@ PARAMS = {"ntxent": (0.3,), "supcon": (0.4,), "multi_similarity": (2.0, 5.0, 0.3
 KERNELS = kernel_backends("pair", torch.device("cpu"))
 
 
-def _fused(backend):
-    return fastcdml._backend.resolve(backend, "pair", torch.device("cpu"))
+def _family(backend):
+    """The pair family's functions on ``backend`` (for the CPU)."""
+    from fastcdml.ops import pair as pair_ops
+    from fastcdml.reference import pair as pair_reference
+
+    return fastcdml._backend.resolve(backend, "pair", torch.device("cpu")).bind(pair_ops, pair_reference)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -281,14 +285,14 @@ def test_kernels_match_reference(kind, dtype, backend, b, r, d, mined):
     else:
         exclude = torch.randint(-1, r, (b,))
 
-    def run(backend_obj, dt):
+    def run(family, dt):
         xa, ra = x.to(dt).requires_grad_(), ref.to(dt).requires_grad_()
-        loss = backend_obj.pair(kind, xa, y, ra, ry, PARAMS[kind], exclude, counts)
+        loss = family.pair_loss(kind, xa, y, ra, ry, PARAMS[kind], exclude, counts)
         gx, gr = torch.autograd.grad(loss, (xa, ra))
         return loss, gx, gr
 
-    reference = fastcdml._backend.resolve("reference", "pair", torch.device("cpu"))
-    expected, low, got = run(reference, torch.float64), run(reference, dtype), run(_fused(backend), dtype)
+    reference = _family("reference")
+    expected, low, got = run(reference, torch.float64), run(reference, dtype), run(_family(backend), dtype)
     for g, e, lo, what in zip(got, expected, low, ("loss", "grad x", "grad ref")):
         assert_close(g, e, lo, dtype, f"{kind} {what}")
 
@@ -315,7 +319,7 @@ def test_cpp_is_thread_count_independent():
             torch.set_num_threads(threads)
             for kind in KINDS:
                 xa, ra = x.clone().requires_grad_(), ref.clone().requires_grad_()
-                loss = _fused("cpp").pair(kind, xa, y, ra, ry, PARAMS[kind])
+                loss = _family("cpp").pair_loss(kind, xa, y, ra, ry, PARAMS[kind])
                 results.append((threads, kind, loss, *torch.autograd.grad(loss, (xa, ra))))
     finally:
         torch.set_num_threads(before)
@@ -343,7 +347,7 @@ def test_compiled_module_matches_eager(name):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck(backend):
-    ns = getattr(torch.ops, _fused(backend).namespace)
+    ns = fastcdml._backend.resolve(backend, "pair", torch.device("cpu")).ops
     x, ref, y, ry = torch.randn(9, 5), torch.randn(13, 5), _labels(9), _labels(13)
     cases = ((0, torch.randint(-1, 13, (9,)), None), (3, None, torch.randint(0, 3, (9, 13)).byte()))
     for kind, exclude, counts in cases:

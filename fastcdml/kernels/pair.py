@@ -19,7 +19,7 @@ the labels, the row's excluded column and, for mined pairs, the (B, R) uint8 mul
 
 With 16-bit inputs of one dtype ``tl.dot`` runs in that dtype (G is split into hi + lo 16-bit parts for the
 backward products); fp32 or mixed inputs use fp32 operands at ``torch.get_float32_matmul_precision()``'s
-precision. Row offsets into the (B, R) multiplicities are int64. Under the interpreter S is a broadcast sum and
+precision (``_tuning.cbml_products``); the blocks are CBML's (``_tuning.cbml_config``). Row offsets into the (B, R) multiplicities are int64. Under the interpreter S is a broadcast sum and
 bf16 operands are upcast (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 from __future__ import annotations
@@ -30,20 +30,17 @@ import triton.language as tl
 
 from .._runtime import interpreter_active, new_output
 from . import _device
-from .cbml import _FP32_PRECISION, _acc_dot, _inv_norm_kernel, _load_rows, _norm_bwd_kernel, _pow2
+from ._tuning import CbmlConfig, cbml_config, cbml_products
+from .cbml import _acc_dot, _inv_norm_kernel, _load_chunk, _norm_bwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tuning
-# Fixed blocks: 64 query rows (a Hopper wgmma's M) × 64 references per tile, 8 warps; 32-row blocks for fp32
-# products in tf32x3 before Hopper (the CBML kernels' register budget, same tile code).
+# The blocks and products of the CBML kernels (``_tuning.cbml_config``): the same tile code, the same register
+# budget (64 query rows, 32 for tf32x3 products before Hopper).
 
 
-def _config(D: int, fp32_dots: bool, device: torch.device) -> dict:
-    if interpreter_active():
-        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
-    tf32x3 = fp32_dots and _FP32_PRECISION[torch.get_float32_matmul_precision()] == "tf32x3"
-    rows = 32 if tf32x3 and _device.limits(device).capability < 90 else 64
-    return dict(BLOCK_B=rows, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(2 * rows, _pow2(D)), num_warps=8,
-                num_stages=3)
+def _config(D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype, device: torch.device) -> CbmlConfig:
+    capability = 90 if interpreter_active() else _device.limits(device).capability
+    return cbml_config(D, x_dtype, ref_dtype, capability)
 
 
 NTXENT, SUPCON, MULTI_SIMILARITY, CONTRASTIVE = 0, 1, 2, 3
@@ -65,8 +62,8 @@ def _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, c0
     cinv = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
-        c = _load_rows(r_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
+        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
+        c = _load_chunk(r_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
         if INTERPRET:
             acc += tl.sum(q.to(tl.float32)[:, None, :] * c.to(tl.float32)[None, :, :], 2)
         else:
@@ -240,7 +237,7 @@ def _pair_grad_query_kernel(
                                               c0, R, D, SETS, HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
                                               INTERPRET)
         g = _grad_tile(s, up, un, KIND, p0, p1, p2, lse_a, lse_b, sig, c_a, c_b, inv_npos)
-        c = _load_rows(r_ptr, cols, cols < R, d0, D, BLOCK_DO, False)
+        c = _load_chunk(r_ptr, cols, cols < R, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     offs = d0 + tl.arange(0, BLOCK_DO)
     tl.store(g_ptr + rows[:, None] * D + offs[None, :], acc, mask=rmask[:, None] & (offs < D)[None, :])
@@ -267,7 +264,7 @@ def _pair_grad_ref_kernel(
                                               c0, R, D, SETS, HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
                                               INTERPRET)
         g = _grad_tile(s, up, un, KIND, p0, p1, p2, lse_a, lse_b, sig, c_a, c_b, inv_npos)
-        q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
+        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     offs = d0 + tl.arange(0, BLOCK_DO)
@@ -316,13 +313,13 @@ def pair_fwd(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, grad
         return torch.zeros((), dtype=f32, device=dev), gx.zero_(), gr.zero_()
     interp = interpreter_active()
     dot_f32 = x.dtype == f32 or ref.dtype != x.dtype or (interp and x.dtype == torch.bfloat16)
-    cfg = _config(D, dot_f32, dev)
-    bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
+    cfg = _config(D, x.dtype, ref.dtype, dev)
+    bb, bn = cfg.block_b, cfg.block_n
+    products = cbml_products(x.dtype, ref.dtype)
     blocks = dict(KIND=kind, HAS_EXCLUDE=exclude is not None, HAS_COUNTS=counts is not None, BLOCK_B=bb,
-                  BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], DOT_F32=dot_f32, INTERPRET=interp,
-                  PRECISION=_FP32_PRECISION[torch.get_float32_matmul_precision()] if dot_f32 and not interp
-                  else "tf32")
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  BLOCK_N=bn, BLOCK_D=cfg.block_d, DOT_F32=dot_f32, INTERPRET=interp,
+                  PRECISION=products if dot_f32 and products and not interp else "tf32")
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     xinv, rinv = new_output((B,), f32, dev), new_output((R,), f32, dev)
     _inv_norm_kernel[(triton.cdiv(B, 64),)](x, xinv, B, D, BLOCK_R=64, BLOCK_D=64)
     _inv_norm_kernel[(triton.cdiv(R, 64),)](ref, rinv, R, D, BLOCK_R=64, BLOCK_D=64)
@@ -331,14 +328,14 @@ def pair_fwd(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, grad
               counts if counts is not None else xinv)  # placeholders are never read
     _pair_stats_kernel[(triton.cdiv(B, bb),)](*inputs, rowf, B, R, D, p0, p1, p2, **blocks, **launch)
     loss, rowc = combine(rowf, kind, p0, p1)
-    grid_d = triton.cdiv(D, cfg["BLOCK_DO"])
+    grid_d = triton.cdiv(D, cfg.block_do)
     for want, grid, kernel, out, src, inv in (
             (grad_x, triton.cdiv(B, bb), _pair_grad_query_kernel, gx, x, xinv),
             (grad_ref, triton.cdiv(R, bn), _pair_grad_ref_kernel, gr, ref, rinv)):
         if not want:
             continue
         part = new_output(out.shape, f32, dev)
-        kernel[(grid, grid_d)](*inputs, rowf, rowc, part, B, R, D, p0, p1, p2, BLOCK_DO=cfg["BLOCK_DO"], **blocks,
+        kernel[(grid, grid_d)](*inputs, rowf, rowc, part, B, R, D, p0, p1, p2, BLOCK_DO=cfg.block_do, **blocks,
                                **launch)
         _norm_bwd_kernel[(triton.cdiv(out.shape[0], 32),)](part, 1, out, src, out.shape[0], D, 1.0, BLOCK_R=32,
                                                            BLOCK_D=64)

@@ -21,7 +21,7 @@ from .. import _checks
 from .._backend import resolve
 from ..reference.cbml import pack_pairs
 from . import _pml
-from .cbml import ContrastiveBayesianLoss
+from .cbml import ContrastiveBayesianLoss, _cbml
 from .pair import PairLoss, check_batch, compute, pair_counts, tuple_pairs
 
 
@@ -172,7 +172,8 @@ class CrossBatchMemory(nn.Module):
                 mask[rows, self_slots // 8] &= ~bits
         if b == 0 or r == 0:
             return queries.sum(dtype=torch.float32) * 0.0
-        return backend.cbml(queries, labels, mem, mem_labels, False, self.loss.params, mask)
+        return _cbml(backend).cbml_loss(queries, labels, mem, mem_labels, pair_mask=mask, include_self=False,
+                                        **self.loss.params.as_kwargs())
 
     @torch.no_grad()
     def _enqueue(self, new, new_labels):

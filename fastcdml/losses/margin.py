@@ -3,19 +3,12 @@
 ``NormalizedSoftmaxLoss``, ``CosFaceLoss``, ``ArcFaceLoss`` and ``SubCenterArcFaceLoss`` take PML's constructor
 arguments and defaults, keep PML's learnable ``W`` of shape (embedding_size, num_classes·K) (so a PML
 ``state_dict`` loads unchanged and ``parameters()`` feeds a loss optimizer), offer ``get_logits`` as PML does,
-and are called as PML's losses are: ``loss_fn(embeddings, labels, indices_tuple=None)``. They compute, with
-``c_ij`` the cosine of query i and class j (the max over its K sub-centers, PML's column layout: class j owns
-columns j·K … j·K+K−1 of W) and scale S = 1/τ::
-
-    L_i = w_i · (logsumexp_j S·c'_ij − S·c'_{i,y_i}),    c'_ij = c_ij off the label, t(c_{i,y_i}) at it
-    loss = mean_i L_i                                       (PML's MeanReducer)
-
-with ``t(c) = c`` (NormalizedSoftmax), ``c − m`` (CosFace), ``cos(arccos c + m)`` with PML's fallback
-``c − m·sin m`` past θ = π − m (ArcFace, SubCenterArcFace), and ``w_i`` PML's miner weights: without an
-``indices_tuple`` all 1, else the number of times row i appears in the mined tuples divided by the largest such
-count (``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``). One fused kernel computes
-the loss, the query gradient and the proxy gradient without a B×C matrix; the math is in ``docs/spec.md`` and
-``fastcdml.reference.ccl``.
+and are called as PML's losses are: ``loss_fn(embeddings, labels, indices_tuple=None)``. Each is the CCL family's
+per-row loss (``docs/spec.md`` §1b, ``fastcdml.reference.ccl``) with scale S = 1/τ, no center pull, PML's column
+layout (class j owns columns j·K … j·K+K−1 of W, the class cosine is the max over them) and the label transform
+``t(c) = c`` (NormalizedSoftmax), ``c − m`` (CosFace), ``cos(arccos c + m)`` with PML's fallback past θ = π − m
+(ArcFace, SubCenterArcFace), averaged with PML's miner weights (``fastcdml.losses._pml.miner_weights``). One
+fused kernel computes the loss, the query gradient and the proxy gradient without a B×C matrix.
 
 ``update="momentum"`` (not in PML) makes ``W`` a buffer of unit columns that, in training mode, moves toward the
 batch's class means after each step (CCL's in-place bank, no optimizer): with sub-centers each query moves the
@@ -34,13 +27,10 @@ import math
 import torch
 from torch import nn
 
-from .. import _checks
-from .._backend import BACKENDS, resolve
 from ..params import CenterParams
-from ..reference.ccl import ADDITIVE_ANGULAR, ADDITIVE_COSINE, EPS, class_cosines, compute_dtype, normalize_rows
+from ..reference.ccl import ADDITIVE_ANGULAR, ADDITIVE_COSINE, class_cosines, compute_dtype, normalize_rows
 from . import _pml
-
-UPDATES = ("gradient", "momentum")
+from ._bank import Bank, check_args as check_bank_args
 
 
 def normalized_softmax_params(temperature: float) -> CenterParams:
@@ -58,70 +48,33 @@ def arcface_params(margin_degrees: float, scale: float, sub_centers: int = 1) ->
 def check_args(name: str, num_classes, embedding_size, update, momentum, backend, pml_kwargs) -> None:
     """The constructor checks the margin drop-ins share with their sharded versions."""
     _pml.reject_options(name, pml_kwargs)
-    if num_classes < 2 or embedding_size < 1:
-        raise ValueError(f"num_classes must be >= 2 and embedding_size >= 1, got {num_classes}, {embedding_size}")
-    _checks.choice(update, "update", UPDATES)
-    _checks.choice(backend, "backend", BACKENDS)
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    check_bank_args(num_classes, embedding_size, update, momentum, backend)
 
 
-class _MarginSoftmaxLoss(nn.Module):
-    """The shared module: state (``W``), PML's call contract, backend choice; subclasses set the parameters."""
+def initial_columns(embedding_size: int, columns: int, weight_init_func) -> torch.Tensor:
+    """PML's initial ``W`` (embedding_size, columns): ``weight_init_func`` (default ``nn.init.normal_``) applied
+    to an empty matrix."""
+    w = torch.empty(embedding_size, columns)
+    (weight_init_func or nn.init.normal_)(w)
+    return w
+
+
+class _MarginSoftmaxLoss(Bank):
+    """The shared module: PML's ``W`` of shape (embedding_size, C·K) as the bank's columns; subclasses set the
+    parameters. In momentum mode ``W`` is a buffer of unit columns (a loaded one, e.g. PML's, is normalised)."""
+
+    KEY, COLUMNS, NORMALIZE_ON_LOAD = "W", True, True
 
     def __init__(self, num_classes, embedding_size, params: CenterParams, update, momentum, backend, check_inputs,
                  weight_init_func, pml_kwargs):
-        super().__init__()
         check_args(type(self).__name__, num_classes, embedding_size, update, momentum, backend, pml_kwargs)
-        self.params = params
-        self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.update, self.momentum, self.backend, self.check_inputs = update, momentum, backend, check_inputs
-        w = torch.empty(embedding_size, num_classes * params.sub_centers)
-        (weight_init_func or nn.init.normal_)(w)
-        if update == "gradient":
-            self.W = nn.Parameter(w)
-        else:  # the bank: unit rows, contiguous as (C·K, D), exposed with PML's (D, C·K) shape
-            self.register_buffer("W", normalize_rows(w.t()).contiguous().t())
-            self.register_load_state_dict_post_hook(_normalize_loaded_bank)
-
-    @property
-    def sub_centers(self) -> int:
-        return self.params.sub_centers
-
-    def _bank(self) -> torch.Tensor:
-        """The (C·K, D) rows the kernels read: the unit columns of ``W`` transposed."""
-        if self.update == "gradient":
-            return (self.W / self.W.float().norm(dim=0, keepdim=True).clamp_min(EPS)).t()
-        if not self.W.t().is_contiguous():  # e.g. after a load or a move that did not keep the layout
-            self.W = self.W.t().contiguous().t()
-        return self.W.t()
-
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        """The mean over the batch of the miner-weighted per-sample losses, float32 (PML's call contract)."""
-        name = type(self).__name__
-        labels = _pml.require_labels(name, labels)
-        _pml.no_reference(name, ref_emb, ref_labels)
-        device = _checks.tensor(embeddings, "embeddings").device
-        labels = _checks.tensor(labels, "labels").to(device)
-        backend = resolve(self.backend, "ccl", device)
-        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_size, self.check_inputs)
-        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
-        weights = _pml.miner_weights(indices_tuple, embeddings.shape[0], device)
-        bank = self._bank()
-        if embeddings.shape[0] == 0:
-            loss = embeddings.sum(dtype=torch.float32) * 0.0 + bank.sum(dtype=torch.float32) * 0.0
-        else:
-            rows = backend.ccl_rows(embeddings, labels, bank, self.params)
-            loss = (rows if weights is None else rows * weights.to(rows.dtype)).mean()
-        if self.training and self.update == "momentum" and embeddings.shape[0]:
-            new = backend.ccl_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
-            if new is not bank:  # the reference returns a new bank: autograd still holds the old one
-                self.W = new.t()
-        return loss
+        w = initial_columns(embedding_size, num_classes * params.sub_centers, weight_init_func)
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, w.t(),
+                         normalize=update == "momentum")
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class cosines times the scale, without the margin (PML's ``get_logits``)."""
-        return scaled_cosines(embeddings, self._bank(), self.params)
+        return scaled_cosines(embeddings, self.bank_rows(), self.params)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self.params}, "
@@ -132,13 +85,6 @@ def scaled_cosines(embeddings: torch.Tensor, bank: torch.Tensor, params: CenterP
     """Class cosines of ``embeddings`` against the (C·K, D) ``bank`` times the scale 1/τ, no margin (B, C)."""
     dtype = compute_dtype(embeddings, bank)
     return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), params.sub_centers) / params.temperature
-
-
-def _normalize_loaded_bank(module, incompatible_keys):
-    """Momentum mode keeps unit bank rows: a loaded ``W`` (e.g. PML's, not normalised) has its columns normalised
-    (and its (C·K, D) rows made contiguous) right after loading."""
-    with torch.no_grad():
-        module.W = normalize_rows(module.W.t()).to(module.W.dtype).contiguous().t()
 
 
 class NormalizedSoftmaxLoss(_MarginSoftmaxLoss):

@@ -23,6 +23,8 @@ from torch import nn
 
 from .. import _checks
 from .._backend import BACKENDS, Backend, resolve
+from ..ops import pair as pair_ops
+from ..reference import pair as pair_reference
 from ..reference.pair import KINDS
 from . import _pml
 
@@ -72,7 +74,8 @@ def compute(backend: Backend, kind: str, params: tuple, x, labels, ref, ref_labe
     """The loss through ``backend`` (inputs already checked); 0 (attached to ``x``) without references."""
     if x.shape[0] == 0 or ref.shape[0] == 0:
         return x.sum(dtype=torch.float32) * 0.0 + ref.sum(dtype=torch.float32) * 0.0
-    return backend.pair(kind, x, labels, ref, ref_labels, params, exclude, counts)
+    family = backend.bind(pair_ops, pair_reference)
+    return family.pair_loss(kind, x, labels, ref, ref_labels, params, exclude, counts)
 
 
 class PairLoss(nn.Module):

@@ -22,7 +22,7 @@ batch sizes; C_r the classes of rank r, K bank rows per class):
    per rank) and computes its slice's proxy gradient locally with the backend's ``ccl_slice_centers_grad``
    (``ccl_bwd_centers`` with ``foreign_labels``) from the global lse and q: W's gradient is never all-reduced.
 5. In momentum mode, in training, each rank applies the momentum update to its own slice with the global rows
-   whose labels fall in it (the backend's ``ccl_update``).
+   whose labels fall in it (the backend's ``ccl_momentum_update``).
 
 Communication per step and rank (logical payload, counted in ``stats``, formula in
 :func:`fastcdml.distributed.step_bytes`): the preflight status table (32·W bytes), the all-gather of the
@@ -38,14 +38,12 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .. import _checks
-from .._backend import resolve
 from ..params import CenterParams
 from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
-from ..reference.ccl import EPS, normalize_rows, target_logit_and_slope
-from .ccl import UPDATES, _check_module_args, _empty
+from ..reference.ccl import SlicePartials, ccl_epilogue, normalize_rows, partials_scale
+from ._bank import Bank, ccl, check_args, empty_loss
 
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
 
@@ -70,15 +68,16 @@ class _ShardedRows(torch.autograd.Function):
     def forward(ctx, x, bank, xg, local_labels, valid, sizes, params: CenterParams, backend, group, stats):
         rank = dist.get_rank(group)
         query_grad = ctx.needs_input_grad[0]
-        p = backend.ccl_partials(xg, local_labels, bank, params, query_grad)
+        p = SlicePartials(*ccl(backend).ccl_partials(xg, local_labels, bank, params.temperature, params.margin,
+                                                     query_grad, params.margin_type, params.sub_centers))
         m_all = p.m.clone()
         all_reduce(m_all, dist.ReduceOp.MAX, group, stats, "max")
-        e = torch.exp(p.m - m_all)  # 0 on a rank without classes (m = −inf)
+        e = partials_scale(p.m, m_all)
         scalars = [p.l * e, p.lo * e, p.c_y]
         if query_grad:
             w_y = p.acc.new_zeros(p.acc.shape)
             if bank.shape[0]:  # the owned labels' rows, gathered without a host sync
-                rows_y = bank[p.row_y.clamp_min(0)].to(backend.ccl_operand_dtype(xg.dtype, bank.dtype))
+                rows_y = bank[p.row_y.clamp_min(0)].to(backend.operand_dtype(xg.dtype, bank.dtype))
                 w_y = torch.where((p.row_y >= 0)[:, None], rows_y.to(w_y.dtype), w_y)
             scalars.append(p.ps * e)
             packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
@@ -89,20 +88,15 @@ class _ShardedRows(torch.autograd.Function):
         first = 2 * d if query_grad else 0  # [acc·e, W_y,] l·e, lo·e, c_y[, ps·e]
         l, lo, c_y = mine[:, first], mine[:, first + 1], mine[:, first + 2]
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        t, slope = target_logit_and_slope(c_y, params.margin, params.margin_type)
-        tau, two_lambda = params.temperature, 2.0 * params.center_weight
-        loss = m_all[rows] + torch.log(l) - t / tau - two_lambda * c_y
-        loss = torch.where(valid[rows], loss, torch.full_like(loss, math.nan))
-        grad = None
-        if query_grad:  # the fused epilogue (fastcdml/kernels/ccl.py), on the combined partials
+        hyper = params.as_args()[:4]
+        if query_grad:  # the fused kernels' epilogue, on the combined partials
             acc, w_y, ps = mine[:, :d], mine[:, d: 2 * d], mine[:, -1]
-            a = (-1.0 - (slope - 1.0) * lo / l) / tau - two_lambda
-            g = acc / (l * tau)[:, None] + a[:, None] * w_y
-            xg_dot = ps / (l * tau) + a * c_y
-            x_own = xg[rows].to(g.dtype)
-            norm = x_own.norm(dim=1, keepdim=True).clamp_min(EPS)
-            xh = x_own / norm
-            grad = torch.where(valid[rows, None], (g - xh * xg_dot[:, None]) / norm, 0.0)
+            loss, grad = ccl_epilogue(xg[rows], c_y, m_all[rows] + torch.log(l), lo / l, *hyper,
+                                      mean_row=acc / l[:, None], mean_dot=ps / l, w_y=w_y)
+            grad = torch.where(valid[rows, None], grad, 0.0)
+        else:
+            loss, grad = ccl_epilogue(xg[rows], c_y, m_all[rows] + torch.log(l), lo / l, *hyper)
+        loss = torch.where(valid[rows], loss, torch.full_like(loss, math.nan))
         ctx.needs_bank_grad = ctx.needs_input_grad[1]
         ctx.meta = (x.dtype, bank.dtype, sizes, params, backend, group, stats)
         saved = ()
@@ -124,7 +118,8 @@ class _ShardedRows(torch.autograd.Function):
             xg, local_labels, bank, lse, q, valid = saved
             g_all = gather_rows(grad_rows, sizes, group=group, stats=stats, name="grad_rows")
             g_all = torch.where(valid, g_all, 0.0) / dist.get_world_size(group)
-            gw = backend.ccl_slice_centers_grad(xg, local_labels, bank, lse, q, g_all, params).to(bank_dtype)
+            gw = ccl(backend).ccl_slice_centers_grad(xg, local_labels, bank, lse, q, g_all, *params.as_args())
+            gw = gw.to(bank_dtype)
         return gx, gw, None, None, None, None, None, None, None, None
 
 
@@ -147,76 +142,61 @@ def merge_shards(state_dicts: Sequence[dict]) -> dict:
     return {"W": torch.cat([sd["W"] for sd in shards], dim=1)}
 
 
-class ShardedBank(nn.Module):
-    """What the class-sharded losses share: the slice of the bank this rank owns, its checkpoints, the step.
+class ShardedBank(Bank):
+    """What the class-sharded losses share: the slice of the bank this rank owns (a :class:`Bank` of the rank's
+    C_r classes, same layouts and update modes), its checkpoints, the collective step."""
 
-    The slice is stored under ``KEY``: as bank rows ``(C_r·K, D)`` or, with ``COLUMNS``, as PML's ``(D, C_r·K)``
-    ``W`` whose columns are the bank rows. ``update="momentum"``: a buffer of unit rows moved by the momentum
-    update; ``"gradient"``: a Parameter (normalised in forward) trained by the optimizer on the local slice.
-    """
-
-    KEY, COLUMNS = "centers", False
-
-    def __init__(self, num_classes: int, embedding_dim: int, params: CenterParams, update: str, momentum: float,
+    def __init__(self, num_classes: int, embedding_size: int, params: CenterParams, update: str, momentum: float,
                  backend: str, check_inputs: bool, bank: torch.Tensor | None, dtype: torch.dtype,
                  generator: torch.Generator | None, shard_sizes: Sequence[int] | None, sample_rate: float,
                  process_group, normalize_init: bool = True, init=None):
-        super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{type(self).__name__} needs torch.distributed.init_process_group() first")
-        _checks.choice(update, "update", UPDATES)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.params, self.update, self.momentum = params, update, momentum
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.backend, self.check_inputs = backend, check_inputs
-        self.sample_rate, self.process_group = sample_rate, process_group
-        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-        self.shard_sizes = [e - s for s, e in (shard_range(num_classes, self.world_size, r, shard_sizes)
-                                               for r in range(self.world_size))]
-        self.start, self.stop = shard_range(num_classes, self.world_size, self.rank, self.shard_sizes)
+        rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        sizes = [e - s for s, e in (shard_range(num_classes, world_size, r, shard_sizes) for r in range(world_size))]
+        start, stop = shard_range(num_classes, world_size, rank, sizes)
         k = params.sub_centers
-        local = (self.stop - self.start) * k
+        local = (stop - start) * k
         if bank is None and init is not None:  # PML's weight_init_func, on this rank's (D, C_r·K) columns
-            bank = torch.empty(embedding_dim, local)
+            bank = torch.empty(embedding_size, local)
             init(bank)
             bank = bank.t()
         elif bank is None:
-            bank = _random_rows(self.start * k, self.stop * k, embedding_dim, generator)
-        elif tuple(bank.shape) == (num_classes * k, embedding_dim):
-            bank = bank[self.start * k: self.stop * k]
-        elif tuple(bank.shape) != (local, embedding_dim):
+            bank = _random_rows(start * k, stop * k, embedding_size, generator)
+        elif tuple(bank.shape) == (num_classes * k, embedding_size):
+            bank = bank[start * k: stop * k]
+        elif tuple(bank.shape) != (local, embedding_size):
             raise ValueError(f"the bank must have {num_classes * k} rows (all classes) or this rank's {local} rows "
-                             f"of {embedding_dim} values, got {tuple(bank.shape)}")
-        rows = (normalize_rows(bank.detach()) if normalize_init else bank.detach()).to(dtype).contiguous()
-        if update == "gradient":
-            self.register_parameter(self.KEY, nn.Parameter(rows.t().contiguous() if self.COLUMNS else rows))
-        else:
-            self.register_buffer(self.KEY, rows.t() if self.COLUMNS else rows)
+                             f"of {embedding_size} values, got {tuple(bank.shape)}")
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, bank, dtype,
+                         normalize_init)
+        self.sample_rate, self.process_group = sample_rate, process_group
+        self.rank, self.world_size, self.shard_sizes, self.start, self.stop = rank, world_size, sizes, start, stop
         self.stats = CommStats(self.world_size)
 
-    def _stored_rows(self) -> torch.Tensor:
-        stored = getattr(self, self.KEY)
-        return stored.t() if self.COLUMNS else stored
+    def _gather(self, embeddings, labels, stats: CommStats | None = None):
+        """The global batch ``(x, y, sizes)``; a bad input on any rank raises the same error on every rank."""
+        return gather_batch(embeddings, labels, lambda: self._check(embeddings, labels, self._resolve(embeddings)),
+                            self.process_group, stats)
 
-    def bank_rows(self) -> torch.Tensor:
-        """The (C_r·K, D) rows the kernels read: normalised in gradient mode (differentiable), contiguous."""
-        rows = self._stored_rows()
-        if self.update == "gradient":
-            return rows / rows.float().norm(dim=1, keepdim=True).clamp_min(EPS)
-        if not rows.is_contiguous():  # e.g. after a load that did not keep the layout
-            self._set_rows(rows.contiguous())
-        return self._stored_rows()
-
-    def _set_rows(self, rows: torch.Tensor) -> None:
-        setattr(self, self.KEY, rows.t() if self.COLUMNS else rows)
-
-    def _check(self, embeddings, labels):
-        backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_dim, self.check_inputs)
-        _checks.same_device(getattr(self, self.KEY), self.KEY, embeddings, "embeddings",
-                            "; move the loss with .to(device)")
-        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
+    @torch.no_grad()
+    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """Collective: set the bank row of every class in the labels of all ranks to ``normalize(mean x̂)`` of its
+        rows over all ranks (each rank passes its part of, e.g., a pretrained network's training-set embeddings
+        with global labels); each rank writes the rows of its own slice, in either update mode, and absent
+        classes keep their values: the bank the single-process loss's ``init_centers_`` gives on the concatenated
+        data. Returns self."""
+        xg, yg, _ = self._gather(embeddings, labels)
+        bank = self._stored_rows()
+        if xg.shape[0] and bank.shape[0]:
+            local = yg.to(bank.device) - self.start
+            local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
+            new = ccl(self._resolve(embeddings)).ccl_momentum_update(
+                bank.detach().contiguous(), xg.detach(), local, 0.0, self.sub_centers)  # μ = 0: the class means
+            bank.copy_(new)
+        return self
 
     def _sampled(self, bank, local_labels):
         """Partial FC: (bank rows of the kept classes, labels remapped into them), every class of the batch kept."""
@@ -239,12 +219,11 @@ class ShardedBank(nn.Module):
             self.stats.log_step(type(self).__name__, self.process_group)
 
     def _step(self, embeddings, labels):
-        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
-                                     self.stats)
+        xg, yg, sizes = self._gather(embeddings, labels, self.stats)
         bank = self.bank_rows()
         if sum(sizes) == 0:
-            return _empty(embeddings, bank, "none")
-        backend = resolve(self.backend, "ccl", embeddings.device)
+            return empty_loss(embeddings, bank, "none")
+        backend = self._resolve(embeddings)
         yg = yg.to(bank.device)
         local = yg - self.start
         local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
@@ -255,9 +234,7 @@ class ShardedBank(nn.Module):
         rows = _ShardedRows.apply(embeddings, scored, xg, scored_labels, valid, sizes, self.params, backend,
                                   self.process_group, self.stats)
         if self.training and self.update == "momentum" and bank.shape[0]:
-            new = backend.ccl_update(bank, xg.detach(), local, self.momentum, self.params.sub_centers)
-            if new is not bank:  # the reference returns a new bank (autograd may hold the old one)
-                self._set_rows(new)
+            self._momentum_step(backend, bank, xg, local)
         return rows
 
     def _reduce(self, rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -301,7 +278,7 @@ class ShardedBank(nn.Module):
                 self._set_rows(normalize_rows(self._stored_rows()).to(self._stored_rows().dtype).contiguous())
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, classes=[{self.start}, "
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, classes=[{self.start}, "
                 f"{self.stop}) on rank {self.rank}/{self.world_size}, {self.params}, update={self.update!r}, "
                 f"momentum={self.momentum}, sample_rate={self.sample_rate}, backend={self.backend!r}")
 
@@ -310,7 +287,7 @@ class ShardedCenterContrastiveLoss(ShardedBank):
     """Center Contrastive Loss with the center bank split by class across the ranks of a process group.
 
     Rank r owns classes ``[start, stop)`` (:func:`fastcdml.distributed.shard_range`; ``shard_sizes`` gives
-    uneven slices) and stores only their centers: ``centers``, a ``(stop − start, embedding_dim)`` float32 (or
+    uneven slices) and stores only their centers: ``centers``, a ``(stop − start, embedding_size)`` float32 (or
     ``dtype``) buffer of unit rows (``update="momentum"``) or Parameter (``update="gradient"``). Call
     ``loss_fn(embeddings, labels)`` on every rank of the group with that rank's batch (sizes may differ, even 0)
     and global labels in ``[0, num_classes)``; all ranks must call it together (and, in gradient mode, call
@@ -345,7 +322,7 @@ class ShardedCenterContrastiveLoss(ShardedBank):
     def __init__(
         self,
         num_classes: int,
-        embedding_dim: int,
+        embedding_size: int | None = None,
         temperature: float = 0.05,
         margin: float = 0.1,
         center_weight: float = 1.0,
@@ -360,30 +337,17 @@ class ShardedCenterContrastiveLoss(ShardedBank):
         sample_rate: float = 1.0,
         process_group=None,
         update: str = "momentum",
+        **alias,
     ):
+        embedding_size = _checks.embedding_size_alias(embedding_size, alias)
+        if alias:
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument "
+                            f"{next(iter(alias))!r}")
         params = CenterParams(temperature, margin, center_weight)
-        _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
-        super().__init__(num_classes, embedding_dim, params, update, momentum, backend, check_inputs, centers, dtype,
+        check_args(num_classes, embedding_size, update, momentum, backend, reduction, dtype)
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, centers, dtype,
                          generator, shard_sizes, sample_rate, process_group)
         self.reduction = reduction
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._reduce(self.loss_rows(embeddings, labels), self.reduction)
-
-    @torch.no_grad()
-    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor) -> "ShardedCenterContrastiveLoss":
-        """Collective: set the center of every class in the labels of all ranks to ``normalize(mean x̂)`` of its
-        rows over all ranks (each rank passes its part of, e.g., a pretrained network's training-set embeddings
-        with global labels); each rank writes the rows of its own slice, in either update mode, and absent
-        classes keep their values: the bank ``CenterContrastiveLoss.init_centers_`` gives on the concatenated
-        data. Returns self."""
-        xg, yg, _ = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group)
-        bank = self._stored_rows()
-        if xg.shape[0] and bank.shape[0]:
-            backend = resolve(self.backend, "ccl", embeddings.device)
-            local = yg.to(bank.device) - self.start
-            local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
-            source = bank.detach().contiguous()
-            new = backend.ccl_update(source, xg.detach(), local, 0.0)  # μ = 0: the class means
-            bank.copy_(new)
-        return self

@@ -26,6 +26,7 @@ def namespaces() -> dict[str, str]:
 
 
 _LIBS: dict[str, torch.library.Library] = {}
+_FAMILIES: list[str] = []  # the stems of the ``<stem>_fwd`` ops defined so far, in order
 
 def _library(ns: str) -> torch.library.Library:
     if ns not in _LIBS:
@@ -38,18 +39,18 @@ def define(
     name: str,
     schema: str,
     fake: Callable,
-    triton_impl: Callable | None,
+    triton_impl: Callable,
     backward: Callable | None = None,
     setup_context: Callable | None = None,
 ) -> None:
-    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` (None: no Triton kernel) and
-    optional autograd."""
+    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` and optional autograd."""
     lib = _library(ns)
     lib.define(name + schema)
+    if ns == MAIN and name.endswith("_fwd"):
+        _FAMILIES.append(name[: -len("_fwd")])
     qualname = f"{ns}::{name}"
     torch.library.register_fake(qualname, fake, lib=lib)
-    if triton_impl is not None:
-        torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
+    torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
 
@@ -90,3 +91,21 @@ def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Cal
         return (gx, None, gr) + (None,) * (num_inputs - 3)
 
     return backward, setup_context
+
+
+def families() -> tuple[str, ...]:
+    """The loss families that have ops: each op module defines its first op as ``<stem>_fwd``."""
+    return tuple(_FAMILIES)
+
+
+def cpp_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the C++ kernels' products round their operands to: they multiply in fp32."""
+    return torch.float32
+
+
+def triton_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton kernels' products round their operands to (the precision policy,
+    ``fastcdml.kernels._tuning.operand_dtype``; read without importing triton)."""
+    from ..kernels import _tuning
+
+    return _tuning.operand_dtype(x_dtype, bank_dtype)

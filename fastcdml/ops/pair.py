@@ -21,6 +21,8 @@ import torch
 from ..reference.pair import KINDS
 from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
 
+__all__ = ["pair_loss"]
+
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? exclude, Tensor? counts, int kind, " \
       "float p0, float p1, float p2, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
 
