@@ -503,17 +503,8 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
     });
   }
 
-  auto norm_backward = [](const Tensor& g, const Tensor& xhat, const Tensor& nrm) {
-    const int64_t n = g.size(0), d = g.size(1);
-    float* gp = g.data_ptr<float>();
-    const float* xp = xhat.data_ptr<float>();
-    const float* np = nrm.data_ptr<float>();
-    parallel_for(0, n, 256, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r) normalize_backward_row(gp + r * d, xp + r * d, np[r], d);
-    });
-  };
-  if (want_gx) norm_backward(gx, xh, xnorm);
-  if (want_gref && M > 0) norm_backward(gref, rh, rnorm);
+  if (want_gx) normalize_backward_rows(gx, xh, xnorm);
+  if (want_gref && M > 0) normalize_backward_rows(gref, rh, rnorm);
   return {loss, gx, gref};
 }
 

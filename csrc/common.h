@@ -35,6 +35,7 @@ namespace fastcdml {
 void register_ccl(torch::Library& m);
 void register_cbml(torch::Library& m);
 void register_proxy_anchor(torch::Library& m);
+void register_pair(torch::Library& m);
 
 constexpr float kEps = 1e-12f;       // x̂ = x / max(‖x‖, kEps)
 constexpr int64_t kRowBlock = 64;    // rows per block (one block = one task of at::parallel_for)
@@ -149,6 +150,17 @@ inline void normalize_backward_row(float* g, const float* xh, float norm, int64_
   for (int64_t k = 0; k < d; ++k) dot += xh[k] * g[k];
   const float inv = 1.f / norm;
   for (int64_t k = 0; k < d; ++k) g[k] = (g[k] - xh[k] * dot) * inv;
+}
+
+// The backward of the row normalisation for every row of g (rows, D) fp32 in place, rows in parallel.
+inline void normalize_backward_rows(const at::Tensor& g, const at::Tensor& xhat, const at::Tensor& norm) {
+  const int64_t n = g.size(0), d = g.size(1);
+  float* gp = g.data_ptr<float>();
+  const float* xp = xhat.data_ptr<float>();
+  const float* np = norm.data_ptr<float>();
+  parallel_for(0, n, 256, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) normalize_backward_row(gp + r * d, xp + r * d, np[r], d);
+  });
 }
 
 // rows [c0, c0 + n) of a (C, D) fp32/bf16/fp16 tensor as a contiguous fp32 (n, D) tensor: a view when the tensor

@@ -44,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     fastcdml::register_ccl(*lib);  // throws on a schema mismatch; `lib` then unregisters what it holds
     fastcdml::register_cbml(*lib);
     fastcdml::register_proxy_anchor(*lib);
+    fastcdml::register_pair(*lib);
     registered = std::move(lib);
   }, "Register the CPU kernels with torch.ops.fastcdml (idempotent); raises RuntimeError when a kernel does not "
      "match its op's schema");

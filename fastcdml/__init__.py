@@ -1,5 +1,6 @@
 """fastcdml: fused, memory-lean deep-metric-learning losses (Center Contrastive, Contrastive Bayesian, and drop-ins
-for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace, and ProxyAnchor).
+for pytorch-metric-learning's NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace, ProxyAnchor, NTXent, SupCon,
+MultiSimilarity and Contrastive losses and its CrossBatchMemory).
 
 Backends: Triton kernels on CUDA tensors, the C++ extension on CPU tensors, and the pure-PyTorch reference
 everywhere; ``fastcdml.backends()`` says which this installation has. ``fastcdml.evaluation`` (retrieval
@@ -13,7 +14,11 @@ from .losses import (
     ArcFaceLoss,
     CenterContrastiveLoss,
     ContrastiveBayesianLoss,
+    ContrastiveLoss,
     CosFaceLoss,
+    CrossBatchMemory,
+    MultiSimilarityLoss,
+    NTXentLoss,
     NormalizedSoftmaxLoss,
     ProxyAnchorLoss,
     ShardedArcFaceLoss,
@@ -23,6 +28,7 @@ from .losses import (
     ShardedProxyAnchorLoss,
     ShardedSubCenterArcFaceLoss,
     SubCenterArcFaceLoss,
+    SupConLoss,
 )
 from .clustering import pseudo_labels
 from .params import BayesianParams, CenterParams
@@ -45,6 +51,11 @@ __all__ = [
     "ShardedSubCenterArcFaceLoss",
     "ProxyAnchorLoss",
     "ShardedProxyAnchorLoss",
+    "NTXentLoss",
+    "SupConLoss",
+    "MultiSimilarityLoss",
+    "ContrastiveLoss",
+    "CrossBatchMemory",
     "CenterParams",
     "BayesianParams",
     "pseudo_labels",

@@ -243,3 +243,20 @@ def test_cpu_floor_measures_and_writes(tmp_path, monkeypatch):
     (row,) = data["floor_ratios"]
     assert (row["B"], row["C"], row["D"]) == (9, 70, 12)
     assert row["fwd_ms"] > 0 and row["fwd_over_floor"] > 0 and row["fwd_proxy_over_floor"] > 0
+
+
+def test_pair_vs_pml_measures_and_writes(tmp_path):
+    """bench.pair_vs_pml runs each case in its own process, records PML cases it skips, and writes its file."""
+    pytest.importorskip("pytorch_metric_learning")
+    from bench import pair_vs_pml
+
+    assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "SupConLoss",
+                             "--reps", "1", "--out", str(tmp_path)]) == 0
+    assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "NTXentLoss",
+                             "--impls", "pml", "--mem-cap-gib", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-pair-vs-pml-*.json")
+    rows = {(r["loss"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("NTXentLoss", "pml")}
+    for key in (("SupConLoss", "fastcdml"), ("SupConLoss", "pml")):
+        assert rows[key]["status"] == "ok" and rows[key]["p50_ms"] > 0 and rows[key]["peak_extra_mb"] >= 0
+    assert rows[("NTXentLoss", "pml")]["status"].startswith("skipped: predicted")

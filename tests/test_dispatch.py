@@ -54,7 +54,7 @@ def test_reference_is_always_available_and_interpreter_maps_to_its_namespace(fre
 
 def test_backends_report_covers_every_loss_and_device():
     report = fastcdml.backends()
-    assert set(report) == {f"{loss}/{device}" for loss in ("ccl", "cbml", "proxy_anchor") for device in ("cpu", "cuda")}
+    assert set(report) == {f"{loss}/{device}" for loss in ("ccl", "cbml", "pair", "proxy_anchor") for device in ("cpu", "cuda")}
     assert all(r["reference"] == "available" for r in report.values())
 
 

@@ -1,14 +1,16 @@
 """User-facing loss modules."""
 from .cbml import ContrastiveBayesianLoss
 from .ccl import CenterContrastiveLoss
-from .proxy_anchor import ProxyAnchorLoss
+from .cross_batch_memory import CrossBatchMemory
 from .margin import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
+from .pair import ContrastiveLoss, MultiSimilarityLoss, NTXentLoss, SupConLoss
+from .proxy_anchor import ProxyAnchorLoss
 from .sharded_ccl import ShardedCenterContrastiveLoss
-from .sharded_proxy_anchor import ShardedProxyAnchorLoss
 from .sharded_margin import (ShardedArcFaceLoss, ShardedCosFaceLoss, ShardedNormalizedSoftmaxLoss,
                              ShardedSubCenterArcFaceLoss)
+from .sharded_proxy_anchor import ShardedProxyAnchorLoss
 
 __all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss", "NormalizedSoftmaxLoss",
            "CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "ShardedNormalizedSoftmaxLoss", "ShardedCosFaceLoss",
-           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss", "ProxyAnchorLoss",
-           "ShardedProxyAnchorLoss"]
+           "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss", "ProxyAnchorLoss", "ShardedProxyAnchorLoss",
+           "NTXentLoss", "SupConLoss", "MultiSimilarityLoss", "ContrastiveLoss", "CrossBatchMemory"]

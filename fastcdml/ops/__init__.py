@@ -1,2 +1,2 @@
 """torch.library ops (registration, fakes, autograd); importing this package defines them."""
-from . import cbml, ccl, proxy_anchor  # noqa: F401
+from . import cbml, ccl, pair, proxy_anchor  # noqa: F401

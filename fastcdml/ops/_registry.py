@@ -60,6 +60,39 @@ def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)
 
 
+def forward_gradient_fake(x, ref, grad_x: bool, grad_ref: bool):
+    """The outputs ``(loss, grad_x, grad_ref)`` of such an op, as empty tensors: () fp32, (B or 0, D) and
+    (R or 0, D) fp32."""
+    f32 = torch.float32
+    return (x.new_empty((), dtype=f32), x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
+            x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32))
+
+
+def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Callable]:
+    """``(backward, setup_context)`` of an op ``(x, labels, ref, …, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
+    that computes its gradients in the forward when the two flags ask for them: backward scales them by
+    grad_output (in the inputs' dtypes) and raises if an input needs a gradient its flag did not compute."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.dtypes = (inputs[0].dtype, inputs[2].dtype)
+        ctx.computed = (inputs[-2], inputs[-1])
+        ctx.save_for_backward(output[1], output[2])
+
+    def backward(ctx, grad_loss, _g1, _g2):
+        grad_x, grad_ref = ctx.saved_tensors
+        gx = gr = None
+        for i in (0, 2):
+            if ctx.needs_input_grad[i] and not ctx.computed[i // 2]:
+                raise RuntimeError(f"{name} ran without the gradient flag for an input that now needs a gradient")
+        if ctx.needs_input_grad[0]:
+            gx = (grad_loss * grad_x).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
+        return (gx, None, gr) + (None,) * (num_inputs - 3)
+
+    return backward, setup_context
+
+
 def families() -> tuple[str, ...]:
     """The loss families that have ops: each op module defines its first op as ``<stem>_fwd``."""
     return tuple(_FAMILIES)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..params import PHIS
-from ._registry import define, namespaces
+from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
 
 __all__ = ["cbml_loss"]
 
@@ -38,33 +38,10 @@ FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mas
 
 def _fwd_fake(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
               mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref):
-    f32 = torch.float32
-    return (
-        x.new_empty((), dtype=f32),
-        x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
-        x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32),
-    )
+    return forward_gradient_fake(x, ref, grad_x, grad_ref)
 
 
-def _setup_context(ctx, inputs, output):
-    x, ref = inputs[0], inputs[2]
-    want_x, want_ref = inputs[-2], inputs[-1]
-    ctx.dtypes = (x.dtype, ref.dtype)
-    ctx.computed = (want_x, want_ref)
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _backward(ctx, grad_loss, _g1, _g2):
-    grad_x, grad_ref = ctx.saved_tensors
-    gx = gr = None
-    for i in (0, 2):
-        if ctx.needs_input_grad[i] and not ctx.computed[i // 2]:
-            raise RuntimeError("cbml_fwd ran without the gradient flag for an input that now needs a gradient")
-    if ctx.needs_input_grad[0]:
-        gx = (grad_loss * grad_x).to(ctx.dtypes[0])
-    if ctx.needs_input_grad[2]:
-        gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
-    return (gx, None, gr) + (None,) * 17
+_backward, _setup_context = forward_gradient_autograd("cbml_fwd", 20)
 
 
 def _fwd_triton(*args):

@@ -74,7 +74,8 @@ CBML_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp
 PA_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))  # (embeddings, proxies)
 PRECISIONS = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() for fp32 products
 WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kernel", "_cbml_sums_kernel",
-                 "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel")
+                 "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel", "_pair_stats_kernel", "_pair_grad_query_kernel",
+                 "_pair_grad_ref_kernel")
 SPILL_BUDGET = 512  # bytes of spill stores per thread
 MAX_COMPILE_S = 60.0
 # Specialisations allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, {spec field:
@@ -136,6 +137,9 @@ def cases(dims=DIMS) -> list[dict]:
       reference set without the batch; a mined-pair mask (adaptive and top-K). These use the class-means
       variance centre and φ = log; the boundary centre for the fp32, 16-bit and mixed pairs (adaptive) and top-K
       with K = 100, and φ = sqrt and constant once each.
+    - Pair losses (batch against a memory M = 4096, both gradients): NTXent for every (batch, memory) dtype pair
+      at D = 128 and 512 and for fp32 and bf16 at every D; SupCon, MultiSimilarity and Contrastive for fp32
+      and bf16, mined multiplicities and the plain label mode at the first full D.
     """
     full, modes = FULL_DIMS, [d for d in dims if d == FULL_DIMS[0]]
     out = []
@@ -171,6 +175,14 @@ def cases(dims=DIMS) -> list[dict]:
     for d in dims:
         pairs = PA_PAIRS if d in full else PA_PAIRS[:2]
         out += [dict(pa, d=d, x=x, bank=p) for x, p in pairs]
+    pair = dict(loss="pair", op="train", precision="highest", b=256, m=4096, kind=0, pairs="exclude")
+    for d in dims:
+        pairs = CBML_PAIRS if d in full else (("fp32", "fp32"), ("bf16", "bf16"))
+        out += [dict(pair, d=d, x=x, bank=r) for x, r in pairs]
+    for d in modes:
+        out += [dict(pair, d=d, x=x, bank=r, kind=kind) for kind in (1, 2, 3) for x, r in CBML_PAIRS[:2]]
+        out += [dict(pair, d=d, x="bf16", bank="bf16", pairs="counts"), dict(pair, d=d, x="fp32", bank="fp32",
+                                                                             pairs="labels")]
     return out
 
 
@@ -180,6 +192,8 @@ def case_name(case: dict) -> str:
         extra = f" top_k={case['top_k']}" + (" masked" if case.get("mask") else "")
         extra += "".join(f" {k}={case[k]}" for k, default in (("center", "class_means"), ("phi", "log"))
                          if case.get(k, default) != default)
+    if case["loss"] == "pair":
+        extra = f" kind={case['kind']} {case['pairs']}"
     if case.get("margin_type") or case.get("sub_centers", 1) > 1:
         extra = f" margin_type={case.get('margin_type', 0)} K={case.get('sub_centers', 1)}"
     prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
@@ -342,7 +356,7 @@ class _Session:
     def run_case(self, case: dict) -> None:
         import torch
 
-        from fastcdml.kernels import cbml, ccl, proxy_anchor
+        from fastcdml.kernels import cbml, ccl, pair, proxy_anchor
 
         self.case = case_name(case)
         self.pending_shrink.clear()
@@ -373,6 +387,13 @@ class _Session:
             elif case["loss"] == "proxy_anchor":
                 p = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
                 proxy_anchor.proxy_anchor_fwd(x, y, p, None, torch.tensor(1.0), 1e-3, 0.1, 32.0, True, True)
+            elif case["loss"] == "pair":
+                m = case["m"]
+                r = torch.zeros(m, d, dtype=dt[case["bank"]])
+                yr = torch.zeros(m, dtype=torch.int64)
+                exclude = torch.zeros(b, dtype=torch.int64) if case["pairs"] == "exclude" else None
+                counts = torch.zeros(b, m, dtype=torch.uint8) if case["pairs"] == "counts" else None
+                pair.pair_fwd(x, y, r, yr, exclude, counts, case["kind"], 0.1, 1.0, 0.5, True, True)
             else:
                 m = case["m"]
                 r = torch.zeros(m, d, dtype=dt[case["bank"]])
@@ -508,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastcdml compile-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated, from %(default)s")
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="embedding sizes (%(default)s)")
-    parser.add_argument("--loss", choices=("ccl", "cbml", "proxy_anchor", "all"), default="all")
+    parser.add_argument("--loss", choices=("ccl", "cbml", "pair", "proxy_anchor", "all"), default="all")
     parser.add_argument("--jobs", type=int, default=min(3, os.cpu_count() or 1), help="targets compiled at once")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--gates", action="store_true", help="exit 1 when a gate fails")
