@@ -66,7 +66,48 @@ def check_args(name: str, num_classes, embedding_size, update, momentum, backend
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
 
 
-class _MarginSoftmaxLoss(nn.Module):
+class _ProxyRowsLoss(nn.Module):
+    """PML's call contract on the CCL kernels, shared by every proxy-softmax drop-in: checks, backend choice, the
+    per-row losses of the embeddings against ``self._bank()`` (C·K, D) with ``self.params``, PML's miner weights
+    and a reduction (``_reduce``); ``_after_rows`` lets a subclass move its bank."""
+
+    params: CenterParams
+    num_classes: int
+    embedding_size: int
+    backend: str
+    check_inputs: bool
+    _ANCHOR_WEIGHTS = False  # miner weights count anchors only (PML's NCA losses)
+
+    def _bank(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reduce(self, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """PML's MeanReducer over the miner-weighted rows."""
+        return (rows if weights is None else rows * weights.to(rows.dtype)).mean()
+
+    def _after_rows(self, backend, bank, embeddings, labels) -> None:
+        """Called after the loss of a non-empty batch (the momentum step of a bank)."""
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """The miner-weighted per-sample losses reduced as PML does, float32 (PML's call contract)."""
+        name = type(self).__name__
+        labels = _pml.require_labels(name, labels)
+        _pml.no_reference(name, ref_emb, ref_labels)
+        device = _checks.tensor(embeddings, "embeddings").device
+        labels = _checks.tensor(labels, "labels").to(device)
+        backend = resolve(self.backend, "ccl", device)
+        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_size, self.check_inputs)
+        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
+        weights = _pml.miner_weights(indices_tuple, embeddings.shape[0], device, self._ANCHOR_WEIGHTS)
+        bank = self._bank()
+        if embeddings.shape[0] == 0:
+            return embeddings.sum(dtype=torch.float32) * 0.0 + bank.sum(dtype=torch.float32) * 0.0
+        loss = self._reduce(backend.ccl_rows(embeddings, labels, bank, self.params), weights)
+        self._after_rows(backend, bank, embeddings, labels)
+        return loss
+
+
+class _MarginSoftmaxLoss(_ProxyRowsLoss):
     """The shared module: state (``W``), PML's call contract, backend choice; subclasses set the parameters."""
 
     def __init__(self, num_classes, embedding_size, params: CenterParams, update, momentum, backend, check_inputs,
@@ -91,33 +132,16 @@ class _MarginSoftmaxLoss(nn.Module):
     def _bank(self) -> torch.Tensor:
         """The (C·K, D) rows the kernels read: the unit columns of ``W`` transposed."""
         if self.update == "gradient":
-            return (self.W / self.W.float().norm(dim=0, keepdim=True).clamp_min(EPS)).t()
+            return unit_columns(self.W).t()
         if not self.W.t().is_contiguous():  # e.g. after a load or a move that did not keep the layout
             self.W = self.W.t().contiguous().t()
         return self.W.t()
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        """The mean over the batch of the miner-weighted per-sample losses, float32 (PML's call contract)."""
-        name = type(self).__name__
-        labels = _pml.require_labels(name, labels)
-        _pml.no_reference(name, ref_emb, ref_labels)
-        device = _checks.tensor(embeddings, "embeddings").device
-        labels = _checks.tensor(labels, "labels").to(device)
-        backend = resolve(self.backend, "ccl", device)
-        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_size, self.check_inputs)
-        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
-        weights = _pml.miner_weights(indices_tuple, embeddings.shape[0], device)
-        bank = self._bank()
-        if embeddings.shape[0] == 0:
-            loss = embeddings.sum(dtype=torch.float32) * 0.0 + bank.sum(dtype=torch.float32) * 0.0
-        else:
-            rows = backend.ccl_rows(embeddings, labels, bank, self.params)
-            loss = (rows if weights is None else rows * weights.to(rows.dtype)).mean()
-        if self.training and self.update == "momentum" and embeddings.shape[0]:
+    def _after_rows(self, backend, bank, embeddings, labels):
+        if self.training and self.update == "momentum":
             new = backend.ccl_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
             if new is not bank:  # the reference returns a new bank: autograd still holds the old one
                 self.W = new.t()
-        return loss
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, num_classes) class cosines times the scale, without the margin (PML's ``get_logits``)."""
@@ -126,6 +150,11 @@ class _MarginSoftmaxLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {self.params}, "
                 f"update={self.update!r}, backend={self.backend!r}")
+
+
+def unit_columns(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with each column divided by max(its fp32 norm, eps), differentiable (a learnable bank's kernel view)."""
+    return w / w.float().norm(dim=0, keepdim=True).clamp_min(EPS)
 
 
 def scaled_cosines(embeddings: torch.Tensor, bank: torch.Tensor, params: CenterParams) -> torch.Tensor:
@@ -185,3 +214,76 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
                  sub_centers: int = 3, **kwargs):
         super().__init__(num_classes, embedding_size, margin, scale, sub_centers=sub_centers, **kwargs)
+
+
+class ProxyNCALoss(_ProxyRowsLoss):
+    """PML's ``ProxyNCALoss``: NCA against one learnable proxy per class, ``proxies`` (num_classes, embedding_size)
+    initialised as PML does (``weight_init_func``, default ``torch.nn.init.normal_``).
+
+    PML computes ``softmax_j(−s·‖x̂_i − p̂_j‖²)`` (its default distance, squared Euclidean between L2-normalised
+    vectors) and takes ``−log`` of the label's probability. With unit vectors ``‖x̂ − p̂‖² = 2 − 2·x̂·p̂``, and the
+    constant cancels in the softmax, so this is exactly :class:`NormalizedSoftmaxLoss` at temperature
+    ``τ = 1/(2·softmax_scale)`` on the rows of ``proxies``, and runs on the same kernels.
+
+    Miner weights as PML's NCA: a row weighs the number of times it is an *anchor* of the mined tuples over the
+    largest such count (positives and negatives are not counted).
+
+    PML's reduction: a row whose label probability ``exp(−L_i)`` underflows to 0 is dropped, and the loss is the
+    mean of the (miner-weighted) kept rows; with every row dropped it is NaN with zero gradients (as PML's mean
+    of nothing). The underflow is judged in the computation dtype: float32 for the fused kernels whatever the
+    embeddings' dtype (L_i > ~103.3), float64 for float64 embeddings on the reference (L_i > ~744.4); since
+    ``L_i ≤ 4·softmax_scale + log(num_classes)``, it needs ``softmax_scale`` above ~25 (float32). PML judges it in
+    the embeddings' dtype, so for float16 / bfloat16 embeddings it drops rows from a smaller ``L_i`` than fastcdml
+    (``docs/spec.md``). An empty batch gives 0.
+
+    ``softmax_scale`` must be > 0. ``distance`` may be PML's default ``LpDistance(power=2)`` (what is computed);
+    any other distance, a reducer, regularizers and ``collect_stats`` are refused with an error naming them.
+    ``backend`` and ``check_inputs`` as in :class:`NormalizedSoftmaxLoss`.
+    """
+
+    _ANCHOR_WEIGHTS = True
+
+    def __init__(self, num_classes: int, embedding_size: int, softmax_scale: float = 1, *, backend: str = "auto",
+                 check_inputs: bool = True, weight_init_func=None, **kwargs):
+        super().__init__()
+        name = type(self).__name__
+        if "distance" in kwargs and _is_squared_l2(kwargs["distance"]):
+            del kwargs["distance"]
+        elif "distance" in kwargs:
+            raise ValueError(f"{name}: distance={type(kwargs['distance']).__name__}() is not supported: ProxyNCA "
+                             "compares L2-normalised embeddings by squared Euclidean distance (PML's default "
+                             "LpDistance(power=2))")
+        check_args(name, num_classes, embedding_size, "gradient", 0.0, backend, kwargs)
+        if not softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+        self.params = normalized_softmax_params(1.0 / (2.0 * softmax_scale))
+        self.num_classes, self.embedding_size, self.softmax_scale = num_classes, embedding_size, softmax_scale
+        self.backend, self.check_inputs = backend, check_inputs
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
+        (weight_init_func or nn.init.normal_)(self.proxies.data)
+
+    def _bank(self) -> torch.Tensor:
+        return unit_columns(self.proxies.t()).t()
+
+    def _reduce(self, rows, weights):
+        """PML's rule: drop the rows whose label probability exp(−L_i) is 0, average the (weighted) others."""
+        keep = torch.exp(-rows) > 0
+        kept = torch.where(keep, rows if weights is None else rows * weights.to(rows.dtype), 0.0)
+        n = keep.sum()
+        return torch.where(n > 0, kept.sum() / n.clamp_min(1), float("nan"))
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) squared Euclidean distances between the normalised embeddings and proxies (PML's
+        ``get_logits``: its distance matrix)."""
+        params = normalized_softmax_params(0.5)  # 2·cosine
+        return (2.0 - scaled_cosines(embeddings, self._bank(), params)).clamp_min(0.0)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"softmax_scale={self.softmax_scale}, backend={self.backend!r}")
+
+
+def _is_squared_l2(distance) -> bool:
+    """Whether ``distance`` is PML's ``LpDistance(p=2, power=2)`` on normalised embeddings (ProxyNCA's default)."""
+    return (type(distance).__name__ == "LpDistance" and getattr(distance, "p", None) == 2
+            and getattr(distance, "power", None) == 2 and getattr(distance, "normalize_embeddings", False))
