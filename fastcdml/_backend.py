@@ -93,7 +93,8 @@ class ReferenceBackend(Backend):
 
     def ccl_rows(self, x, labels, centers, params):
         return ccl_reference.ccl_loss_rows(x, labels, centers, params.temperature, params.margin,
-                                           params.center_weight, params.margin_type, params.sub_centers)
+                                           params.center_weight, params.margin_type, params.sub_centers,
+                                           params.gamma)
 
     def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
         return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum, sub_centers)
@@ -130,6 +131,9 @@ class FusedBackend(Backend):
         self.name, self.namespace = name, namespace
 
     def ccl_rows(self, x, labels, centers, params):
+        if params.gamma > 0:
+            raise BackendUnavailable(f"the {self.name} kernels do not compute SoftTriple's centre mean (gamma > 0) "
+                                     "yet: use backend='reference'")
         return ccl_ops.ccl_loss_rows(x, labels, centers, params, self.namespace)
 
     def ccl_update(self, centers, x, labels, momentum, sub_centers=1):

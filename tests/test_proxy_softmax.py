@@ -131,7 +131,62 @@ def test_proxy_nca_state_get_logits_and_options():
         ours(x, torch.full((7,), 11))
 
 
-@pytest.mark.parametrize("make", [lambda: fastcdml.ProxyNCALoss(6, 16, softmax_scale=4)], ids=["ProxyNCA"])
+# --- SoftTriple ---------------------------------------------------------------------------------------------------
+
+SOFT_BACKENDS = ["reference"]
+
+
+def soft_pair(c, d, k, backend, **kwargs):
+    theirs = pml_losses.SoftTripleLoss(c, d, centers_per_class=k, **kwargs).double()
+    ours = fastcdml.SoftTripleLoss(c, d, centers_per_class=k, backend=backend, **kwargs).to(DEVICE)
+    ours.load_state_dict({"fc": theirs.fc.detach().float()})
+    return theirs, ours
+
+
+def near_centres(fc, y, k):
+    """Queries from close to one centre of their class to unrelated, float32 on DEVICE."""
+    cols = torch.nn.functional.normalize(fc.detach().double().t(), dim=1)
+    return near_proxies(cols, y * k + torch.randint(0, k, y.shape))
+
+
+@pytest.mark.parametrize("backend", SOFT_BACKENDS)
+@pytest.mark.parametrize("kind", ["none", "pairs", "triplets"])
+@pytest.mark.parametrize("k,kwargs", [(3, {}), (10, dict(la=35, gamma=0.03, margin=0.2))], ids=["k3", "k10"])
+def test_soft_triple_matches_pml(backend, kind, k, kwargs):
+    b, c, d = shapes(backend)
+    c = c // k + 3
+    theirs, ours = soft_pair(c, d, k, backend, **kwargs)
+    y = torch.randint(0, c, (b,))
+    x = near_centres(theirs.fc, y, k)
+    compare(theirs, ours, "fc", x, y.to(DEVICE), mined(kind, b), f"SoftTriple/{backend}/{kind}")
+
+
+def test_soft_triple_state_get_logits_and_options():
+    torch.manual_seed(5)
+    theirs = pml_losses.SoftTripleLoss(11, 6, centers_per_class=4, gamma=0.2)
+    torch.manual_seed(5)
+    ours = fastcdml.SoftTripleLoss(11, 6, centers_per_class=4, gamma=0.2)
+    assert torch.equal(ours.fc, theirs.fc)  # PML's initialisation, same random stream
+    assert [n for n, _ in ours.named_parameters()] == ["fc"] and ours.fc.shape == (6, 44)
+    for attr in ("la", "gamma", "margin", "centers_per_class", "num_classes"):
+        assert getattr(ours, attr) == pytest.approx(getattr(theirs, attr)), attr
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(ours.get_logits(x), theirs.get_logits(x), rtol=1e-5, atol=1e-6)
+    back = pml_losses.SoftTripleLoss(11, 6, centers_per_class=4)
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.fc, theirs.fc)
+    fastcdml.SoftTripleLoss(11, 6, distance=distances.CosineSimilarity())
+    for kwargs, match in [(dict(gamma=0), "gamma must be > 0"), (dict(la=-1), "la must be > 0"),
+                          (dict(centers_per_class=0), "centers_per_class"), (dict(margin=-0.1), "margin"),
+                          (dict(weight_regularizer=object()), "weight_regularizer is not supported"),
+                          (dict(distance=distances.LpDistance()), r"distance=LpDistance\(\)")]:
+        with pytest.raises(ValueError, match=match):
+            fastcdml.SoftTripleLoss(11, 6, **kwargs)
+
+
+@pytest.mark.parametrize("make", [lambda: fastcdml.ProxyNCALoss(6, 16, softmax_scale=4),
+                                  lambda: fastcdml.SoftTripleLoss(6, 16, centers_per_class=3, backend=SOFT_BACKENDS[-1])],
+                         ids=["ProxyNCA", "SoftTriple"])
 def test_compiles_fullgraph(make):
     """A training step through torch.compile(fullgraph=True) compiles once over several steps and matches eager."""
     from torch._dynamo.testing import CompileCounterWithBackend

@@ -29,6 +29,8 @@ embeddings' dtype (PML returns the embeddings' dtype).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -160,7 +162,8 @@ def unit_columns(w: torch.Tensor) -> torch.Tensor:
 def scaled_cosines(embeddings: torch.Tensor, bank: torch.Tensor, params: CenterParams) -> torch.Tensor:
     """Class cosines of ``embeddings`` against the (C·K, D) ``bank`` times the scale 1/τ, no margin (B, C)."""
     dtype = compute_dtype(embeddings, bank)
-    return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), params.sub_centers) / params.temperature
+    return class_cosines(normalize_rows(embeddings, dtype), bank.to(dtype), params.sub_centers,
+                         params.gamma) / params.temperature
 
 
 def _normalize_loaded_bank(module, incompatible_keys):
@@ -287,3 +290,53 @@ def _is_squared_l2(distance) -> bool:
     """Whether ``distance`` is PML's ``LpDistance(p=2, power=2)`` on normalised embeddings (ProxyNCA's default)."""
     return (type(distance).__name__ == "LpDistance" and getattr(distance, "p", None) == 2
             and getattr(distance, "power", None) == 2 and getattr(distance, "normalize_embeddings", False))
+
+
+class SoftTripleLoss(_ProxyRowsLoss):
+    """PML's ``SoftTripleLoss``: ``centers_per_class`` K learnable centres per class, PML's ``fc``
+    (embedding_size, num_classes·K) (class j owns columns j·K … j·K+K−1, PML's initialisation
+    ``kaiming_uniform_(a=√5)`` unless ``weight_init_func`` is given). With ``s_ijk`` the cosine of query i and
+    centre k of class j (PML's ``CosineSimilarity``: both normalised)::
+
+        S_ij = Σ_k softmax_k(s_ijk/γ)·s_ijk                         (PML's ``get_logits``)
+        L_i  = w_i·cross_entropy(la·(S_i − margin·onehot(y_i)), y_i),   loss = mean_i L_i
+
+    i.e. the margin-softmax family at scale ``la``, an additive cosine ``margin`` on the label, and the
+    softmax-weighted mean over a class's centres in place of SubCenterArcFace's max (``CenterParams.gamma`` = γ);
+    every centre of a class gets a share of its gradient, ``∂S_ij/∂s_ijk = q_ijk·(1 + (s_ijk − S_ij)/γ)``. One
+    fused pass, no B×(C·K) matrix. ``w_i``: PML's miner weights (``convert_to_weights``).
+
+    As PML, ``self.gamma`` holds 1/γ. ``la`` and ``gamma`` must be > 0, ``margin`` ≥ 0. Not supported (an error
+    names them): PML's ``weight_regularizer`` / ``weight_reg_weight`` (the SoftTriple paper's centre regulariser is
+    one: add its term to the loss yourself), a ``distance`` other than ``CosineSimilarity()``, ``reducer``,
+    ``collect_stats``. ``backend`` and ``check_inputs`` as in :class:`NormalizedSoftmaxLoss`. The loss is float32.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, centers_per_class: int = 10, la: float = 20,
+                 gamma: float = 0.1, margin: float = 0.01, *, backend: str = "auto", check_inputs: bool = True,
+                 weight_init_func=None, **kwargs):
+        super().__init__()
+        check_args(type(self).__name__, num_classes, embedding_size, "gradient", 0.0, backend, kwargs)
+        for name, value in (("la", la), ("gamma", gamma)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not isinstance(centers_per_class, int) or centers_per_class < 1:
+            raise ValueError(f"centers_per_class must be an integer >= 1, got {centers_per_class}")
+        self.params = CenterParams(1.0 / la, margin, 0.0, ADDITIVE_COSINE, centers_per_class, gamma)
+        self.num_classes, self.embedding_size, self.centers_per_class = num_classes, embedding_size, centers_per_class
+        self.la, self.gamma, self.margin = la, 1.0 / gamma, margin
+        self.backend, self.check_inputs = backend, check_inputs
+        self.fc = nn.Parameter(torch.empty(embedding_size, num_classes * centers_per_class))
+        (weight_init_func or functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))(self.fc.data)
+
+    def _bank(self) -> torch.Tensor:
+        return unit_columns(self.fc).t()
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) ``S_ij``, the softmax-weighted centre cosines, without ``la`` or the margin (PML's)."""
+        return scaled_cosines(embeddings, self._bank(), dataclasses.replace(self.params, temperature=1.0))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"centers_per_class={self.centers_per_class}, la={self.la}, gamma={1.0 / self.gamma}, "
+                f"margin={self.margin}, backend={self.backend!r}")
