@@ -5,7 +5,9 @@ Forward, query gradient (through the op's autograd with a random grad_output) an
 (``ccl_bwd_centers``), ragged shapes, every supported dtype pair, tolerances of ``tests/helpers.py``; Triton
 outputs are poisoned (conftest). The family members: CosFace / NormalizedSoftmax (additive cosine, λ = 0), ArcFace
 (additive angular), SubCenterArcFace (angular, K = 3: padded to 4 slots), and CCL with sub-centers (additive
-cosine, λ > 0, K = 2 and K = 5). Equality with PML's classes is tested in ``tests/test_margin.py``.
+cosine, λ > 0, K = 2 and K = 5), and SoftTriple's softmax-weighted mean over the K rows (γ > 0; with the angular
+margin and λ > 0 too, which no PML class combines but the kernels allow). Equality with PML's classes is tested in
+``tests/test_margin.py`` and ``tests/test_proxy_softmax.py``.
 """
 import dataclasses
 import math
@@ -28,6 +30,8 @@ FAMILY = {  # name -> CenterParams
     "subcenter_arcface": CenterParams(1 / 64, ARC, 0.0, margin_type=1, sub_centers=3),
     "ccl_k2": CenterParams(0.05, 0.1, 0.7, sub_centers=2),
     "ccl_k5_arc": CenterParams(0.1, 0.5, 0.3, margin_type=1, sub_centers=5),
+    "soft_triple": CenterParams(1 / 20, 0.01, 0.0, sub_centers=3, gamma=0.1),
+    "soft_k5_arc": CenterParams(0.1, 0.5, 0.3, margin_type=1, sub_centers=5, gamma=0.05),
 }
 BACKENDS = kernel_backends("ccl", DEVICE)
 
@@ -54,7 +58,7 @@ def make(b, c, d, k, x_dtype=F32, bank_dtype=F32):
 def reference_grads(x, y, w, g, params):
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     rows = ref.ccl_loss_rows(xr, y, wr, params.temperature, params.margin, params.center_weight,
-                             params.margin_type, params.sub_centers)
+                             params.margin_type, params.sub_centers, params.gamma)
     gx, gw = torch.autograd.grad(rows, [xr, wr], g.to(rows.dtype))
     return rows.detach(), gx, gw
 
@@ -62,6 +66,8 @@ def reference_grads(x, y, w, g, params):
 def check(backend, x, y, w, params, what="", g=None, parts=3):
     """Op rows, ∂/∂x and ∂/∂W of ``backend`` vs the float64 reference (bound: the reference's own error in the
     inputs' dtype); ``parts=1`` checks the loss rows only."""
+    if backend == "triton" and params.gamma > 0:
+        pytest.skip("the Triton kernels do not compute the centre mean yet")
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
     g = torch.randn(x.shape[0], device=DEVICE) if g is None else g
     rows = ccl_ops.ccl_loss_rows(xk, y, wk, params, namespace(backend))
@@ -85,7 +91,7 @@ def test_family_fp32(backend, family, b, c, d):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["arcface", "subcenter_arcface", "ccl_k5_arc"])
+@pytest.mark.parametrize("family", ["arcface", "subcenter_arcface", "ccl_k5_arc", "soft_triple"])
 @pytest.mark.parametrize("x_dtype,bank_dtype", [(BF16, F32), (F16, F32), (F32, BF16), (BF16, BF16)])
 def test_family_low_precision(backend, family, x_dtype, bank_dtype):
     """At scale 10 (τ = 0.1): Triton's 16-bit ``tl.dot`` operands round x̂ and W (bf16: 2⁻⁹ relative), which the
@@ -97,7 +103,7 @@ def test_family_low_precision(backend, family, x_dtype, bank_dtype):
     lie within that rounding (~4e-3) it may route the gradient to the other one than an fp32 computation would
     (the max is not differentiable there), so only its loss, which is continuous at those ties, is compared."""
     params = dataclasses.replace(FAMILY[family], temperature=0.1)
-    parts = 1 if backend == "triton" and params.sub_centers > 1 else 3
+    parts = 1 if backend == "triton" and params.sub_centers > 1 and params.gamma == 0 else 3
     check(backend, *make(29, 45, 24, params.sub_centers, x_dtype, bank_dtype), params, family, parts=parts)
 
 
@@ -196,6 +202,11 @@ def test_opcheck_family(backend):
     g = torch.randn(5, device=DEVICE)
     torch.library.opcheck(ops.ccl_fwd, (x.requires_grad_(), y, w.requires_grad_(), 0.1, 0.3, 0.0, True, 1, 3))
     torch.library.opcheck(ops.ccl_bwd_centers, (x.detach(), y, w.detach(), lse, g, 0.1, 0.3, 0.0, 1, 3))
+    if backend == "triton":
+        return
+    torch.library.opcheck(ops.ccl_fwd, (x, y, w, 0.1, 0.3, 0.0, True, 0, 3, 0.1))  # SoftTriple's centre mean
+    torch.library.opcheck(ops.ccl_bwd_centers, (x.detach(), y, w.detach(), lse, g, 0.1, 0.3, 0.0, 0, 3),
+                          {"gamma": 0.1})
     torch.library.opcheck(ops.ccl_update_, (w.detach().clone(), x.detach(), y, 0.9, 3))
 
 

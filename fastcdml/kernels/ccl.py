@@ -702,14 +702,15 @@ def _family(temperature, margin, margin_type, sub_centers, bank_rows):
     return hyper, dict(ANGULAR=margin_type == 1), triton.next_power_of_2(sub_centers)
 
 
-def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1, *,
-            config: Config | None = None, split: int | None = None):
+def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1,
+            gamma=0.0, *, config: Config | None = None, split: int | None = None):
     """``(loss_rows (B,), grad_x (B, D) or (0, D), lse (B,), label_q (B,))``, all fp32 (see the module docstring;
     ``label_q`` = 1 − p_{i,y_i}, for the proxy gradient).
 
     ``centers`` (C·K, D) with K = ``sub_centers``. ``config`` / ``split`` override the heuristics (``split=1``: no
     partials, fused epilogue); a config streaming fewer bank rows than the padded K is widened to K.
     """
+    _no_soft_centers(gamma)
     b, d = x.shape
     f32 = torch.float32
     loss = new_output((b,), f32, x.device)
@@ -833,10 +834,11 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                    sub_centers=1, label_q=None, foreign_labels=False, *, config: Config | None = None):
+                    sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0, *, config: Config | None = None):
     """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse and label_q (without it, 1 − p_{i,y_i} is
     recomputed from lse: inaccurate when p_{i,y_i} → 1); ``foreign_labels``: ``centers`` is a slice of a sharded
     bank and a label outside it leaves the row's negatives; ``config`` overrides the heuristic."""
+    _no_soft_centers(gamma)
     b, d = x.shape
     k = sub_centers
     hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
@@ -861,6 +863,11 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
 
     _launch(cfg, launch)
     return out
+
+
+def _no_soft_centers(gamma):
+    if gamma > 0:
+        raise ValueError("the Triton kernels do not compute SoftTriple's centre mean (gamma > 0)")
 
 
 def ccl_update_(centers, x, labels, momentum, sub_centers=1):
