@@ -131,9 +131,6 @@ class FusedBackend(Backend):
         self.name, self.namespace = name, namespace
 
     def ccl_rows(self, x, labels, centers, params):
-        if params.gamma > 0 and self.name == "triton":
-            raise BackendUnavailable("the Triton kernels do not compute SoftTriple's centre mean (gamma > 0) yet: "
-                                     "use backend='cpp' or 'reference'")
         return ccl_ops.ccl_loss_rows(x, labels, centers, params, self.namespace)
 
     def ccl_update(self, centers, x, labels, momentum, sub_centers=1):

@@ -66,8 +66,6 @@ def reference_grads(x, y, w, g, params):
 def check(backend, x, y, w, params, what="", g=None, parts=3):
     """Op rows, ∂/∂x and ∂/∂W of ``backend`` vs the float64 reference (bound: the reference's own error in the
     inputs' dtype); ``parts=1`` checks the loss rows only."""
-    if backend == "triton" and params.gamma > 0:
-        pytest.skip("the Triton kernels do not compute the centre mean yet")
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
     g = torch.randn(x.shape[0], device=DEVICE) if g is None else g
     rows = ccl_ops.ccl_loss_rows(xk, y, wk, params, namespace(backend))
@@ -101,8 +99,13 @@ def test_family_low_precision(backend, family, x_dtype, bank_dtype):
 
     With sub-centers, Triton picks each class's sub-center on the 16-bit-rounded cosines: where two sub-centers
     lie within that rounding (~4e-3) it may route the gradient to the other one than an fp32 computation would
-    (the max is not differentiable there), so only its loss, which is continuous at those ties, is compared."""
+    (the max is not differentiable there), so only its loss, which is continuous at those ties, is compared.
+
+    SoftTriple's slopes ``q_k (1 + (s_k − c)/γ)`` amplify that rounding of the cosines by 1/γ: at PML's γ = 0.1 the
+    Triton bf16 proxy gradient is ~2e-2 relative off, so Triton is checked at γ = 0.5 here (γ = 0.1 in fp32)."""
     params = dataclasses.replace(FAMILY[family], temperature=0.1)
+    if backend == "triton" and params.gamma > 0:  # the 16-bit cosines' rounding, amplified by 1/γ in the slopes
+        params = dataclasses.replace(params, gamma=0.5)
     parts = 1 if backend == "triton" and params.sub_centers > 1 and params.gamma == 0 else 3
     check(backend, *make(29, 45, 24, params.sub_centers, x_dtype, bank_dtype), params, family, parts=parts)
 
@@ -117,21 +120,23 @@ def test_family_multi_tile(backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="no Triton backend here")
 @pytest.mark.parametrize("split,dv_split", [(1, 2), (4, 1), (4, 2)])
-def test_split_paths_sub_centers(split, dv_split):
-    """Split-C partials + combine and the D-split of the accumulator with sub-centers and the angular margin."""
+@pytest.mark.parametrize("name", ["ccl_k5_arc", "soft_k5_arc"])
+def test_split_paths_sub_centers(split, dv_split, name):
+    """Split-C partials + combine and the D-split of the accumulator with sub-centers (max, or SoftTriple's mean)
+    and the angular margin."""
     from fastcdml.kernels import ccl as k
 
-    params = FAMILY["ccl_k5_arc"]
+    params = FAMILY[name]
     x, y, w = make(37, 130, 40, 5)
     cfg = k.default_config(40, x.dtype, w.dtype)._replace(dv_split=dv_split)
     family = (params.temperature, params.margin, params.center_weight, True, params.margin_type, 5)
-    rows, gx, lse, label_q = k.ccl_fwd(x, y, w, *family, config=cfg, split=split)
+    rows, gx, lse, label_q = k.ccl_fwd(x, y, w, *family, params.gamma, config=cfg, split=split)
     ones = torch.ones(37, device=DEVICE)
     rows64, gx64, gw64 = reference_grads(x.double(), y, w.double(), ones.double(), params)
     rows32, gx32, gw32 = reference_grads(x, y, w, ones, params)
     assert_close(rows, rows64, rows32, F32, "loss rows")
     assert_close(gx, gx64, gx32, F32, "query gradient")
-    gw = k.ccl_bwd_centers(x, y, w, lse, ones, *family[:3], params.margin_type, 5, label_q,
+    gw = k.ccl_bwd_centers(x, y, w, lse, ones, *family[:3], params.margin_type, 5, label_q, gamma=params.gamma,
                            config=cfg._replace(rows=16))
     assert_close(gw, gw64, gw32, F32, "proxy gradient")
 
@@ -202,8 +207,6 @@ def test_opcheck_family(backend):
     g = torch.randn(5, device=DEVICE)
     torch.library.opcheck(ops.ccl_fwd, (x.requires_grad_(), y, w.requires_grad_(), 0.1, 0.3, 0.0, True, 1, 3))
     torch.library.opcheck(ops.ccl_bwd_centers, (x.detach(), y, w.detach(), lse, g, 0.1, 0.3, 0.0, 1, 3))
-    if backend == "triton":
-        return
     torch.library.opcheck(ops.ccl_fwd, (x, y, w, 0.1, 0.3, 0.0, True, 0, 3, 0.1))  # SoftTriple's centre mean
     torch.library.opcheck(ops.ccl_bwd_centers, (x.detach(), y, w.detach(), lse, g, 0.1, 0.3, 0.0, 0, 3),
                           {"gamma": 0.1})

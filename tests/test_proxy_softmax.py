@@ -133,7 +133,7 @@ def test_proxy_nca_state_get_logits_and_options():
 
 # --- SoftTriple ---------------------------------------------------------------------------------------------------
 
-SOFT_BACKENDS = ["reference"] + [b for b in kernel_backends("ccl", DEVICE) if b == "cpp"]
+SOFT_BACKENDS = BACKENDS
 
 
 def soft_pair(c, d, k, backend, **kwargs):
