@@ -184,10 +184,11 @@ def test_soft_triple_state_get_logits_and_options():
             fastcdml.SoftTripleLoss(11, 6, **kwargs)
 
 
-@pytest.mark.parametrize("make", [lambda: fastcdml.ProxyNCALoss(6, 16, softmax_scale=4),
-                                  lambda: fastcdml.SoftTripleLoss(6, 16, centers_per_class=3, backend=SOFT_BACKENDS[-1])],
+@pytest.mark.parametrize("backend", kernel_backends("ccl", DEVICE))
+@pytest.mark.parametrize("make", [lambda backend: fastcdml.ProxyNCALoss(6, 16, softmax_scale=4, backend=backend),
+                                  lambda backend: fastcdml.SoftTripleLoss(6, 16, centers_per_class=3, backend=backend)],
                          ids=["ProxyNCA", "SoftTriple"])
-def test_compiles_fullgraph(make):
+def test_compiles_fullgraph(make, backend):
     """A training step through torch.compile(fullgraph=True) compiles once over several steps and matches eager."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -195,7 +196,7 @@ def test_compiles_fullgraph(make):
     results, counter = [], CompileCounterWithBackend("eager")
     for compiled in (False, True):
         torch.manual_seed(1)
-        loss_fn = make().to(DEVICE)
+        loss_fn = make(backend).to(DEVICE)
         step = loss_fn
         if compiled:
             torch._dynamo.reset()
