@@ -32,7 +32,7 @@ def embeddings(x, name: str, backend, dim: int | None = None, check_values: bool
         raise TypeError(f"{name} must have dtype in {[str(d) for d in backend.dtypes]} for backend "
                         f"{backend.name!r}, got {x.dtype}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} has dimension {x.shape[1]} but the loss was built with embedding_dim={dim}")
+        raise ValueError(f"{name} has dimension {x.shape[1]} but the loss was built with embedding_size={dim}")
     if check_values and x.numel():
         _assert(torch.isfinite(x).all(), f"{name} contains NaN or inf")
 
@@ -73,3 +73,14 @@ def choice(value, name: str, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
+
+
+def embedding_size_alias(embedding_size: int | None, options: dict, required: bool = True) -> int | None:
+    """``embedding_size``, also accepted under its former keyword ``embedding_dim`` (popped from ``options``)."""
+    if "embedding_dim" in options:
+        if embedding_size is not None:
+            raise TypeError("pass embedding_size or its alias embedding_dim, not both")
+        embedding_size = options.pop("embedding_dim")
+    if embedding_size is None and required:
+        raise TypeError("missing required argument: embedding_size")
+    return embedding_size

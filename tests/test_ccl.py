@@ -194,7 +194,7 @@ def test_unchecked_bad_label_gives_nan_and_keeps_bank(module_backend):
 
 BAD = [
     (lambda x, y: (x[0], y), ValueError, "embeddings must be 2-D"),
-    (lambda x, y: (x[:, :5], y), ValueError, "embedding_dim=6"),
+    (lambda x, y: (x[:, :5], y), ValueError, "embedding_size=6"),
     (lambda x, y: (x.int(), y), TypeError, "embeddings must have dtype"),
     (lambda x, y: (x, y.float()), TypeError, "labels must be int64 or int32"),
     (lambda x, y: (x, y[:3]), ValueError, r"labels must have shape \(4,\)"),
@@ -269,3 +269,14 @@ def test_init_centers_from_class_means(update, module_backend):
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 20\)"):
         loss_fn.init_centers_(x, torch.full((60,), 20))
     assert torch.equal(loss_fn.centers.detach(), bank)
+
+
+def test_embedding_dim_is_an_alias_of_embedding_size():
+    for cls in (fastcdml.CenterContrastiveLoss, fastcdml.ContrastiveBayesianLoss):
+        kwargs = {"num_classes": 5} if cls is fastcdml.CenterContrastiveLoss else {"memory_size": 4}
+        old, new = cls(embedding_dim=6, **kwargs), cls(embedding_size=6, **kwargs)
+        assert old.state_dict().keys() == new.state_dict().keys()
+        with pytest.raises(TypeError, match="not both"):
+            cls(embedding_size=6, embedding_dim=6, **kwargs)
+    loss_fn = fastcdml.CenterContrastiveLoss(5, embedding_dim=6)
+    assert loss_fn.embedding_size == loss_fn.embedding_dim == 6 and loss_fn.centers.shape == (5, 6)

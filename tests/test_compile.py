@@ -35,7 +35,7 @@ def test_compiled_training_compiles_once_and_matches_eager(loss, device):
         torch.manual_seed(1)
         net = torch.nn.Linear(16, 16).to(device)
         loss_fn = (fastcdml.CenterContrastiveLoss(8, 16) if loss == "ccl"
-                   else fastcdml.ContrastiveBayesianLoss(memory_size=32, neg_b=0.3, margin=0.5, embedding_dim=16)).to(device)
+                   else fastcdml.ContrastiveBayesianLoss(memory_size=32, neg_b=0.3, margin=0.5, embedding_size=16)).to(device)
         step = _step
         if compiled:
             torch._dynamo.reset()

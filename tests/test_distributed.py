@@ -188,7 +188,7 @@ def _bad_label_fails_everywhere(rank, world):
         with pytest.raises(ValueError, match=rf"^rank {bad} of {world}: labels must lie in \[0, {C}\)"):
             loss_fn(x, y)
     wrong_dim = torch.randn(3, D + (rank == 0))
-    with pytest.raises(ValueError, match=r"^rank 0 of .*embedding_dim"):
+    with pytest.raises(ValueError, match=r"^rank 0 of .*embedding_size"):
         dp(wrong_dim, torch.zeros(3, dtype=torch.long))
     assert torch.equal(dp.centers, _bank()) and torch.equal(sharded.centers, _bank()[sharded.start: sharded.stop])
     unchecked = fastcdml.ShardedCenterContrastiveLoss(C, D, centers=_bank(), reduction="none", check_inputs=False)
@@ -326,7 +326,7 @@ def _sharded_margin_dropins_match(rank, world, backend):
                 opt.zero_grad()
 
             def rows(xr):  # the single process's per-row losses: the reference on its normalised W
-                return ccl_loss_rows(xr, y_all, single._bank(), *dataclasses.astuple(single.params))
+                return ccl_loss_rows(xr, y_all, single.bank_rows(), *dataclasses.astuple(single.params))
 
             (single_grad,) = _learnable_step(sharded, rows, [single.W], x_all, y_all, world, step, rank,
                                              torch.float32, f"Sharded{name}")

@@ -239,3 +239,23 @@ def test_compiles_fullgraph(update):
         results.append((out, loss_fn.W.detach().clone(), loss_fn.W.grad))
     assert counter.frame_count == 1
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("update", ["gradient", "momentum"])
+def test_init_centers_sets_subcenters_to_class_means(update):
+    """The bank base class gives the drop-ins ``init_centers_``: each row moves the sub-center of its class it is
+    most similar to, to that sub-center's normalised mean (the momentum step with μ = 0); absent classes and
+    unchosen sub-centers keep their columns of ``W``."""
+    c, d, k = 7, 12, 3
+    loss_fn = fastcdml.SubCenterArcFaceLoss(c, d, sub_centers=k, update=update)
+    x, y = torch.randn(30, d), torch.randint(0, c - 2, (30,))  # the last two classes are absent
+    before = loss_fn.W.detach().clone()
+    assert loss_fn.init_centers_(x, y) is loss_fn
+    rows = before.t() / before.t().norm(dim=1, keepdim=True) if update == "gradient" else before.t()
+    expected = fastcdml.reference.ccl.ccl_momentum_update(before.t().contiguous(), x, y, 0.0, k)
+    moved = fastcdml.reference.ccl.subcenter_rows(rows, x, y, k).unique()
+    torch.testing.assert_close(loss_fn.W.detach().t()[moved], expected[moved], rtol=0, atol=1e-6)
+    untouched = torch.ones(c * k, dtype=torch.bool)
+    untouched[moved] = False
+    assert torch.equal(loss_fn.W.detach()[:, untouched], before[:, untouched])
+    assert isinstance(loss_fn.W, torch.nn.Parameter) == (update == "gradient")

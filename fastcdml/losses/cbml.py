@@ -141,19 +141,19 @@ class ContrastiveBayesianLoss(nn.Module):
     ``ignore_negative_labels=True`` accepts negative labels, whose rows are in no set (a clusterer's outliers,
     e.g. from :func:`fastcdml.pseudo_labels`); they are never enqueued into the memory.
 
-    ``memory_size > 0`` keeps a FIFO of the last ``memory_size`` L2-normalised, detached embeddings and their
-    labels (buffers ``memory_emb`` (M, D) float32, ``memory_labels`` (M,) int64 with −1 in empty slots, and
-    ``memory_ptr``, the next slot; ``memory_emb`` is allocated at the first call, when D is known, or at
-    construction if ``embedding_dim`` is given). The reference set is then the batch (self excluded, gradient
-    flows) followed by the filled memory entries (no gradient); in training mode the batch is enqueued after the
-    loss is computed. As PML's ``CrossBatchMemory``: ``miner`` (a PML miner) mines the pairs of each step's
-    queries against the whole reference set, ``indices_tuple`` adds pairs whose references index the batch, and
-    ``enqueue_mask`` (B,) bool marks rows that are only enqueued (the others are the queries, compared with the
-    memory and the enqueued rows). The memory always has its full shape (empty slots are ignored by their label), so a
-    compiled training step compiles once (give ``embedding_dim``: a memory allocated at the first call changes
-    shape once, which costs one more compilation). Rows that are not finite are never enqueued (with
-    ``check_inputs=False`` they reach the loss, which is then NaN on every backend). ``ref_emb`` cannot be
-    combined with a memory.
+    ``memory_size > 0`` keeps a FIFO of the last ``memory_size`` L2-normalised, detached embeddings and their labels
+    (buffers ``memory_emb`` (M, D) float32, ``memory_labels`` (M,) int64 with −1 in empty slots, and ``memory_ptr``,
+    the next slot; ``memory_emb`` is allocated at the first call, when D is known, or at construction if
+    ``embedding_size`` is given; ``embedding_dim`` is accepted as its alias). The reference set is then the batch
+    (self excluded, gradient flows) followed by the filled memory entries (no gradient); in training mode the batch
+    is enqueued after the loss is computed. As PML's ``CrossBatchMemory``: ``miner`` (a PML miner) mines the pairs
+    of each step's queries against the whole reference set, ``indices_tuple`` adds pairs whose references index the
+    batch, and ``enqueue_mask`` (B,) bool marks rows that are only enqueued (the others are the queries, compared
+    with the memory and the enqueued rows). The memory always has its full shape (empty slots are ignored by their
+    label), so a compiled training step compiles once (give ``embedding_size``: a memory allocated at the first call
+    changes shape once, which costs one more compilation). Rows that are not finite are never enqueued (with
+    ``check_inputs=False`` they reach the loss, which is then NaN on every backend). ``ref_emb`` cannot be combined
+    with a memory.
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class ContrastiveBayesianLoss(nn.Module):
         memory_size: int = 0,
         backend: str = "auto",
         check_inputs: bool = True,
-        embedding_dim: int | None = None,
+        embedding_size: int | None = None,
         miner=None,
         variance_center: str = "class_means",
         pos_weight: float = 0.25,
@@ -180,6 +180,7 @@ class ContrastiveBayesianLoss(nn.Module):
         **pml_options,
     ):
         super().__init__()
+        embedding_size = _checks.embedding_size_alias(embedding_size, pml_options, required=False)
         _pml.reject_options(type(self).__name__, pml_options)
         self.params = BayesianParams(pos_a, pos_b, neg_a, neg_b, margin, variance_weight, mean_weight, phi,
                                      negatives, top_k, variance_center, pos_weight, neg_weight)
@@ -192,7 +193,7 @@ class ContrastiveBayesianLoss(nn.Module):
                              "miner's output as indices_tuple")
         self.memory_size, self.backend, self.check_inputs, self.miner = memory_size, backend, check_inputs, miner
         if memory_size:
-            self.register_buffer("memory_emb", torch.zeros(memory_size, embedding_dim or 0))
+            self.register_buffer("memory_emb", torch.zeros(memory_size, embedding_size or 0))
             self.register_buffer("memory_labels", torch.full((memory_size,), -1, dtype=torch.int64))
             self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.int64))
 

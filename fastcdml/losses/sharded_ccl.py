@@ -38,14 +38,12 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .. import _checks
-from .._backend import resolve
 from ..params import CenterParams
 from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
 from ..reference.ccl import EPS, normalize_rows, target_logit_and_slope
-from .ccl import UPDATES, _check_module_args, _empty
+from ._bank import Bank, check_args, empty_loss
 
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
 
@@ -147,76 +145,61 @@ def merge_shards(state_dicts: Sequence[dict]) -> dict:
     return {"W": torch.cat([sd["W"] for sd in shards], dim=1)}
 
 
-class ShardedBank(nn.Module):
-    """What the class-sharded losses share: the slice of the bank this rank owns, its checkpoints, the step.
+class ShardedBank(Bank):
+    """What the class-sharded losses share: the slice of the bank this rank owns (a :class:`Bank` of the rank's
+    C_r classes, same layouts and update modes), its checkpoints, the collective step."""
 
-    The slice is stored under ``KEY``: as bank rows ``(C_r·K, D)`` or, with ``COLUMNS``, as PML's ``(D, C_r·K)``
-    ``W`` whose columns are the bank rows. ``update="momentum"``: a buffer of unit rows moved by the momentum
-    update; ``"gradient"``: a Parameter (normalised in forward) trained by the optimizer on the local slice.
-    """
-
-    KEY, COLUMNS = "centers", False
-
-    def __init__(self, num_classes: int, embedding_dim: int, params: CenterParams, update: str, momentum: float,
+    def __init__(self, num_classes: int, embedding_size: int, params: CenterParams, update: str, momentum: float,
                  backend: str, check_inputs: bool, bank: torch.Tensor | None, dtype: torch.dtype,
                  generator: torch.Generator | None, shard_sizes: Sequence[int] | None, sample_rate: float,
                  process_group, normalize_init: bool = True, init=None):
-        super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{type(self).__name__} needs torch.distributed.init_process_group() first")
-        _checks.choice(update, "update", UPDATES)
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.params, self.update, self.momentum = params, update, momentum
-        self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.backend, self.check_inputs = backend, check_inputs
-        self.sample_rate, self.process_group = sample_rate, process_group
-        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-        self.shard_sizes = [e - s for s, e in (shard_range(num_classes, self.world_size, r, shard_sizes)
-                                               for r in range(self.world_size))]
-        self.start, self.stop = shard_range(num_classes, self.world_size, self.rank, self.shard_sizes)
+        rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        sizes = [e - s for s, e in (shard_range(num_classes, world_size, r, shard_sizes) for r in range(world_size))]
+        start, stop = shard_range(num_classes, world_size, rank, sizes)
         k = params.sub_centers
-        local = (self.stop - self.start) * k
+        local = (stop - start) * k
         if bank is None and init is not None:  # PML's weight_init_func, on this rank's (D, C_r·K) columns
-            bank = torch.empty(embedding_dim, local)
+            bank = torch.empty(embedding_size, local)
             init(bank)
             bank = bank.t()
         elif bank is None:
-            bank = _random_rows(self.start * k, self.stop * k, embedding_dim, generator)
-        elif tuple(bank.shape) == (num_classes * k, embedding_dim):
-            bank = bank[self.start * k: self.stop * k]
-        elif tuple(bank.shape) != (local, embedding_dim):
+            bank = _random_rows(start * k, stop * k, embedding_size, generator)
+        elif tuple(bank.shape) == (num_classes * k, embedding_size):
+            bank = bank[start * k: stop * k]
+        elif tuple(bank.shape) != (local, embedding_size):
             raise ValueError(f"the bank must have {num_classes * k} rows (all classes) or this rank's {local} rows "
-                             f"of {embedding_dim} values, got {tuple(bank.shape)}")
-        rows = (normalize_rows(bank.detach()) if normalize_init else bank.detach()).to(dtype).contiguous()
-        if update == "gradient":
-            self.register_parameter(self.KEY, nn.Parameter(rows.t().contiguous() if self.COLUMNS else rows))
-        else:
-            self.register_buffer(self.KEY, rows.t() if self.COLUMNS else rows)
+                             f"of {embedding_size} values, got {tuple(bank.shape)}")
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, bank, dtype,
+                         normalize_init)
+        self.sample_rate, self.process_group = sample_rate, process_group
+        self.rank, self.world_size, self.shard_sizes, self.start, self.stop = rank, world_size, sizes, start, stop
         self.stats = CommStats(self.world_size)
 
-    def _stored_rows(self) -> torch.Tensor:
-        stored = getattr(self, self.KEY)
-        return stored.t() if self.COLUMNS else stored
+    def _gather(self, embeddings, labels, stats: CommStats | None = None):
+        """The global batch ``(x, y, sizes)``; a bad input on any rank raises the same error on every rank."""
+        return gather_batch(embeddings, labels, lambda: self._check(embeddings, labels, self._resolve(embeddings)),
+                            self.process_group, stats)
 
-    def bank_rows(self) -> torch.Tensor:
-        """The (C_r·K, D) rows the kernels read: normalised in gradient mode (differentiable), contiguous."""
-        rows = self._stored_rows()
-        if self.update == "gradient":
-            return rows / rows.float().norm(dim=1, keepdim=True).clamp_min(EPS)
-        if not rows.is_contiguous():  # e.g. after a load that did not keep the layout
-            self._set_rows(rows.contiguous())
-        return self._stored_rows()
-
-    def _set_rows(self, rows: torch.Tensor) -> None:
-        setattr(self, self.KEY, rows.t() if self.COLUMNS else rows)
-
-    def _check(self, embeddings, labels):
-        backend = resolve(self.backend, "ccl", _checks.tensor(embeddings, "embeddings").device)
-        _checks.embeddings(embeddings, "embeddings", backend, self.embedding_dim, self.check_inputs)
-        _checks.same_device(getattr(self, self.KEY), self.KEY, embeddings, "embeddings",
-                            "; move the loss with .to(device)")
-        _checks.labels(labels, "labels", embeddings, "embeddings", self.num_classes, self.check_inputs)
+    @torch.no_grad()
+    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        """Collective: set the bank row of every class in the labels of all ranks to ``normalize(mean x̂)`` of its
+        rows over all ranks (each rank passes its part of, e.g., a pretrained network's training-set embeddings
+        with global labels); each rank writes the rows of its own slice, in either update mode, and absent
+        classes keep their values: the bank the single-process loss's ``init_centers_`` gives on the concatenated
+        data. Returns self."""
+        xg, yg, _ = self._gather(embeddings, labels)
+        bank = self._stored_rows()
+        if xg.shape[0] and bank.shape[0]:
+            local = yg.to(bank.device) - self.start
+            local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
+            new = self._resolve(embeddings).ccl_update(bank.detach().contiguous(), xg.detach(), local, 0.0,
+                                                       self.sub_centers)  # μ = 0: the class means
+            bank.copy_(new)
+        return self
 
     def _sampled(self, bank, local_labels):
         """Partial FC: (bank rows of the kept classes, labels remapped into them), every class of the batch kept."""
@@ -239,12 +222,11 @@ class ShardedBank(nn.Module):
             self.stats.log_step(type(self).__name__, self.process_group)
 
     def _step(self, embeddings, labels):
-        xg, yg, sizes = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group,
-                                     self.stats)
+        xg, yg, sizes = self._gather(embeddings, labels, self.stats)
         bank = self.bank_rows()
         if sum(sizes) == 0:
-            return _empty(embeddings, bank, "none")
-        backend = resolve(self.backend, "ccl", embeddings.device)
+            return empty_loss(embeddings, bank, "none")
+        backend = self._resolve(embeddings)
         yg = yg.to(bank.device)
         local = yg - self.start
         local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
@@ -255,9 +237,7 @@ class ShardedBank(nn.Module):
         rows = _ShardedRows.apply(embeddings, scored, xg, scored_labels, valid, sizes, self.params, backend,
                                   self.process_group, self.stats)
         if self.training and self.update == "momentum" and bank.shape[0]:
-            new = backend.ccl_update(bank, xg.detach(), local, self.momentum, self.params.sub_centers)
-            if new is not bank:  # the reference returns a new bank (autograd may hold the old one)
-                self._set_rows(new)
+            self._momentum_step(backend, bank, xg, local)
         return rows
 
     def _reduce(self, rows: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -301,7 +281,7 @@ class ShardedBank(nn.Module):
                 self._set_rows(normalize_rows(self._stored_rows()).to(self._stored_rows().dtype).contiguous())
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, classes=[{self.start}, "
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, classes=[{self.start}, "
                 f"{self.stop}) on rank {self.rank}/{self.world_size}, {self.params}, update={self.update!r}, "
                 f"momentum={self.momentum}, sample_rate={self.sample_rate}, backend={self.backend!r}")
 
@@ -310,7 +290,7 @@ class ShardedCenterContrastiveLoss(ShardedBank):
     """Center Contrastive Loss with the center bank split by class across the ranks of a process group.
 
     Rank r owns classes ``[start, stop)`` (:func:`fastcdml.distributed.shard_range`; ``shard_sizes`` gives
-    uneven slices) and stores only their centers: ``centers``, a ``(stop − start, embedding_dim)`` float32 (or
+    uneven slices) and stores only their centers: ``centers``, a ``(stop − start, embedding_size)`` float32 (or
     ``dtype``) buffer of unit rows (``update="momentum"``) or Parameter (``update="gradient"``). Call
     ``loss_fn(embeddings, labels)`` on every rank of the group with that rank's batch (sizes may differ, even 0)
     and global labels in ``[0, num_classes)``; all ranks must call it together (and, in gradient mode, call
@@ -345,7 +325,7 @@ class ShardedCenterContrastiveLoss(ShardedBank):
     def __init__(
         self,
         num_classes: int,
-        embedding_dim: int,
+        embedding_size: int | None = None,
         temperature: float = 0.05,
         margin: float = 0.1,
         center_weight: float = 1.0,
@@ -360,30 +340,17 @@ class ShardedCenterContrastiveLoss(ShardedBank):
         sample_rate: float = 1.0,
         process_group=None,
         update: str = "momentum",
+        **alias,
     ):
+        embedding_size = _checks.embedding_size_alias(embedding_size, alias)
+        if alias:
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument "
+                            f"{next(iter(alias))!r}")
         params = CenterParams(temperature, margin, center_weight)
-        _check_module_args(num_classes, embedding_dim, momentum, reduction, backend, dtype)
-        super().__init__(num_classes, embedding_dim, params, update, momentum, backend, check_inputs, centers, dtype,
+        check_args(num_classes, embedding_size, update, momentum, backend, reduction, dtype)
+        super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, centers, dtype,
                          generator, shard_sizes, sample_rate, process_group)
         self.reduction = reduction
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._reduce(self.loss_rows(embeddings, labels), self.reduction)
-
-    @torch.no_grad()
-    def init_centers_(self, embeddings: torch.Tensor, labels: torch.Tensor) -> "ShardedCenterContrastiveLoss":
-        """Collective: set the center of every class in the labels of all ranks to ``normalize(mean x̂)`` of its
-        rows over all ranks (each rank passes its part of, e.g., a pretrained network's training-set embeddings
-        with global labels); each rank writes the rows of its own slice, in either update mode, and absent
-        classes keep their values: the bank ``CenterContrastiveLoss.init_centers_`` gives on the concatenated
-        data. Returns self."""
-        xg, yg, _ = gather_batch(embeddings, labels, lambda: self._check(embeddings, labels), self.process_group)
-        bank = self._stored_rows()
-        if xg.shape[0] and bank.shape[0]:
-            backend = resolve(self.backend, "ccl", embeddings.device)
-            local = yg.to(bank.device) - self.start
-            local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
-            source = bank.detach().contiguous()
-            new = backend.ccl_update(source, xg.detach(), local, 0.0)  # μ = 0: the class means
-            bank.copy_(new)
-        return self

@@ -44,11 +44,6 @@ class _ShardedMarginSoftmaxLoss(ShardedBank):
         super().__init__(num_classes, embedding_size, params, update, momentum, backend, check_inputs, None,
                          torch.float32, None, shard_sizes, sample_rate, process_group,
                          normalize_init=update == "momentum", init=weight_init_func)
-        self.embedding_size = embedding_size
-
-    @property
-    def sub_centers(self) -> int:
-        return self.params.sub_centers
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         """The mean over this rank's batch of the miner-weighted per-sample losses, float32 (PML's call contract);
