@@ -69,6 +69,14 @@ on a tie); the update below then runs over bank rows instead of classes. Labels 
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
 bit-identical across runs; a permutation of the batch changes the sums only by rounding.
 
+**SoftTriple** (``gamma`` γ > 0 with K > 1: the ``SOFT`` constexpr). The class cosine is the softmax-weighted
+mean ``c = Σ_k q_k s_k``, ``q = softmax_k(s_k/γ)``, over the class's live slots (``_subcenter_soft``), and a
+class's weight reaches all its rows through the slopes ``∂c/∂s_k = q_k (1 + (s_k − c)/γ)`` (``_subcenter_spread``:
+the tile that the second ``tl.dot`` multiplies with W, in the forward and in the proxy gradient). The pass keeps
+the label's slopes ``w_y`` (KP floats per row) and ``d_y = Σ_k w_yk s_yk`` (= x̂·Σ_k w_yk W_yk, what c_y is for the
+max), and ``ps`` sums ``p·Σ_k slope_k s_k``; the epilogue adds ``a·Σ_k w_yk W_yk`` (the label's K rows, loaded
+one at a time) and ``a·d_y``. Split C: ``plab`` grows to 3 + KP rows (row 1 holds d_y instead of k*).
+
 **Precision.** ``tl.dot`` operands: bf16 when either side is bf16 or x is fp32 with a bf16 bank; fp16 when x is
 fp16 and the bank fp32 (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made); fp32 × fp32
 follows ``torch.get_float32_matmul_precision()`` as PyTorch's matmuls do: "highest" (the default) fp32 operands
@@ -87,7 +95,10 @@ operands); registers are dominated by the fp32 accumulator, ``rows × D/dv_split
 smallest M of a Hopper wgmma) wherever they fit, 8 warps from D = 128 (two warpgroups share the accumulator);
 past that, fewer columns and stages, the D split of the accumulator (``dv_split`` programs per row block, each
 recomputing ``s``: more FLOPs, fewer registers), and fewer rows last; fp32 FMA products (``ieee``, no wgmma)
-take 32 rows without the D split at D = 256 and 512. Each entry serves both forward variants (split-C partials
+take 32 rows without the D split at D = 256 and 512. SoftTriple's ``SOFT`` forward streams a quarter of the entry's
+columns (at least KP): its centre mean keeps the slopes and the padded (rows, classes, KP) tiles live, and with
+the full width the fused-epilogue variant spilled on sm_80 and sm_86 (``bench/NOTES.md``). Each entry serves both
+forward variants (split-C partials
 and the fused epilogue, which holds ``acc`` and the epilogue's tiles at once). The entries come from the offline
 compile check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``).
 The config a launch uses is a function of the problem and the GPU only, never of what the process launched
@@ -403,10 +414,9 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
         xh = _load_rows(x_ptr, rows, rmask, dv_cols, dvmask, D) / norm[:, None]
         if SOFT:
             wyv = tl.zeros(acc.shape, tl.float32)
-            for k in tl.static_range(KP):
+            for k in range(K):  # not unrolled: one (rows, D) row tile live at a time
                 w_k = tl.sum(tl.where(tl.arange(0, KP)[None, :] == k, w_y, 0.0), axis=1)
-                row_k = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k, rmask & ((tl.zeros_like(rows) + k) < K),
-                                   dv_cols, dvmask, D)
+                row_k = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k, rmask, dv_cols, dvmask, D)
                 wyv += w_k[:, None] * row_k.to(DOT).to(tl.float32)
         else:
             wyv = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k_y, rmask, dv_cols, dvmask, D).to(DOT).to(
@@ -842,6 +852,8 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
     f32 = torch.float32
     heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
     cfg = config or heuristic
+    if flags["SOFT"] and config is None:  # the centre mean keeps three (rows, cols) fp32 tiles more live
+        cfg = cfg._replace(cols=cfg.cols // 4)
     cfg = cfg._replace(cols=max(cfg.cols, kp))
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
