@@ -4,9 +4,9 @@ in-place momentum update.
 Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas and semantics in
 ``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``docs/spec.md``)::
 
-    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1)
+    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1, γ=0)
         -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32, label_q (B,) fp32)
-    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None)
+    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None, foreign=False, γ=0)
         -> grad_centers (C·K, D) fp32
     ccl_update_(centers, x, labels, μ, K=1) -> None  (in place)
 
@@ -591,8 +591,8 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     norm = _row_norm(_load_rows(x_ptr, rows, rmask, dk, dmask, D))
     _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m, l, lo, ps, acc, c_y,
-                  k_y.to(tl.int32), w_y, k_y, dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, COMPUTE_GRAD,
-                  ANGULAR, DOT, SOFT, KP)
+                  k_y.to(tl.int32), w_y, k_y, dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
+                  COMPUTE_GRAD, ANGULAR, DOT, SOFT, KP)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ gamma=0.0) -> (loss_rows, grad_x, lse, label_q)``
 ``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
 sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0) -> grad_centers``
     grad_centers (C·K, D) fp32: Σ_i g_i ∂L_i/∂W (learnable-proxy mode); each class's gradient lands on the
-    sub-center row that gave its max (γ > 0: on each of its K rows k, times q_k (1 + (s_k − c)/γ)). Without ``label_q`` the label column's 1 − p is recomputed from lse.
+    sub-center row that gave its max (γ > 0: on each of its K rows k, times q_k (1 + (s_k − c)/γ)). Without
+    ``label_q`` the label column's 1 − p is recomputed from lse.
     ``foreign_labels``: ``centers`` is a slice of a sharded bank and ``lse``, ``label_q`` are the rows' global
     values; a row whose label lies outside [0, C) still contributes its negatives (without it such a row, a NaN
     loss row, contributes nothing); ``fastcdml.reference.ccl.ccl_slice_centers_grad``.
