@@ -8,8 +8,9 @@
 // place, and a second GEMM adds them, placed at each class's argmax sub-center, times the chunk into the running
 // Σ_j p_ij W_j, rescaled whenever the running max moves. With gamma γ > 0 (SoftTriple) the class cosine is the
 // softmax-weighted mean c = Σ_k q_k s_k, q = softmax(s/γ), over the class's K columns instead of their max, and a
-// class's weight is spread over all K rows by ∂c/∂s_k = q_k (1 + (s_k − c)/γ) instead of placed at the argmax. ccl_fwd's epilogue turns the per-row results into the loss
-// and query gradient; ccl_fwd_partials returns them for combining across the slices of a sharded bank.
+// class's weight is spread over all K rows by ∂c/∂s_k = q_k (1 + (s_k − c)/γ) instead of placed at the argmax.
+// ccl_fwd's epilogue turns the per-row results into the loss and query gradient; ccl_fwd_partials returns them for
+// combining across the slices of a sharded bank.
 // Memory: O(B·D + threads · kRowBlock · chunk · K), never B×C.
 #include "common.h"
 
@@ -108,11 +109,6 @@ struct SubCenters {
     std::fill(s, s + rows * cc * K, 0.f);
     for (int64_t i = 0; i < rows * cc; ++i) s[i * K + arg[i]] = c[i];
   }
-
-  // ∂c/∂s of class tile element i over its K columns: wts (γ > 0) or the one-hot of the argmax.
-  void slopes(int64_t i, float* out) const {
-    for (int64_t k = 0; k < K; ++k) out[k] = soft() ? wts[i * K + k] : static_cast<float>(k == (K > 1 ? arg[i] : 0));
-  }
 };
 
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
@@ -131,9 +127,9 @@ float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l,
 // The per-row results of streaming one block of rows ≤ kRowBlock queries over a whole bank (stream_bank), in
 // natural units z = logit/τ: m = max_j z_j, l = Σ_j e^{z_j − m}, lo = the same sum without the label's column,
 // acc (rows, D) = Σ_j e^{z_j − m} W_{jK+k*_j} (only with compute_grad), and for a label the bank owns (in [0, C))
-// its class cosine before the margin sy = c_y, its bank row ky = y·K + k*_y and wy (rows, K) = ∂c_y/∂s_{y,k}
-// (one-hot at k*_y for the max; with γ > 0, acc routes every class over its K rows by these weights); sy = 0 and
-// ky = −1 for any other label. An empty bank (C = 0) leaves m = −inf and every sum 0.
+// its class cosine before the margin sy = c_y and its bank row ky = y·K + k*_y, or with γ > 0 (where acc routes
+// every class over its K rows) wy (rows, K) = ∂c_y/∂s_{y,k} as the tile computed them; sy = 0 and ky = −1 for any
+// other label. An empty bank (C = 0) leaves m = −inf and every sum 0.
 struct RowBlock {
   int64_t r0 = 0, rows = 0;
   std::vector<float> m, l, lo, sy, wy;
@@ -183,7 +179,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
           if (here) {
             float dt;
             st.sy[r] = row[yi - c0];
-            sub.slopes(r * cc + yi - c0, st.wy.data() + r * K);
+            if (sub.soft()) std::copy_n(sub.wts.data() + (r * cc + yi - c0) * K, K, st.wy.data() + r * K);
             st.ky[r] = yi * K + (K > 1 && !sub.soft() ? sub.arg[r * cc + yi - c0] : 0);
             row[yi - c0] = target(st.sy[r], &dt);
           }
