@@ -1,5 +1,5 @@
 // Center Contrastive Loss and its margin-softmax family, CPU kernels for fastcdml::ccl_fwd, ccl_fwd_partials,
-// ccl_bwd_centers and ccl_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
+// ccl_bwd_centers and ccl_momentum_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
 //
 // ccl_fwd and ccl_fwd_partials share one streaming pass (stream_bank): the bank in chunks of chunk_size(D) classes
 // (K sub-center rows each) per block of kRowBlock queries: one GEMM gives the similarity tile, the class cosine is
@@ -111,6 +111,20 @@ struct SubCenters {
   }
 };
 
+// The similarity tile s = x̂_b·W_cᵀ (rb × cc·K, in sbuf) and its class cosines cp (SubCenters::reduce).
+struct ClassTile {
+  Tensor s;
+  float* sp;
+  float* cp;
+};
+
+ClassTile class_tile(Tensor& sbuf, const Tensor& xb, const Tensor& wc, int64_t rb, int64_t cc, SubCenters& sub) {
+  Tensor s = tile(sbuf, rb, cc * sub.K);
+  mm_nt(s, xb, wc);
+  float* sp = s.data_ptr<float>();
+  return {s, sp, sub.reduce(sp, rb, cc)};
+}
+
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
 // running max m and sum l of exp(z − m), stores this row's sum in chunk_sum and returns the factor
 // exp(m_old − m_new) that rescales older sums.
@@ -168,10 +182,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
       for (int64_t c0 = 0; c0 < C; c0 += CC) {
         const int64_t cc = std::min(CC, C - c0);
         const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
-        Tensor s = tile(sbuf, rb, cc * K);
-        mm_nt(s, xb, wc);
-        float* sp = s.data_ptr<float>();
-        float* cp = sub.reduce(sp, rb, cc);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
@@ -364,10 +375,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
       for (int64_t r0 = 0; r0 < B; r0 += RB) {
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
-        Tensor s = tile(sbuf, rb, cc * K);
-        mm_nt(s, xb, wc);
-        float* sp = s.data_ptr<float>();
-        float* cp = sub.reduce(sp, rb, cc);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
@@ -395,7 +403,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
 // or with K sub-centers per class the row y_i·K + argmax_k x̂_i·W_{y_i K + k} (first k on a tie, from the bank before
 // the step). Rows sorted by (r_i, row index), one segment per bank row summed in row order in fp32, so the result
 // does not depend on threads.
-void ccl_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels, double momentum,
+void ccl_momentum_update_(const Tensor& centers, const Tensor& x_in, const Tensor& labels, double momentum,
                  int64_t sub_centers) {
   check_centers(x_in, centers);
   TORCH_CHECK_VALUE(centers.is_contiguous(), "centers must be contiguous to be updated in place");
@@ -471,7 +479,7 @@ void register_ccl(torch::Library& m) {
   m.impl("ccl_fwd", &ccl_fwd);
   m.impl("ccl_fwd_partials", &ccl_fwd_partials);
   m.impl("ccl_bwd_centers", &ccl_bwd_centers);
-  m.impl("ccl_update_", &ccl_update_);
+  m.impl("ccl_momentum_update_", &ccl_momentum_update_);
 }
 
 }  // namespace fastcdml

@@ -112,16 +112,8 @@ def main(argv=None) -> dict:
             model.train()
             losses = []
             for images, labels in train_loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=recipe.amp_dtype(device), enabled=args.amp):
-                    out = model(images)
-                loss = loss_fn(out, labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses.append(loss.item())
+                losses.append(recipe.train_step(model, loss_fn, optimizer, scaler, scheduler, images, labels, device,
+                                                args.amp))
             if (epoch + 1) % args.eval_epochs == 0 or epoch + 1 == args.epochs:
                 record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
                           "clusters_used": int(pseudo.unique().numel()),

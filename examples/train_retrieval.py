@@ -130,6 +130,20 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def train_step(model, loss_fn, optimizer, scaler, scheduler, images, labels, device, amp: bool) -> float:
+    """One optimiser step on a batch (autocast forward, scaled backward, schedule step); returns the loss."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+        embeddings = model(images)
+    loss = loss_fn(embeddings, labels)  # the losses accumulate in fp32 whatever the embedding dtype
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.item()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(datasets.LOADERS), required=True)
@@ -204,16 +218,8 @@ def main(argv=None) -> dict:
         while it < args.iters:
             sampler.set_epoch(it // len(sampler))
             for images, labels in loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=args.amp):
-                    embeddings = model(images)
-                loss = loss_fn(embeddings, labels)  # the losses accumulate in fp32 whatever the embedding dtype
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                running.append(loss.item())
+                running.append(train_step(model, loss_fn, optimizer, scaler, scheduler, images, labels, device,
+                                          args.amp))
                 it += 1
                 if it % args.eval_every == 0 or it == args.iters:
                     record = {"iteration": it, "loss": sum(running) / len(running), "lr": scheduler.get_last_lr()[0],

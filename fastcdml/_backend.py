@@ -35,24 +35,27 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend:
-    """What a loss module needs from a backend.
+    """What a loss module needs from a backend: one method per operation of each loss family, named as the
+    function that computes it in the family's reference (``fastcdml.reference.<family>``) and op
+    (``fastcdml.ops.<family>``) modules, which take the same arguments (the op wrappers first take the bound op
+    namespace); the hyper-parameters arrive here as the family's params dataclass.
 
     ``name``: ``"triton"``, ``"cpp"`` or ``"reference"``. ``dtypes``: the embedding dtypes it takes.
-    ``updates_in_place``: whether :meth:`ccl_update` writes into the bank it is given (the fused ops, whose
-    query gradient was computed in the forward) or returns a new bank (the reference: autograd still holds the
-    old one, so the module must swap its buffer instead of writing into it).
+    ``updates_in_place``: whether :meth:`ccl_momentum_update` writes into the bank it is given (the fused ops,
+    whose query gradient was computed in the forward) or returns a new bank (the reference: autograd still holds
+    the old one, so the module must swap its buffer instead of writing into it).
     """
 
     name: str
     dtypes: tuple
     updates_in_place: bool
 
-    def ccl_rows(self, x, labels, centers, params: CenterParams) -> torch.Tensor:
+    def ccl_loss_rows(self, x, labels, centers, params: CenterParams) -> torch.Tensor:
         """Per-row CCL losses (B,) float32 (float64 for float64 reference inputs), differentiable in ``x`` and
         ``centers`` (the proxy gradient of the learnable-proxy mode flows through ``centers``)."""
         raise NotImplementedError
 
-    def ccl_update(self, centers, x, labels, momentum: float, sub_centers: int = 1) -> torch.Tensor:
+    def ccl_momentum_update(self, centers, x, labels, momentum: float, sub_centers: int = 1) -> torch.Tensor:
         """The bank after one momentum step (``centers`` itself when ``updates_in_place``); with ``sub_centers``
         K > 1 each query moves the sub-center of its class it is most similar to."""
         raise NotImplementedError
@@ -75,8 +78,8 @@ class Backend:
         (``fastcdml.reference.ccl.ccl_slice_centers_grad``)."""
         raise NotImplementedError
 
-    def cbml(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
-             pair_mask=None) -> torch.Tensor:
+    def cbml_loss(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
+                  pair_mask=None) -> torch.Tensor:
         """The CBML loss ``Σ_i L_i / B`` (0-d) of ``x`` against ``[x if include_self] ++ ref`` (``ref`` (M, D),
         M may be 0), differentiable in ``x`` and ``ref``; ``pair_mask`` restricts the positive and negative sets
         to mined pairs (``fastcdml.reference.cbml.pack_pairs``)."""
@@ -91,12 +94,10 @@ class ReferenceBackend(Backend):
 
     name, dtypes, updates_in_place = "reference", KERNEL_DTYPES + (torch.float64,), False
 
-    def ccl_rows(self, x, labels, centers, params):
-        return ccl_reference.ccl_loss_rows(x, labels, centers, params.temperature, params.margin,
-                                           params.center_weight, params.margin_type, params.sub_centers,
-                                           params.gamma)
+    def ccl_loss_rows(self, x, labels, centers, params):
+        return ccl_reference.ccl_loss_rows(x, labels, centers, *params.as_args(), gamma=params.gamma)
 
-    def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
+    def ccl_momentum_update(self, centers, x, labels, momentum, sub_centers=1):
         return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum, sub_centers)
 
     def ccl_partials(self, x, labels, centers, params, compute_grad):
@@ -107,57 +108,48 @@ class ReferenceBackend(Backend):
         return torch.float64 if torch.float64 in (x_dtype, bank_dtype) else torch.float32
 
     def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
-        return ccl_reference.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params.temperature,
-                                                    params.margin, params.center_weight, params.margin_type,
-                                                    params.sub_centers)
+        return ccl_reference.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, *params.as_args())
 
-    def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
-        return cbml_reference.cbml_loss(
-            x, labels, ref if ref.shape[0] else None, ref_labels, pair_mask=pair_mask, include_self=include_self,
-            pos_a=params.pos_a,
-            pos_b=params.pos_b, neg_a=params.neg_a, neg_b=params.neg_b, margin=params.margin,
-            variance_weight=params.variance_weight, mean_weight=params.mean_weight, phi=params.phi,
-            top_k=params.hard_negatives, variance_center=params.variance_center, pos_weight=params.pos_weight,
-            neg_weight=params.neg_weight)
+    def cbml_loss(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
+        return cbml_reference.cbml_loss(x, labels, ref if ref.shape[0] else None, ref_labels, pair_mask=pair_mask,
+                                        include_self=include_self, **params.as_kwargs())
 
 
 class FusedBackend(Backend):
-    """The ``torch.library`` ops of one namespace: Triton kernels (CUDA, or the CPU under the interpreter) or
-    the C++ kernels (CPU)."""
+    """The ``torch.library`` ops of one namespace, bound once as ``ops``: the Triton kernels (CUDA, or the CPU
+    under the interpreter) or the C++ kernels (CPU). ``operand_dtype``: what its forward products round to."""
 
     dtypes, updates_in_place = KERNEL_DTYPES, True
 
-    def __init__(self, name: str, namespace: str):
-        self.name, self.namespace = name, namespace
+    def __init__(self, name: str, namespace: str, operand_dtype):
+        self.name, self.namespace, self.ops = name, namespace, getattr(torch.ops, namespace)
+        self.ccl_operand_dtype = operand_dtype
 
-    def ccl_rows(self, x, labels, centers, params):
-        return ccl_ops.ccl_loss_rows(x, labels, centers, params, self.namespace)
+    def ccl_loss_rows(self, x, labels, centers, params):
+        return ccl_ops.ccl_loss_rows(self.ops, x, labels, centers, *params.as_args(), gamma=params.gamma)
 
-    def ccl_update(self, centers, x, labels, momentum, sub_centers=1):
-        ccl_ops.ccl_update_(centers, x, labels, momentum, self.namespace, sub_centers=sub_centers)
-        return centers
+    def ccl_momentum_update(self, centers, x, labels, momentum, sub_centers=1):
+        return ccl_ops.ccl_momentum_update_(self.ops, centers, x, labels, momentum, sub_centers)
 
     def ccl_partials(self, x, labels, centers, params, compute_grad):
-        return ccl_reference.SlicePartials(*ccl_ops.ccl_partials(x, labels, centers, params, compute_grad,
-                                                                 self.namespace))
-
-    def ccl_operand_dtype(self, x_dtype, bank_dtype):
-        if self.name == "cpp":  # the C++ kernels multiply in fp32
-            return torch.float32
-        return ccl_ops.triton_operand_dtype(x_dtype, bank_dtype)
+        return ccl_reference.SlicePartials(*ccl_ops.ccl_partials(
+            self.ops, x, labels, centers, params.temperature, params.margin, compute_grad, params.margin_type,
+            params.sub_centers))
 
     def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
-        return ccl_ops.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params, self.namespace)
+        return ccl_ops.ccl_slice_centers_grad(self.ops, x, labels, centers, lse, label_q, grad_rows,
+                                              *params.as_args())
 
-    def cbml(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
-        return cbml_ops.cbml_loss(x, labels, ref, ref_labels, include_self, params, pair_mask, self.namespace)
+    def cbml_loss(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
+        return cbml_ops.cbml_loss(self.ops, x, labels, ref, ref_labels, pair_mask=pair_mask,
+                                  include_self=include_self, **params.as_kwargs())
 
 
 _INSTANCES = {
     ("reference", None): ReferenceBackend(),
-    ("cpp", MAIN): FusedBackend("cpp", MAIN),
-    ("triton", MAIN): FusedBackend("triton", MAIN),
-    ("triton", INTERPRET): FusedBackend("triton", INTERPRET),
+    ("cpp", MAIN): FusedBackend("cpp", MAIN, ccl_ops.cpp_operand_dtype),
+    ("triton", MAIN): FusedBackend("triton", MAIN, ccl_ops.triton_operand_dtype),
+    ("triton", INTERPRET): FusedBackend("triton", INTERPRET, ccl_ops.triton_operand_dtype),
 }
 
 

@@ -22,9 +22,8 @@ def _at_least(value: float, name: str, bound: float = 0.0, strict: bool = False)
 
 @dataclass(frozen=True)
 class CenterParams:
-    """Center Contrastive Loss and its margin-softmax family: ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·c_{i,y_i}``
-    with ``z_ij = c_ij / τ`` off the label and ``z_{i,y_i} = t(c_{i,y_i}) / τ``, ``c_ij`` the cosine of class j (the
-    max over its ``sub_centers`` bank rows).
+    """Center Contrastive Loss and its margin-softmax family (the formula: ``docs/spec.md``,
+    ``fastcdml.reference.ccl``).
 
     ``temperature`` τ > 0 (the scale is 1/τ), ``margin`` m ≥ 0 (on the label column), ``center_weight`` λ ≥ 0
     (pull of the query toward its own center), ``margin_type`` 0 = additive cosine ``t(c) = c − m`` (CCL, CosFace,
@@ -48,6 +47,11 @@ class CenterParams:
         choice(self.margin_type, "margin_type", (0, 1))
         if not isinstance(self.sub_centers, int) or self.sub_centers < 1:
             raise ValueError(f"sub_centers must be an integer >= 1, got {self.sub_centers}")
+
+    def as_args(self) -> tuple:
+        """The fields in the order of the CCL functions' positional hyper-parameters (``fastcdml.reference.ccl``
+        and ``fastcdml.ops.ccl``): ``(temperature, margin, center_weight, margin_type, sub_centers)``."""
+        return self.temperature, self.margin, self.center_weight, self.margin_type, self.sub_centers
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,14 @@ class BayesianParams:
         if self.negatives == "topk" and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 with negatives='topk', got {self.top_k}")
 
+    def as_kwargs(self) -> dict:
+        """The keyword hyper-parameters of ``cbml_loss`` in ``fastcdml.reference.cbml`` and ``fastcdml.ops.cbml``."""
+        return dict(pos_a=self.pos_a, pos_b=self.pos_b, neg_a=self.neg_a, neg_b=self.neg_b, margin=self.margin,
+                    variance_weight=self.variance_weight, mean_weight=self.mean_weight, phi=self.phi,
+                    top_k=self.hard_negatives, variance_center=self.variance_center, pos_weight=self.pos_weight,
+                    neg_weight=self.neg_weight)
+
     @property
     def hard_negatives(self) -> int:
         """The op-level encoding of the negative rule: 0 = adaptive, K > 0 = the K hardest."""
         return self.top_k if self.negatives == "topk" else 0
-
-    @property
-    def phi_code(self) -> int:
-        """The op-level encoding of φ: 0 = log, 1 = sqrt, 2 = constant."""
-        return PHIS.index(self.phi)

@@ -9,7 +9,7 @@ import json
 import pytest
 from triton.runtime.errors import OutOfResources
 
-from fastcdml.kernels import ccl
+from fastcdml.kernels import _tuning, ccl
 from fastcdml.tools import compile_check as cc
 
 pytest.importorskip("triton.backends.nvidia.compiler", reason="needs triton's NVIDIA backend (ptxas)")
@@ -71,7 +71,7 @@ def test_the_problems_of_one_dim_do_not_depend_on_the_other_dims():
 
 def test_the_launch_config_does_not_depend_on_earlier_launches():
     """A config shrunk after ``OutOfResources`` is not carried into the next launch of the same shapes."""
-    first = ccl.Config(64, 64, 1, 8, 3)
+    first = _tuning.Config(64, 64, 1, 8, 3)
     used = []
 
     def tight(cfg):  # a launch whose variant does not fit the requested config
@@ -80,7 +80,7 @@ def test_the_launch_config_does_not_depend_on_earlier_launches():
             raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
 
     ccl._launch(first, tight)
-    assert used == [first, ccl._shrink(first)]
+    assert used == [first, _tuning.shrink(first)]
     used.clear()
     ccl._launch(first, used.append)
     assert used == [first]

@@ -232,7 +232,7 @@ def _all_outputs():
     out += ops.ccl_fwd_partials(x, y - 1000, w[:2000], 0.05, 0.1, True)  # a slice owning some labels
     out.append(ops.ccl_bwd_centers(x, y - 1000, w[:2000], out[2], torch.randn(200), *HYPER, 0, 1, out[3], True))
     bank = w.clone()
-    ops.ccl_update_(bank, x, y % 50, 0.9)
+    ops.ccl_momentum_update_(bank, x, y % 50, 0.9)
     out.append(bank)
     xb, yb, r, yr = _cbml_inputs(200, 3000, 40, torch.float32, torch.float32)
     for k in (0, 50):
@@ -305,7 +305,7 @@ def test_opcheck():
     torch.library.opcheck(ops.ccl_fwd.default, (x, y, w, *HYPER, True))
     lse = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[2]
     torch.library.opcheck(ops.ccl_bwd_centers.default, (x.detach(), y, w, lse, torch.randn(37), *HYPER))
-    torch.library.opcheck(ops.ccl_update_.default, (w.clone(), x.detach(), y, 0.9))
+    torch.library.opcheck(ops.ccl_momentum_update_.default, (w.clone(), x.detach(), y, 0.9))
     torch.library.opcheck(ops.ccl_fwd_partials.default, (x.detach(), y - 100, w[:150], 0.05, 0.1, True, 1, 3))
     lq = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[3]
     torch.library.opcheck(ops.ccl_bwd_centers.default,
@@ -425,16 +425,12 @@ def _slices(c, cuts):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _dt(c, margin, mt):
-    return torch.func.grad(lambda v: ref_ccl.target_logit(v, margin, mt).sum())(c)
-
-
 @pytest.mark.parametrize("case", [(37, 72, 203, 1, (50, 51)), (70, 24, 1300, 3, (1100,)), (16, 8, 9, 2, (3, 3, 7))],
                          ids=["3-slices", "2-slices-K3", "with-empty"])
 @pytest.mark.parametrize("family", FAMILY, ids=["cosine", "angular"])
 def test_ccl_partials_combine_to_loss(case, family):
-    """Partials of uneven slices, combined as the ccl_partials docstring says, give the loss rows of the whole
-    bank and (through acc and ps) the query gradient."""
+    """Partials of uneven slices, merged and finished by the reference's merge_partials and ccl_epilogue, give the
+    loss rows of the whole bank and (through acc and ps) the query gradient."""
     b, d, c, k, cuts = case
     tau, margin, mt = family
     lam = 1.0
@@ -443,30 +439,23 @@ def test_ccl_partials_combine_to_loss(case, family):
     parts = [[t.double() for t in ops.ccl_fwd_partials(x, y - c0, w[c0 * k:c1 * k], tau, margin, True, mt, k)]
              for c0, c1 in _slices(c, cuts)]
     m, l, lo, ps, acc, c_y, row_y = (torch.stack([p[i] for p in parts]) for i in range(7))
-    big = m.max(0).values
-    e = torch.exp(m - big)
-    den = (e * l).sum(0)
-    lse, q = big + den.log(), (e * lo).sum(0) / den
+    big, den, lo_sum, ps_sum, acc_sum = ref_ccl.merge_partials(m, l, lo, ps, acc)
+    lse, q = big + den.log(), lo_sum / den
     cy = c_y.sum(0)  # only the owning slice has it
     offsets = torch.tensor([c0 * k for c0, _ in _slices(c, cuts)], dtype=torch.float64)[:, None]
     row = ((row_y + offsets) * (row_y >= 0)).sum(0).long()  # each slice's row_y is slice-local
     assert torch.equal(row, ref_ccl.subcenter_rows(w, x, y, k))
-    loss = lse - ref_ccl.target_logit(cy, margin, mt) / tau - 2 * lam * cy
 
     xd, wd = x.double().requires_grad_(), w.double()
+    loss, gx = ref_ccl.ccl_epilogue(x.double(), cy, lse, q, tau, margin, lam, mt, mean_row=acc_sum / den[:, None],
+                                    mean_dot=ps_sum / den, w_y=wd[row])
     rows = ref_ccl.ccl_loss_rows(xd, y, wd, tau, margin, lam, mt, k)
     go = torch.randn(b, dtype=torch.float64)
     (rows * go).sum().backward()
     low = ref_ccl.ccl_loss_rows(x, y, w, tau, margin, lam, mt, k)
     assert_close(loss, rows, low, torch.float32, "combined loss rows")
 
-    # ∂L/∂x̂ = Σ_j p_j W_j / τ + a_y W_{row}, a_y = (−1 − (t' − 1) q)/τ − 2λ, then the normalisation backward with
-    # x̂·∂L/∂x̂ = ps/(Σ e l)/τ + a_y c_y
-    a_y = (-1 - (_dt(cy, margin, mt) - 1) * q) / tau - 2 * lam
-    gh = (e[:, :, None] * acc).sum(0) / den[:, None] / tau + a_y[:, None] * wd[row]
-    dot = (e * ps).sum(0) / den / tau + a_y * cy
-    xh, nrm = ref_ccl.normalize_rows(xd.detach()), xd.detach().norm(dim=1)
-    gx = (gh - xh * dot[:, None]) / nrm[:, None] * go[:, None]
+    gx = gx * go[:, None]
     xl = x.clone().requires_grad_()
     (ref_ccl.ccl_loss_rows(xl, y, w, tau, margin, lam, mt, k) * go.float()).sum().backward()
     assert_close(gx, xd.grad, xl.grad, torch.float32, "combined query gradient")

@@ -36,8 +36,8 @@ FAMILY = {  # name -> CenterParams
 BACKENDS = kernel_backends("ccl", DEVICE)
 
 
-def namespace(backend):
-    return "fastcdml_interpret" if backend == "triton" and DEVICE.type == "cpu" else "fastcdml"
+def ops_of(backend):
+    return getattr(torch.ops, "fastcdml_interpret" if backend == "triton" and DEVICE.type == "cpu" else "fastcdml")
 
 
 def make(b, c, d, k, x_dtype=F32, bank_dtype=F32):
@@ -57,8 +57,7 @@ def make(b, c, d, k, x_dtype=F32, bank_dtype=F32):
 
 def reference_grads(x, y, w, g, params):
     xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    rows = ref.ccl_loss_rows(xr, y, wr, params.temperature, params.margin, params.center_weight,
-                             params.margin_type, params.sub_centers, params.gamma)
+    rows = ref.ccl_loss_rows(xr, y, wr, *params.as_args(), gamma=params.gamma)
     gx, gw = torch.autograd.grad(rows, [xr, wr], g.to(rows.dtype))
     return rows.detach(), gx, gw
 
@@ -68,7 +67,7 @@ def check(backend, x, y, w, params, what="", g=None, parts=3):
     inputs' dtype); ``parts=1`` checks the loss rows only."""
     xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
     g = torch.randn(x.shape[0], device=DEVICE) if g is None else g
-    rows = ccl_ops.ccl_loss_rows(xk, y, wk, params, namespace(backend))
+    rows = ccl_ops.ccl_loss_rows(ops_of(backend), xk, y, wk, *params.as_args(), gamma=params.gamma)
     gx, gw = torch.autograd.grad(rows, [xk, wk], g)
     assert rows.dtype == F32 and gx.dtype == x.dtype and gw.dtype == w.dtype
     dtype = lowest(x.dtype, w.dtype)
@@ -165,7 +164,7 @@ def test_gradient_goes_to_the_argmax_sub_center(backend):
     params = CenterParams(0.1, 0.2, 0.5, sub_centers=3)
     x, y, w = make(1, 4, 16, 3)
     wk = w.clone().requires_grad_()
-    ccl_ops.ccl_loss_rows(x, y, wk, params, namespace(backend)).sum().backward()
+    ccl_ops.ccl_loss_rows(ops_of(backend), x, y, wk, *params.as_args()).sum().backward()
     s = (torch.nn.functional.normalize(x.double(), dim=1) @ w.double().t()).view(4, 3)
     nonzero = wk.grad.abs().sum(1).view(4, 3) != 0
     assert torch.equal(nonzero, torch.nn.functional.one_hot(s.argmax(1), 3).bool())
@@ -181,7 +180,7 @@ def test_update_sub_centers(backend, x_dtype, bank_dtype, k):
     y[::3] = 4  # one class with many rows, spread over its sub-centers
     before = w.clone()
     bank = w.clone()
-    getattr(torch.ops, namespace(backend)).ccl_update_(bank, x, y, 0.9, k)
+    ops_of(backend).ccl_momentum_update_(bank, x, y, 0.9, k)
     expected = ref.ccl_momentum_update(before.double(), x.double(), y, 0.9, k)
     lowp = ref.ccl_momentum_update(before, x, y, 0.9, k)
     assert_close(bank, expected, lowp, lowest(x_dtype, bank_dtype), f"{backend} bank")
@@ -201,7 +200,7 @@ def test_subcenter_rows_rule():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_family(backend):
-    ops = getattr(torch.ops, namespace(backend))
+    ops = ops_of(backend)
     x, y, w = make(5, 7, 20, 3)
     lse = torch.randn(5, device=DEVICE)
     g = torch.randn(5, device=DEVICE)
@@ -210,12 +209,12 @@ def test_opcheck_family(backend):
     torch.library.opcheck(ops.ccl_fwd, (x, y, w, 0.1, 0.3, 0.0, True, 0, 3, 0.1))  # SoftTriple's centre mean
     torch.library.opcheck(ops.ccl_bwd_centers, (x.detach(), y, w.detach(), lse, g, 0.1, 0.3, 0.0, 0, 3),
                           {"gamma": 0.1})
-    torch.library.opcheck(ops.ccl_update_, (w.detach().clone(), x.detach(), y, 0.9, 3))
+    torch.library.opcheck(ops.ccl_momentum_update_, (w.detach().clone(), x.detach(), y, 0.9, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_family_arguments(backend):
-    ops = getattr(torch.ops, namespace(backend))
+    ops = ops_of(backend)
     x, y, w = make(4, 5, 8, 1)
     with pytest.raises((ValueError, RuntimeError), match="sub_centers"):
         ops.ccl_fwd(x, y, w[:4], 0.1, 0.1, 0.0, False, 0, 3)

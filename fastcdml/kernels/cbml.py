@@ -36,12 +36,11 @@ operands with the precision ``torch.get_float32_matmul_precision()`` asks for: `
 ``split·B·D``, top-K buffers ``split·B·KP``) are int64. Under the interpreter S is a broadcast sum (numpy's
 matmul gives unequal results for equal columns, which would break exact ties) and bf16 backward operands are
 upcast.
-Tuning: fixed heuristic blocks (``_config``); ``FASTCDML_AUTOTUNE=1`` times whole-pipeline candidates once per
-shape bucket (the blocks of all stages must agree, so per-kernel ``triton.autotune`` cannot be used).
+Tuning (:mod:`fastcdml.kernels._tuning`): fixed heuristic blocks (``cbml_config``); ``FASTCDML_AUTOTUNE=1`` times
+whole-pipeline candidates once per shape bucket (the blocks of all stages must agree, so per-kernel
+``triton.autotune`` cannot be used).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -49,6 +48,7 @@ import triton.language as tl
 
 from .._runtime import interpreter_active, new_output
 from . import _device
+from ._tuning import CBML_CANDIDATES, CbmlConfig, autotune, cbml_config, cbml_products, fit_cbml, pow2
 
 EPS = tl.constexpr(1e-12)
 INT64_MIN = tl.constexpr(-(2**63))  # the empty top-K slot: below every key
@@ -59,7 +59,7 @@ _N_ROWF = 11
 
 # --------------------------------------------------------------------------------------------------- helpers
 @triton.jit
-def _load_rows(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+def _load_chunk(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     """(len(rows), BLOCK_D) slice ``ptr[rows, d0:d0+BLOCK_D]`` (zeros outside), fp32 when DOT_F32."""
     offs = d0 + tl.arange(0, BLOCK_D)
     t = tl.load(ptr + rows[:, None] * D + offs[None, :], mask=rmask[:, None] & (offs < D)[None, :], other=0.0)
@@ -85,8 +85,8 @@ def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, base, 
     cinv = tl.load(cinv_ptr + cols, mask=cmask & (yc >= 0), other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
-        c = _load_rows(c_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
+        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
+        c = _load_chunk(c_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
         if INTERPRET:
             acc += tl.sum(q.to(tl.float32)[:, None, :] * c.to(tl.float32)[None, :, :], 2)
         else:
@@ -303,7 +303,7 @@ def _inv_norm_kernel(x_ptr, out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.co
     rmask = rows < R
     acc = tl.zeros((BLOCK_R,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        t = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
+        t = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
         acc += tl.sum(t * t, 1)
     tl.store(out_ptr + rows, 1.0 / tl.maximum(tl.sqrt(acc), EPS), mask=rmask)
 
@@ -561,7 +561,7 @@ def _cbml_grad_query_kernel(
                                         INTERPRET, HAS_MASK)
         g = _grad_tile(s, pos, neg, cols, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2, arg_p,
                        arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
-        c = _load_rows(x_ptr, cols, cols < n_self, d0, D, BLOCK_DO, False)
+        c = _load_chunk(x_ptr, cols, cols < n_self, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     for t in range(ref_start, t1):
         s, pos, neg, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, r_ptr, rinv_ptr, yr_ptr, (t - t_self) * BLOCK_N,
@@ -569,7 +569,7 @@ def _cbml_grad_query_kernel(
                                         PRECISION, INTERPRET, HAS_MASK)
         g = _grad_tile(s, pos, neg, cols + n_self, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1, k2,
                        arg_p, arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
-        c = _load_rows(r_ptr, cols, cols < M, d0, D, BLOCK_DO, False)
+        c = _load_chunk(r_ptr, cols, cols < M, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
     offs = d0 + tl.arange(0, BLOCK_DO)
     out = gpart_ptr + tl.program_id(1).to(tl.int64) * B * D + rows[:, None] * D + offs[None, :]
@@ -597,7 +597,7 @@ def _grad_ref_part(
                                         INTERPRET, HAS_MASK)
         g = _grad_tile(s, pos, neg, cols + col_base, cinv, min_p, max_n, mean, u_p, u_n, c_p, c_n, w_v, c_mu, k1,
                        k2, arg_p, arg_n, kth, pos_a, pos_b, neg_a, neg_b, margin, TOPK, CLASS_MEANS)
-        q = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
+        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
         acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
     cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
     offs = d0 + tl.arange(0, BLOCK_DO)
@@ -633,9 +633,9 @@ def _cbml_grad_ref_kernel(
 @triton.jit
 def _load_sum(g_ptr, P, RD, rows, rmask, d0, D, BLOCK_D: tl.constexpr):
     """Σ_p g[p, rows, d0:d0+BLOCK_D] over the P partial slices, in order."""
-    g = _load_rows(g_ptr, rows, rmask, d0, D, BLOCK_D, True)
+    g = _load_chunk(g_ptr, rows, rmask, d0, D, BLOCK_D, True)
     for p in range(1, P):
-        g += _load_rows(g_ptr + tl.cast(p, tl.int64) * RD, rows, rmask, d0, D, BLOCK_D, True)
+        g += _load_chunk(g_ptr + tl.cast(p, tl.int64) * RD, rows, rmask, d0, D, BLOCK_D, True)
     return g
 
 
@@ -647,7 +647,7 @@ def _norm_bwd_kernel(g_ptr, P, out_ptr, x_ptr, R, D, scale, BLOCK_R: tl.constexp
     ss = tl.zeros((BLOCK_R,), tl.float32)
     gx = tl.zeros((BLOCK_R,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
+        x = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
         g = _load_sum(g_ptr, P, tl.cast(R, tl.int64) * D, rows, rmask, d0, D, BLOCK_D)
         ss += tl.sum(x * x, 1)
         gx += tl.sum(g * x, 1)
@@ -656,7 +656,7 @@ def _norm_bwd_kernel(g_ptr, P, out_ptr, x_ptr, R, D, scale, BLOCK_R: tl.constexp
     proj = tl.where(norm > EPS, gx * inv * inv, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
-        x = _load_rows(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
+        x = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, True)
         g = _load_sum(g_ptr, P, tl.cast(R, tl.int64) * D, rows, rmask, d0, D, BLOCK_D)
         tl.store(out_ptr + rows[:, None] * D + offs[None, :], (g - x * proj[:, None]) * (inv * scale)[:, None],
                  mask=rmask[:, None] & (offs < D)[None, :])
@@ -673,56 +673,25 @@ def _sum_kernel(v_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------------- launcher
-# torch.get_float32_matmul_precision() -> input_precision of the fp32 products ("medium" allows bf16 operands;
-# tf32 is the fastest exact-layout choice here, since the stages must share one product for bitwise equal S).
-_FP32_PRECISION = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
-
-
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
-
-
-def _config(D: int, x_dtype: torch.dtype, ref_dtype: torch.dtype, device: torch.device) -> dict:
-    """Fixed heuristic blocks. BLOCK_B/N/D must be shared by every S-computing kernel of one call. 64 query rows:
-    the M of a Hopper wgmma (top-K mode too: its key buffers live in global scratch, not registers); 8 warps:
-    with 4, the 64×64 int64 key tile (top-K) and the 64×128 gradient accumulator spilled 0.3–1.1 KB per thread.
-    tf32x3 products (hi/lo operand parts) before Hopper: 32 rows and 64 gradient columns (mma.sync keeps the
-    operand fragments in registers: 64 rows spilled 2.2–3.7 KB per thread on sm_86)."""
-    if interpreter_active():
-        return dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=64, num_warps=4, num_stages=1)
-    tf32x3 = ((x_dtype == torch.float32 or ref_dtype != x_dtype)
-              and _FP32_PRECISION[torch.get_float32_matmul_precision()] == "tf32x3")
-    rows = 32 if tf32x3 and _device.limits(device).capability < 90 else 64
-    return dict(BLOCK_B=rows, BLOCK_N=64, BLOCK_D=min(64, _pow2(D)), BLOCK_DO=min(2 * rows, _pow2(D)), num_warps=8,
-                num_stages=3)
-
-
 _TUNED: dict = {}
-_CANDIDATES = (  # FASTCDML_AUTOTUNE=1: tried in place of the heuristic (GPU only)
-    dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=128, num_warps=4, num_stages=3),
-    dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=3),
-    dict(BLOCK_B=128, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=128, num_warps=8, num_stages=3),
-    dict(BLOCK_B=32, BLOCK_N=64, BLOCK_D=32, BLOCK_DO=64, num_warps=4, num_stages=4),
-    dict(BLOCK_B=64, BLOCK_N=32, BLOCK_D=128, BLOCK_DO=128, num_warps=4, num_stages=2),
-)
 
 
-def _tuned_config(args: tuple, key: tuple) -> dict:
-    """Time the whole pipeline once per key with each candidate (the blocks of all stages must agree). Runs on
-    the first call of a shape bucket: make that call outside CUDA-graph capture."""
+def _tuned_config(args: tuple, key: tuple) -> CbmlConfig:
+    """Time the whole pipeline once per key with the heuristic and each candidate (the blocks of all stages must
+    agree). Runs on the first call of a shape bucket: make that call outside CUDA-graph capture."""
     from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
 
     if key not in _TUNED:
-        D = args[0].shape[1]
-        heuristic = _config(D, args[0].dtype, args[2].dtype, args[0].device)
+        x, ref = args[0], args[2]
         best = None
-        for cand in (heuristic,) + _CANDIDATES:
-            cand = dict(cand, BLOCK_D=min(cand["BLOCK_D"], _pow2(D)), BLOCK_DO=min(cand["BLOCK_DO"], _pow2(D)))
+        for cand in (cbml_config(x.shape[1], x.dtype, ref.dtype, _device.limits(x.device).capability),
+                     *CBML_CANDIDATES):
+            cand = fit_cbml(cand, x.shape[1])
             try:
                 ms = do_bench(lambda: _run(*args, cfg=cand), warmup=5, rep=20)
             except OutOfResources:
@@ -738,11 +707,12 @@ def cbml_fwd(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, 
     """Launcher of ``fastcdml::cbml_fwd`` (schema and shapes: :mod:`fastcdml.ops.cbml`)."""
     args = (x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin,
             variance_weight, mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref)
-    if os.environ.get("FASTCDML_AUTOTUNE") == "1" and not interpreter_active() and x.shape[0]:
-        key = (_pow2(x.shape[0]), _pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
-               _pow2(top_k) if top_k else 0, grad_x, grad_ref, pair_mask is not None)
+    if autotune() and not interpreter_active() and x.shape[0]:
+        key = (x.device, pow2(x.shape[0]), pow2(ref.shape[0]), x.shape[1], x.dtype, ref.dtype, include_self,
+               pow2(top_k) if top_k else 0, grad_x, grad_ref, pair_mask is not None)
         return _run(*args, cfg=_tuned_config(args, key))
-    return _run(*args, cfg=_config(x.shape[1], x.dtype, ref.dtype, x.device))
+    capability = 0 if interpreter_active() else _device.limits(x.device).capability
+    return _run(*args, cfg=cbml_config(x.shape[1], x.dtype, ref.dtype, capability))
 
 
 def _num_splits(dev: torch.device, row_blocks: int, tiles: int) -> int:
@@ -763,7 +733,7 @@ def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_
     gr = new_output((M if grad_ref else 0, D), f32, dev)
     if B == 0:
         return loss.zero_(), gx, gr.zero_()
-    bb, bn = cfg["BLOCK_B"], cfg["BLOCK_N"]
+    bb, bn = cfg.block_b, cfg.block_n
     n_self = B if include_self else 0
     n = n_self + M
     # 1 / the number of present references (a negative label marks an absent one), counted on the device
@@ -778,12 +748,12 @@ def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_
     interp = interpreter_active()
     has_mask = pair_mask is not None
     dot_f32 = x.dtype == f32 or ref.dtype != x.dtype or (interp and x.dtype == torch.bfloat16)
-    blocks = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=cfg["BLOCK_D"], DOT_F32=dot_f32, HAS_MASK=has_mask,
-                  PRECISION=_FP32_PRECISION[torch.get_float32_matmul_precision()] if dot_f32 and not interp
-                  else "tf32", INTERPRET=interp)
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    kind = cbml_products(x.dtype, ref.dtype)
+    blocks = dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=cfg.block_d, DOT_F32=dot_f32, HAS_MASK=has_mask,
+                  PRECISION=kind if dot_f32 and kind and not interp else "tf32", INTERPRET=interp)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     mode = 0 if top_k == 0 else (2 if top_k >= n else 1)
-    kp = max(_pow2(top_k), bn) if mode == 1 else 1
+    kp = max(pow2(top_k), bn) if mode == 1 else 1
 
     xinv = new_output((B,), f32, dev)
     rinv = new_output((M,), f32, dev)
@@ -812,19 +782,19 @@ def _run(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_
     _sum_kernel[(1,)](lrow, loss, B, 1.0 / B, BLOCK=1024)
     if not (grad_x or grad_ref):
         return loss, gx, gr
-    grid_d = triton.cdiv(D, cfg["BLOCK_DO"])
+    grid_d = triton.cdiv(D, cfg.block_do)
     common = (rowf, rowi, kth)
     self_tiles = t_self if grad_x else 0
     ref_tiles = t_ref if grad_ref else 0
     gpart = new_output((split + (self_tiles > 0), B, D) if grad_x else (1, 1), f32, dev)
     if grad_x:
         _cbml_grad_query_kernel[(grid_b, split, grid_d)](
-            *inputs, *common, gpart, *tiling, *hyper, TOPK=mode, CLASS_MEANS=class_means, BLOCK_DO=cfg["BLOCK_DO"],
+            *inputs, *common, gpart, *tiling, *hyper, TOPK=mode, CLASS_MEANS=class_means, BLOCK_DO=cfg.block_do,
             **blocks, **launch)
     if self_tiles + ref_tiles:
         _cbml_grad_ref_kernel[(self_tiles + ref_tiles, grid_d)](
             *inputs, *common, gpart[-1], gr, B, M, D, n_self, self_tiles, *hyper, TOPK=mode, CLASS_MEANS=class_means,
-            BLOCK_DO=cfg["BLOCK_DO"], **blocks, **launch)
+            BLOCK_DO=cfg.block_do, **blocks, **launch)
     for g, parts, src in ((gx, gpart, x), (gr, gr, ref)):
         if g.shape[0]:
             _norm_bwd_kernel[(triton.cdiv(g.shape[0], 32),)](parts, parts.shape[0] if parts is gpart else 1, g, src,

@@ -8,7 +8,7 @@ Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas an
         -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32, label_q (B,) fp32)
     ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None, foreign=False, γ=0)
         -> grad_centers (C·K, D) fp32
-    ccl_update_(centers, x, labels, μ, K=1) -> None  (in place)
+    ccl_momentum_update_(centers, x, labels, μ, K=1) -> None  (in place)
 
 x (B, D) fp32/bf16/fp16, labels (B,) int32/int64, centers (C·K, D) fp32/bf16 (K sub-center rows per class,
 class j owning rows j·K … j·K+K−1), all contiguous.
@@ -77,46 +77,29 @@ the label's slopes ``w_y`` (KP floats per row) and ``d_y = Σ_k w_yk s_yk`` (= x
 max), and ``ps`` sums ``p·Σ_k slope_k s_k``; the epilogue adds ``a·Σ_k w_yk W_yk`` (the label's K rows, loaded
 one at a time) and ``a·d_y``. Split C: ``plab`` grows to 3 + KP rows (row 1 holds d_y instead of k*).
 
-**Precision.** ``tl.dot`` operands: bf16 when either side is bf16 or x is fp32 with a bf16 bank; fp16 when x is
-fp16 and the bank fp32 (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made); fp32 × fp32
-follows ``torch.get_float32_matmul_precision()`` as PyTorch's matmuls do: "highest" (the default) fp32 operands
-with ``input_precision="tf32x3"`` (≈ fp32 accuracy: three tf32 products of hi/lo parts, twice the operand
-shared memory), "high" one tf32 product, "medium" bf16 operands. Under the interpreter bf16 operands are
-rounded to bf16 (truncated: the interpreter's cast, where a GPU rounds to nearest even) and then computed in
-fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU path is not affected. Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64
-where B·D, C·D or split·B·D can pass 2³¹.
+**Precision.** ``tl.dot`` operands follow the policy of :mod:`fastcdml.kernels._tuning` (``operand_dtype``):
+16-bit when either side is 16-bit (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made),
+fp32 × fp32 as ``torch.get_float32_matmul_precision()`` asks (tf32x3 by default). Under the interpreter bf16
+operands are rounded to bf16 (truncated: the interpreter's cast, where a GPU rounds to nearest even) and then
+computed in fp32 (its bf16 ``tl.dot`` is wrong) and fp32 products are exact; the GPU path is not affected.
+Everything else (norms, exp, log, sums, epilogue, update) is fp32. Offsets are int64 where B·D, C·D or split·B·D
+can pass 2³¹.
 
-**Configs and tuning knobs.** ``FWD_CONFIGS`` (forward) and ``BWD_CONFIGS`` (proxy gradient, roles of rows and
-columns swapped) map (padded D, bank element size, product kind) to one ``Config(rows, cols, dv_split,
-num_warps, num_stages)`` per shared-memory class of ``SMEM_CLASSES`` (sm_90 227 KB, sm_80 163 KB, sm_86/89
-99 KB), so that the launcher's first choice fits the GPU it runs on. Shared memory is about
-``(rows + cols·stages)·D`` operand elements (fp32 bank tiles are staged as fp32; tf32x3 doubles the fp32
-operands); registers are dominated by the fp32 accumulator, ``rows × D/dv_split`` floats. Rows stay at 64 (the
-smallest M of a Hopper wgmma) wherever they fit, 8 warps from D = 128 (two warpgroups share the accumulator);
-past that, fewer columns and stages, the D split of the accumulator (``dv_split`` programs per row block, each
-recomputing ``s``: more FLOPs, fewer registers), and fewer rows last; fp32 FMA products (``ieee``, no wgmma)
-take 32 rows without the D split at D = 256 and 512. SoftTriple's ``SOFT`` forward streams a quarter of the entry's
-columns (at least KP): its centre mean keeps the slopes and the padded (rows, classes, KP) tiles live, and with
-the full width the fused-epilogue variant spilled on sm_80 and sm_86 (``bench/NOTES.md``). Each entry serves both
-forward variants (split-C partials
-and the fused epilogue, which holds ``acc`` and the epilogue's tiles at once). The entries come from the offline
-compile check (``python -m fastcdml compile-check``; figures and the reasons per entry in ``bench/NOTES.md``).
+**Configs and tuning knobs** live in :mod:`fastcdml.kernels._tuning` (``CCL_FWD_CONFIGS`` for the forward,
+``CCL_BWD_CONFIGS`` for the proxy gradient, rows and columns swapped; the precision policy; ``FASTCDML_AUTOTUNE``).
+SoftTriple's ``SOFT`` forward streams a quarter of the entry's columns (at least KP): its centre mean keeps the
+slopes and the padded (rows, classes, KP) tiles live, and with the full width the fused-epilogue variant spilled
+on sm_80 and sm_86 (``bench/NOTES.md``).
 The config a launch uses is a function of the problem and the GPU only, never of what the process launched
 before: on a GPU whose shared memory is below the smallest class (``OutOfResources``) each launch retries along
-``_shrink``, and nothing is remembered between calls. The compile gates fail on any table entry that needs that
-retry on their targets, so there it never runs. ``config=`` and ``split=`` (keyword-only) on the launchers
-override the heuristics; ``FASTCDML_AUTOTUNE=1`` autotunes the forward and proxy-gradient kernels over
-``_TUNE_SPACE`` (never the in-place update). Under the interpreter: one small fixed config. Configs exist for
-D ≤ 1024; a larger D needs a K-loop over D for ``s`` (not implemented).
+``_tuning.shrink``, and nothing is remembered between calls. The compile gates fail on any table entry that needs
+that retry on their targets, so there it never runs. ``config=`` and ``split=`` (keyword-only) on the launchers
+override the heuristics.
 """
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-import os
-import warnings
-from typing import NamedTuple
 
 import torch
 import triton
@@ -124,117 +107,25 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .._runtime import interpreter_active, new_output
+from ..reference.ccl import merge_partials
 from . import _device
+from ._tuning import (CCL_BWD_CONFIGS, CCL_FWD_CONFIGS, INTERPRETER_SMS, SMEM_CLASSES, Config, autotune,
+                      ccl_config, ccl_tune_space, operand_dtype, shrink)
 
 INTERPRET = interpreter_active()
-AUTOTUNE = os.environ.get("FASTCDML_AUTOTUNE") == "1"
 LOG2E = 1.4426950408889634
 MIN_TILES_PER_SPLIT = 4
 UPDATE_ROWS = 8  # rows of a class segment summed per step of the update kernel
-
-
-class Config(NamedTuple):
-    rows: int  # rows a program owns (queries in the forward, centers in the proxy gradient)
-    cols: int  # rows of the other operand streamed per step
-    dv_split: int  # programs sharing a row block, each owning D/dv_split accumulator columns
-    num_warps: int
-    num_stages: int
-
-
-SMEM_CLASSES = (227 * 1024, 163 * 1024, 99 * 1024)  # shared memory per block: sm_90 (H100), sm_80 (A100), sm_86/89
-C = Config
-# (BLOCK_D, bank element size, product kind) -> one config per SMEM_CLASSES entry, None where nothing fits without
-# heavy spills (the next kind in _FALLBACK is used there, see _choose). Product kinds: "16" (bf16/fp16 operands;
-# an fp32 bank is staged as fp32), "tf32", "tf32x3" (fp32 operands split into hi + lo: twice the shared memory and
-# registers of tf32), "ieee" (fp32 FMA products, no tensor cores). Shared memory ≈ (rows + cols·stages)·D·(operand
-# bytes); 64 rows wherever they fit (the M of a Hopper wgmma), then fewer columns and stages before fewer rows.
-# Offline compile figures per entry: bench/NOTES.md ("GPU-ready without a GPU").
-FWD_CONFIGS = {
-    (64, 2, "16"): (C(64, 64, 1, 4, 3), C(64, 64, 1, 8, 3), C(64, 64, 1, 8, 3)),  # 4 warps spill on mma.sync
-    (64, 4, "16"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
-    (128, 2, "16"): (C(64, 64, 1, 8, 3),) * 2 + (C(64, 64, 1, 8, 2),),
-    (128, 4, "16"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 16, 1, 8, 2),),
-    (256, 2, "16"): (C(64, 32, 1, 8, 2), C(64, 64, 1, 8, 2), C(64, 32, 1, 8, 2)),
-    # fp32 bank: D split 2 (without it the fused-epilogue variant spilled 944 / 84 / 56 B on sm_90a / 80 / 86)
-    (256, 4, "16"): (C(64, 32, 2, 8, 2), C(64, 16, 2, 8, 2), C(64, 32, 2, 8, 1)),
-    (512, 2, "16"): (C(64, 32, 2, 8, 2), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
-    (512, 4, "16"): (C(64, 32, 2, 8, 1), C(64, 16, 1, 8, 1), C(32, 16, 1, 8, 1)),
-    (1024, 2, "16"): (C(64, 16, 4, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
-    (1024, 4, "16"): (C(64, 16, 4, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
-    (64, 4, "tf32"): (C(64, 64, 1, 4, 3),) * 2 + (C(64, 64, 1, 4, 2),),
-    (128, 4, "tf32"): (C(64, 64, 1, 8, 2),) * 2 + (C(64, 32, 1, 8, 2),),
-    (256, 4, "tf32"): (C(64, 32, 1, 8, 2), C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 1)),
-    (512, 4, "tf32"): (C(64, 16, 2, 8, 1), C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1)),
-    (1024, 4, "tf32"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
-    (64, 4, "tf32x3"): (C(64, 64, 1, 4, 2), C(32, 64, 1, 4, 2), C(32, 32, 1, 4, 2)),  # mma.sync: 64 rows spill
-    (128, 4, "tf32x3"): (C(64, 32, 1, 8, 2), C(32, 32, 1, 8, 2), C(32, 32, 1, 8, 1)),
-    (256, 4, "tf32x3"): (None,) * 3,  # 64 rows: 192 KB and 1.7 KB spilled per thread on sm_90a
-    (512, 4, "tf32x3"): (None,) * 3,  # 5–11 KB spilled per thread at any row count that fits
-    (1024, 4, "tf32x3"): (None,) * 3,
-    # FMA products have no wgmma M to keep: 32 rows without the D split (1.5× fewer products than 64 rows split
-    # in two); with 64 rows the fused-epilogue variant compiled to 32 registers and 9.6 / 20.9 KB of spills
-    # (D = 256 / 512) on sm_90a
-    (256, 4, "ieee"): (C(32, 16, 1, 8, 1),) * 3,
-    (512, 4, "ieee"): (C(32, 16, 1, 8, 1),) * 3,
-    (1024, 4, "ieee"): (C(32, 16, 2, 8, 1), C(16, 16, 2, 8, 1), None),
-}
-# The proxy gradient (rows: centers a program owns, loaded once; cols: queries streamed per step).
-BWD_CONFIGS = {**FWD_CONFIGS,
-               (64, 2, "16"): (C(64, 64, 1, 4, 2),) * 3, (64, 4, "16"): (C(64, 64, 1, 4, 2),) * 3,
-               (256, 2, "16"): (C(64, 32, 1, 8, 2),) * 3,
-               (256, 4, "16"): (C(64, 32, 1, 8, 2), C(64, 16, 1, 8, 2), C(64, 32, 1, 8, 1)),  # no epilogue here
-               (512, 2, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(64, 16, 1, 8, 1)),
-               (512, 4, "16"): (C(64, 32, 1, 8, 1), C(64, 32, 1, 8, 1), C(32, 16, 1, 8, 1)),
-               (256, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3, (512, 4, "ieee"): (C(32, 16, 2, 8, 1),) * 3,
-               (1024, 4, "ieee"): (C(16, 16, 2, 8, 1),) * 2 + (None,)}
-del C
-# Where a kind has no config: fp32-accurate tf32x3 gives way to fp32-accurate FMA products (silently), and a
-# kind that still does not fit to a less accurate one (with a warning).
-_FALLBACK = {"tf32x3": "ieee", "ieee": "tf32", "tf32": "16"}
-INTERPRETER_CONFIG = Config(32, 64, 1, 4, 1)
-INTERPRETER_SMS = 8  # pretend SM count under the interpreter, so small batches take the split path
-# FASTCDML_AUTOTUNE=1 searches (rows, cols, dv_split, num_warps, num_stages) over this space (one config when
-# interpreting, which still exercises the autotuner's plumbing).
-_TUNE_SPACE = [INTERPRETER_CONFIG[:5]] if INTERPRET else list(
-    itertools.product((32, 64, 128), (16, 32, 64), (1, 2), (4, 8), (1, 2)))
 
 
 def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _products(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> str:
-    """Product kind asked for: fp32 × fp32 follows ``torch.get_float32_matmul_precision()`` ("highest" → tf32x3,
-    "high" → tf32, "medium" → bf16 operands); anything with a 16-bit side has 16-bit operands."""
-    if x_dtype == bank_dtype == torch.float32:
-        return {"highest": "tf32x3", "high": "tf32", "medium": "16"}[torch.get_float32_matmul_precision()]
-    return "16"
-
-
-def _choose(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int, table: dict) -> tuple[Config, str]:
-    """(config, product kind) for a GPU with ``smem`` bytes of shared memory per block. Where the asked-for kind
-    has no config (the query tile's fp32 products need D-wide operands: tf32x3 beyond D = 128, fp32 at D = 1024
-    with 99 KB), the next kind of ``_FALLBACK`` is used, with a warning when it is less accurate."""
-    kind = _products(x_dtype, bank_dtype)
-    if INTERPRET:
-        return INTERPRETER_CONFIG, kind
-    bd = min(max(block_d(d), 64), 1024)
-    cls = next((i for i, limit in enumerate(SMEM_CLASSES) if smem >= limit), len(SMEM_CLASSES) - 1)
-    while True:
-        cfg = table[(bd, 4 if kind != "16" else bank_dtype.itemsize, kind)][cls]
-        if cfg is not None:
-            return cfg, kind
-        if kind != "tf32x3":
-            warnings.warn(f"fastcdml CCL: {kind} products at D={d} do not fit in {smem // 1024} KB of shared "
-                          f"memory; using {_FALLBACK[kind]} (torch.set_float32_matmul_precision or a bf16 bank "
-                          f"choose the products)", stacklevel=3)
-        kind = _FALLBACK[kind]
-
-
 def default_config(d: int, x_dtype: torch.dtype, bank_dtype: torch.dtype, smem: int = SMEM_CLASSES[0]) -> Config:
     """The forward's heuristic config for embedding size ``d``, the query and bank dtypes, the precision set by
     ``torch.set_float32_matmul_precision`` (fp32 products) and ``smem`` bytes of shared memory per block."""
-    return _choose(d, x_dtype, bank_dtype, smem, FWD_CONFIGS)[0]
+    return ccl_config(d, x_dtype, bank_dtype, smem, CCL_FWD_CONFIGS)[0]
 
 
 def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
@@ -245,15 +136,6 @@ def default_split(b: int, c: int, cfg: Config, sms: int, occupancy: int) -> int:
     return max(1, min(sms * occupancy // row_programs, cap))
 
 
-def operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str | None = None) -> torch.dtype:
-    """The dtype the forward's products round x̂ and the bank to (the ``tl.dot`` operands) for product ``kind``
-    (default: the kind asked for, :func:`_products`): fp32 for fp32 products, else fp16 for fp16 queries with an
-    fp32 bank and bf16 otherwise."""
-    if (kind or _products(x_dtype, bank_dtype)) != "16":
-        return torch.float32
-    return torch.float16 if (x_dtype == torch.float16 and bank_dtype == torch.float32) else torch.bfloat16
-
-
 def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     """(operand dtype, upcast bf16 to fp32 for the interpreter, input_precision) of every ``tl.dot``."""
     dot = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
@@ -262,23 +144,8 @@ def _dot_types(x_dtype: torch.dtype, bank_dtype: torch.dtype, kind: str):
     return dot, INTERPRET and dot == tl.bfloat16, "ieee" if INTERPRET else prec
 
 
-def _shrink(cfg: Config) -> Config | None:
-    """A smaller config to retry with after ``OutOfResources``: fewer stages, then the accumulator's D split
-    (halves the PV operand and accumulator), then fewer columns (down to 16), and only then fewer than 64 rows
-    (64 is the smallest M of a Hopper wgmma)."""
-    if cfg.num_stages > 1:
-        return cfg._replace(num_stages=cfg.num_stages - 1)
-    if cfg.dv_split < 4:
-        return cfg._replace(dv_split=cfg.dv_split * 2)
-    if cfg.cols > 16:
-        return cfg._replace(cols=cfg.cols // 2)
-    if cfg.rows > 16:
-        return cfg._replace(rows=cfg.rows // 2)
-    return None
-
-
 def _launch(requested: Config, launch) -> None:
-    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``_shrink`` that fits.
+    """``launch(cfg)`` with ``requested`` or, after ``OutOfResources``, the first config along ``shrink`` that fits.
     Stateless: a shrunk config is not remembered (it would make the next launch's config depend on what ran
     first, e.g. a split-C launch and a fused-epilogue launch of the same shapes); retrying costs one failed
     kernel load per step, on GPUs outside ``SMEM_CLASSES`` only."""
@@ -287,7 +154,7 @@ def _launch(requested: Config, launch) -> None:
         try:
             return launch(cfg)
         except OutOfResources:
-            cfg = _shrink(cfg)
+            cfg = shrink(cfg)
             if cfg is None:
                 raise
 
@@ -743,20 +610,17 @@ def _autotuned(kernel, key):
         return keep or configs[:1]
 
     configs = [triton.Config({names[0]: r, names[1]: c, "DV_SPLIT": v}, num_warps=nw, num_stages=ns)
-               for r, c, v, nw, ns in _TUNE_SPACE]
+               for r, c, v, nw, ns in ccl_tune_space()]
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-if AUTOTUNE:
-    _FWD = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "SOFT", "DOT"])
-    _BWD = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "SOFT", "HAS_Q", "FOREIGN", "DOT"])
-else:
-    _FWD, _BWD = _ccl_fwd_kernel, _ccl_bwd_centers_kernel
+_FWD_TUNED = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "SOFT", "DOT"])
+_BWD_TUNED = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "SOFT", "HAS_Q", "FOREIGN", "DOT"])
 
 
 def _meta(cfg: Config, rows_name: str, cols_name: str) -> dict:
     """Launch keywords for ``cfg`` (none when autotuning chooses them)."""
-    if AUTOTUNE:
+    if autotune():
         return {}
     return {rows_name: cfg.rows, cols_name: cfg.cols, "DV_SPLIT": cfg.dv_split,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -811,7 +675,7 @@ def ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, marg
                      config: Config | None = None, split: int | None = None):
     """``(m, l, lo, ps, acc, c_y, row_y)`` of ``x`` over the bank slice ``centers`` (``fastcdml.reference.ccl.
     ccl_partials``): the forward kernel without its epilogue, its ``split`` partial states per row (the split-C
-    heuristic as in :func:`ccl_fwd`) merged here by the same online-softmax rescaling. A label outside [0, C)
+    heuristic as in :func:`ccl_fwd`) merged here by the reference's ``merge_partials``. A label outside [0, C)
     belongs to another slice (the kernel masks it like a padding column). m is returned in natural units."""
     b, d = x.shape
     k = sub_centers
@@ -826,16 +690,8 @@ def ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, marg
                                       None, config, split)[0]
     owned = (labels >= 0) & (labels < c)
     row_y = torch.where(owned, labels.long() * k + plab[1].sum(dim=0).long(), -1)
-    if pm.shape[0] == 1:  # one split: its state is the result (no rescaling pass over acc)
-        m2, l, lo, ps, acc = pm[0], pl[0], plab[2, 0].clone(), pps[0], pacc[0]
-    else:
-        m2 = pm.max(dim=0).values
-        a = torch.where(pm == -math.inf, 0.0, torch.exp2(pm - m2))  # a split without classes: m = −inf, sums 0
-        l, lo, ps = (a * pl).sum(dim=0), (a * plab[2]).sum(dim=0), (a * pps).sum(dim=0)
-        acc = (a[:, :, None] * pacc).sum(dim=0) if compute_grad else pacc[0]
-    if not compute_grad:
-        ps = ps[:0]
-    return m2 * (1.0 / LOG2E), l, lo, ps, acc, plab[0].sum(dim=0), row_y
+    m, l, lo, ps, acc = merge_partials(pm * (1.0 / LOG2E), pl, plab[2], pps if compute_grad else pps[:, :0], pacc)
+    return m, l, lo, ps, acc, plab[0].sum(dim=0), row_y
 
 
 def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type, sub_centers, outputs,
@@ -850,7 +706,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
     c = centers.shape[0] // k
     dev = x.device
     f32 = torch.float32
-    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(dev), FWD_CONFIGS)
+    heuristic, kind = ccl_config(d, x.dtype, centers.dtype, _smem(dev), CCL_FWD_CONFIGS)
     cfg = config or heuristic
     if flags["SOFT"] and config is None:  # the centre mean keeps three (rows, cols) fp32 tiles more live
         cfg = cfg._replace(cols=cfg.cols // 4)
@@ -876,7 +732,8 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
         loss, grad, lse, q = outputs if outputs is not None else (stand_in,) * 4
         pm, pl, pps, pacc, plab = parts or (stand_in,) * 5
         grid = lambda meta: (triton.cdiv(b, meta["BLOCK_B"]) * meta["DV_SPLIT"], split)  # noqa: E731
-        kernel = functools.partial(_FWD.warmup, grid=grid) if warmup else _FWD[grid]
+        fwd = _FWD_TUNED if autotune() else _ccl_fwd_kernel
+        kernel = functools.partial(fwd.warmup, grid=grid) if warmup else fwd[grid]
         return kernel(x, labels, centers, loss, grad, lse, q, pm, pl, pps, pacc, plab, b, c, d, k, split,
                       LOG2E / temperature, **hyper, inv_gamma=inv_gamma, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
                       EPILOGUE=epilogue, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
@@ -904,7 +761,7 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
     if INTERPRET:
         return INTERPRETER_SMS, 1
     lim = _device.limits(dev)
-    if AUTOTUNE:
+    if autotune():
         return lim.sms, 1
     at = (dev, key, cfg)
     if at not in _OCCUPANCY:
@@ -926,7 +783,7 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
         return out
     if b == 0:
         return out.zero_()
-    heuristic, kind = _choose(d, x.dtype, centers.dtype, _smem(x.device), BWD_CONFIGS)
+    heuristic, kind = ccl_config(d, x.dtype, centers.dtype, _smem(x.device), CCL_BWD_CONFIGS)
     cfg = config or heuristic
     cfg = cfg._replace(rows=max(cfg.rows, kp))
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
@@ -934,17 +791,17 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
 
     def launch(cfg):
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"] // kp) * meta["DV_SPLIT"],)  # noqa: E731
-        _BWD[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
-                   LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, inv_gamma=inv_gamma,
-                   BLOCK_D=block_d(d), KP=kp,
-                   **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels, DOT=dot,
-                   UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
+        kernel = _BWD_TUNED if autotune() else _ccl_bwd_centers_kernel
+        kernel[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
+                     LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, inv_gamma=inv_gamma,
+                     BLOCK_D=block_d(d), KP=kp, **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels,
+                     DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
     _launch(cfg, launch)
     return out
 
 
-def ccl_update_(centers, x, labels, momentum, sub_centers=1):
+def ccl_momentum_update_(centers, x, labels, momentum, sub_centers=1):
     """In place: ``W_r ← normalize(μ W_r + (1 − μ) mean_{r_i = r} x̂_i)`` for every bank row r some query moves,
     where r_i = y_i (K = 1) or the sub-center of class y_i that x̂_i is most similar to (``_ccl_assign_kernel``,
     computed from the bank before the step)."""

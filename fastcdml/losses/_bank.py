@@ -127,7 +127,7 @@ class Bank(nn.Module):
         the step: a backend that updates in place computed the query gradient already; the reference's autograd
         graph holds the old bank, so it returns a new one and the stored tensor is swapped instead of written
         (an in-place write would also be mis-ordered by torch.compile)."""
-        new = backend.ccl_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
+        new = backend.ccl_momentum_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
         if new is not bank:
             self._set_rows(new)
 
@@ -152,7 +152,7 @@ class Bank(nn.Module):
         if embeddings.shape[0] == 0:
             loss = empty_loss(embeddings, bank, self.reduction)
         else:
-            loss = self._reduce(backend.ccl_rows(embeddings, labels, bank, self.params), indices_tuple)
+            loss = self._reduce(backend.ccl_loss_rows(embeddings, labels, bank, self.params), indices_tuple)
         if momentum_step and batch[0].shape[0]:
             self._momentum_step(backend, bank, *batch)
         return loss
@@ -169,7 +169,7 @@ class Bank(nn.Module):
         if embeddings.shape[0]:
             stored = self._stored_rows()
             source = stored.detach().contiguous()  # gradient-mode W: the transpose of contiguous columns
-            new = backend.ccl_update(source, embeddings.detach(), labels, 0.0, self.sub_centers)  # μ = 0
+            new = backend.ccl_momentum_update(source, embeddings.detach(), labels, 0.0, self.sub_centers)  # μ = 0
             stored.copy_(new)
         return self
 

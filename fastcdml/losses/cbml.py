@@ -126,7 +126,7 @@ def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, 
         rows, cols = _pml.mined_pairs(indices_tuple, embeddings.device)
         width = ref_emb.shape[0] + (embeddings.shape[0] if include_self else 0)
         mask = pack_pairs(rows, cols, embeddings.shape[0], width)
-    loss = impl.cbml(embeddings, labels, ref_emb, ref_labels, include_self, params, mask)
+    loss = impl.cbml_loss(embeddings, labels, ref_emb, ref_labels, include_self, params, mask)
     return loss if check_inputs else _nan_unless_finite(loss, embeddings, ref_emb)
 
 
@@ -237,7 +237,7 @@ class ContrastiveBayesianLoss(nn.Module):
             loss = embeddings.sum(dtype=torch.float32) * 0.0
         else:
             mask = self._mined(queries, query_labels, ref, ref_labels, include_self, indices_tuple)
-            loss = backend.cbml(queries, query_labels, ref, ref_labels, include_self, self.params, mask)
+            loss = backend.cbml_loss(queries, query_labels, ref, ref_labels, include_self, self.params, mask)
             if not self.check_inputs:
                 loss = _nan_unless_finite(loss, embeddings)
         if self.training:

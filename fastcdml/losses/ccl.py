@@ -38,8 +38,7 @@ def center_contrastive_loss(
 ) -> torch.Tensor:
     """CCL of ``embeddings`` (B, D) with ``labels`` (B,) against ``centers`` (C, D); no bank update.
 
-    ``L_i = logsumexp_j z_ij − z_{i,y_i} − 2λ·s_{i,y_i}`` with ``s_ij = x̂_i·W_j``, ``z_ij = (s_ij − m[j=y_i])/τ``.
-    ``centers`` is used as given (normalise it yourself if it is learnable); gradients flow to it if it requires
+    The per-row loss ``L_i`` of ``docs/spec.md`` §1 (``fastcdml.reference.ccl.ccl_loss_rows``). ``centers`` is used as given (normalise it yourself if it is learnable); gradients flow to it if it requires
     them. Returns a float32 scalar (``mean``/``sum``; float64 for float64 reference inputs) or the (B,) vector
     (``none``). An empty batch gives 0 (``mean`` and ``sum``) or an empty vector.
     """
@@ -51,7 +50,7 @@ def center_contrastive_loss(
         warnings.warn(f"fastcdml: center_contrastive_loss got one center: {ONE_CLASS}", stacklevel=2)
     if embeddings.shape[0] == 0:
         return empty_loss(embeddings, centers, reduction)
-    return _checks.reduce(impl.ccl_rows(embeddings, labels, centers, params), reduction)
+    return _checks.reduce(impl.ccl_loss_rows(embeddings, labels, centers, params), reduction)
 
 
 def center_momentum_update_(
@@ -72,7 +71,7 @@ def center_momentum_update_(
         raise ValueError("centers must be contiguous to be updated in place")
     if embeddings.shape[0] == 0:
         return centers
-    new = impl.ccl_update(centers, embeddings.detach(), labels, momentum)
+    new = impl.ccl_momentum_update(centers, embeddings.detach(), labels, momentum)
     return new if new is centers else centers.copy_(new)
 
 
@@ -82,13 +81,12 @@ class CenterContrastiveLoss(Bank):
     Call as ``loss_fn(embeddings, labels)`` with embeddings (B, embedding_size) fp32/bf16/fp16 (fp64 with
     ``backend="reference"``) and labels (B,) int64/int32 in ``[0, num_classes)``. Each L2-normalised query is
     compared with every center by a temperature softmax with an additive cosine margin at its own class, plus a
-    pull ``2λ·s_{i,y_i}`` toward its center (``λ‖x̂ − W_y‖²`` up to a constant)::
-
-        L_i = logsumexp_j ((s_ij − m[j = y_i]) / τ) − (s_{i,y_i} − m) / τ − 2λ·s_{i,y_i},   s_ij = x̂_i · W_j
+    pull toward its center (the formula: ``docs/spec.md`` §1, ``fastcdml.reference.ccl``).
 
     ``update="momentum"`` (default): ``centers`` is a float32 (or ``dtype``) buffer of unit rows; in training
-    mode, after the loss is computed from the current bank, each class k in the batch moves to
-    ``normalize(μ·W_k + (1 − μ)·mean_{y_i = k} x̂_i)`` in place. Only the queries get a gradient.
+    mode, after the loss is computed from the current bank, each class in the batch moves toward its batch mean by
+    the momentum update (``fastcdml.reference.ccl.ccl_momentum_update``), in place. Only the queries get a
+    gradient.
     ``update="gradient"``: ``centers`` is a Parameter, normalised in forward, trained by the optimizer
     (a fused NormalizedSoftmax / ProxyNCA-style loss); no momentum update.
 

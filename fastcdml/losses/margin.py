@@ -3,19 +3,12 @@
 ``NormalizedSoftmaxLoss``, ``CosFaceLoss``, ``ArcFaceLoss`` and ``SubCenterArcFaceLoss`` take PML's constructor
 arguments and defaults, keep PML's learnable ``W`` of shape (embedding_size, num_classes·K) (so a PML
 ``state_dict`` loads unchanged and ``parameters()`` feeds a loss optimizer), offer ``get_logits`` as PML does,
-and are called as PML's losses are: ``loss_fn(embeddings, labels, indices_tuple=None)``. They compute, with
-``c_ij`` the cosine of query i and class j (the max over its K sub-centers, PML's column layout: class j owns
-columns j·K … j·K+K−1 of W) and scale S = 1/τ::
-
-    L_i = w_i · (logsumexp_j S·c'_ij − S·c'_{i,y_i}),    c'_ij = c_ij off the label, t(c_{i,y_i}) at it
-    loss = mean_i L_i                                       (PML's MeanReducer)
-
-with ``t(c) = c`` (NormalizedSoftmax), ``c − m`` (CosFace), ``cos(arccos c + m)`` with PML's fallback
-``c − m·sin m`` past θ = π − m (ArcFace, SubCenterArcFace), and ``w_i`` PML's miner weights: without an
-``indices_tuple`` all 1, else the number of times row i appears in the mined tuples divided by the largest such
-count (``pytorch_metric_learning.utils.loss_and_miner_utils.convert_to_weights``). One fused kernel computes
-the loss, the query gradient and the proxy gradient without a B×C matrix; the math is in ``docs/spec.md`` and
-``fastcdml.reference.ccl``.
+and are called as PML's losses are: ``loss_fn(embeddings, labels, indices_tuple=None)``. Each is the CCL family's
+per-row loss (``docs/spec.md`` §1b, ``fastcdml.reference.ccl``) with scale S = 1/τ, no center pull, PML's column
+layout (class j owns columns j·K … j·K+K−1 of W, the class cosine is the max over them) and the label transform
+``t(c) = c`` (NormalizedSoftmax), ``c − m`` (CosFace), ``cos(arccos c + m)`` with PML's fallback past θ = π − m
+(ArcFace, SubCenterArcFace), averaged with PML's miner weights (``fastcdml.losses._pml.miner_weights``). One
+fused kernel computes the loss, the query gradient and the proxy gradient without a B×C matrix.
 
 ``update="momentum"`` (not in PML) makes ``W`` a buffer of unit columns that, in training mode, moves toward the
 batch's class means after each step (CCL's in-place bank, no optimizer): with sub-centers each query moves the

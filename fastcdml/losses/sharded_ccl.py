@@ -22,7 +22,7 @@ batch sizes; C_r the classes of rank r, K bank rows per class):
    per rank) and computes its slice's proxy gradient locally with the backend's ``ccl_slice_centers_grad``
    (``ccl_bwd_centers`` with ``foreign_labels``) from the global lse and q: W's gradient is never all-reduced.
 5. In momentum mode, in training, each rank applies the momentum update to its own slice with the global rows
-   whose labels fall in it (the backend's ``ccl_update``).
+   whose labels fall in it (the backend's ``ccl_momentum_update``).
 
 Communication per step and rank (logical payload, counted in ``stats``, formula in
 :func:`fastcdml.distributed.step_bytes`): the preflight status table (32·W bytes), the all-gather of the
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from .. import _checks
 from ..params import CenterParams
 from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
-from ..reference.ccl import EPS, normalize_rows, target_logit_and_slope
+from ..reference.ccl import ccl_epilogue, normalize_rows, partials_scale
 from ._bank import Bank, check_args, empty_loss
 
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
@@ -71,7 +71,7 @@ class _ShardedRows(torch.autograd.Function):
         p = backend.ccl_partials(xg, local_labels, bank, params, query_grad)
         m_all = p.m.clone()
         all_reduce(m_all, dist.ReduceOp.MAX, group, stats, "max")
-        e = torch.exp(p.m - m_all)  # 0 on a rank without classes (m = −inf)
+        e = partials_scale(p.m, m_all)
         scalars = [p.l * e, p.lo * e, p.c_y]
         if query_grad:
             w_y = p.acc.new_zeros(p.acc.shape)
@@ -87,20 +87,15 @@ class _ShardedRows(torch.autograd.Function):
         first = 2 * d if query_grad else 0  # [acc·e, W_y,] l·e, lo·e, c_y[, ps·e]
         l, lo, c_y = mine[:, first], mine[:, first + 1], mine[:, first + 2]
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-        t, slope = target_logit_and_slope(c_y, params.margin, params.margin_type)
-        tau, two_lambda = params.temperature, 2.0 * params.center_weight
-        loss = m_all[rows] + torch.log(l) - t / tau - two_lambda * c_y
-        loss = torch.where(valid[rows], loss, torch.full_like(loss, math.nan))
-        grad = None
-        if query_grad:  # the fused epilogue (fastcdml/kernels/ccl.py), on the combined partials
+        hyper = params.as_args()[:4]
+        if query_grad:  # the fused kernels' epilogue, on the combined partials
             acc, w_y, ps = mine[:, :d], mine[:, d: 2 * d], mine[:, -1]
-            a = (-1.0 - (slope - 1.0) * lo / l) / tau - two_lambda
-            g = acc / (l * tau)[:, None] + a[:, None] * w_y
-            xg_dot = ps / (l * tau) + a * c_y
-            x_own = xg[rows].to(g.dtype)
-            norm = x_own.norm(dim=1, keepdim=True).clamp_min(EPS)
-            xh = x_own / norm
-            grad = torch.where(valid[rows, None], (g - xh * xg_dot[:, None]) / norm, 0.0)
+            loss, grad = ccl_epilogue(xg[rows], c_y, m_all[rows] + torch.log(l), lo / l, *hyper,
+                                      mean_row=acc / l[:, None], mean_dot=ps / l, w_y=w_y)
+            grad = torch.where(valid[rows, None], grad, 0.0)
+        else:
+            loss, grad = ccl_epilogue(xg[rows], c_y, m_all[rows] + torch.log(l), lo / l, *hyper)
+        loss = torch.where(valid[rows], loss, torch.full_like(loss, math.nan))
         ctx.needs_bank_grad = ctx.needs_input_grad[1]
         ctx.meta = (x.dtype, bank.dtype, sizes, params, backend, group, stats)
         saved = ()
@@ -196,7 +191,7 @@ class ShardedBank(Bank):
         if xg.shape[0] and bank.shape[0]:
             local = yg.to(bank.device) - self.start
             local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
-            new = self._resolve(embeddings).ccl_update(bank.detach().contiguous(), xg.detach(), local, 0.0,
+            new = self._resolve(embeddings).ccl_momentum_update(bank.detach().contiguous(), xg.detach(), local, 0.0,
                                                        self.sub_centers)  # μ = 0: the class means
             bank.copy_(new)
         return self

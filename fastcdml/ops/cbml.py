@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..params import BayesianParams
+from ..params import PHIS
 from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mask, bool include_self, " \
@@ -75,15 +75,16 @@ for _ns in namespaces():
     define(_ns, "cbml_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
-def cbml_loss(x, labels, ref, ref_labels, include_self, params: BayesianParams, pair_mask=None, namespace="fastcdml"):
-    """Scalar fp32 loss through ``namespace``'s ops; differentiable in ``x`` and ``ref``."""
+def cbml_loss(ops, x, labels, ref, ref_labels, *, pair_mask=None, include_self=True, pos_a=0.5, pos_b=0.5,
+              neg_a=1.0, neg_b=0.01, margin=0.1, variance_weight=1.0, mean_weight=0.2, phi="log", top_k=0,
+              variance_center="class_means", pos_weight=0.25, neg_weight=0.25):
+    """Scalar fp32 loss through the bound op namespace ``ops`` (``ref`` (M, D), M may be 0; the other arguments
+    are those of ``fastcdml.reference.cbml.cbml_loss``); differentiable in ``x`` and ``ref``."""
     grad_on = torch.is_grad_enabled()
-    loss, _, _ = getattr(torch.ops, namespace).cbml_fwd(
+    loss, _, _ = ops.cbml_fwd(
         x.contiguous(), labels.contiguous(), ref.contiguous(), ref_labels.contiguous(),
-        None if pair_mask is None else pair_mask.contiguous(), include_self,
-        params.pos_a, params.pos_b, params.neg_a, params.neg_b, params.margin, params.variance_weight,
-        params.mean_weight, params.phi_code, params.pos_weight, params.neg_weight,
-        params.variance_center == "class_means", params.hard_negatives,
-        grad_on and x.requires_grad, grad_on and ref.requires_grad,
+        None if pair_mask is None else pair_mask.contiguous(), include_self, pos_a, pos_b, neg_a, neg_b, margin,
+        variance_weight, mean_weight, PHIS.index(phi), pos_weight, neg_weight, variance_center == "class_means",
+        top_k, grad_on and x.requires_grad, grad_on and ref.requires_grad,
     )
     return loss

@@ -1,4 +1,5 @@
-"""Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``ccl_fwd_partials``, ``ccl_bwd_centers``, ``ccl_update_``.
+"""Center Contrastive Loss ops: ``fastcdml::ccl_fwd``, ``ccl_fwd_partials``, ``ccl_bwd_centers``,
+``ccl_momentum_update_``.
 
 Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
@@ -29,7 +30,7 @@ sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0) -> grad_centers``
     ``foreign_labels``: ``centers`` is a slice of a sharded bank and ``lse``, ``label_q`` are the rows' global
     values; a row whose label lies outside [0, C) still contributes its negatives (without it such a row, a NaN
     loss row, contributes nothing); ``fastcdml.reference.ccl.ccl_slice_centers_grad``.
-``ccl_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
+``ccl_momentum_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
     In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
     rows untouched), deterministic. With K > 1 each query moves the sub-center of its class it is most similar
     to (``fastcdml.reference.ccl.subcenter_rows``).
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import torch
 
-from ..params import CenterParams
 from ._registry import define, namespaces
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
@@ -92,7 +92,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, labels, centers if centers.requires_grad else None, lse, label_q, grad_x)
 
 
-def _make_backward(ns: str):
+def _make_backward(ops):
     def backward(ctx, grad_rows, _grad_grad_x, _grad_lse, _grad_label_q):
         x, labels, centers, lse, label_q, grad_x = ctx.saved_tensors
         gx = gw = None
@@ -101,7 +101,7 @@ def _make_backward(ns: str):
                 raise RuntimeError("ccl_fwd ran with compute_grad=False but a gradient for x was requested")
             gx = (grad_rows[:, None] * grad_x).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
-            gw = getattr(torch.ops, ns).ccl_bwd_centers(
+            gw = ops.ccl_bwd_centers(
                 x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper, label_q, gamma=ctx.gamma
             ).to(ctx.dtypes[1])
         return (gx, None, gw) + (None,) * (ctx.n_inputs - 3)
@@ -128,54 +128,60 @@ def _bwd_centers_triton(*args):
     return kernels.ccl_bwd_centers(*args)
 
 
-def triton_operand_dtype(x_dtype, bank_dtype):
-    """The dtype the Triton forward rounds its product operands to (``fastcdml.kernels.ccl.operand_dtype``)."""
-    from ..kernels import ccl as kernels
+def triton_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton forward rounds its product operands to (the precision policy,
+    ``fastcdml.kernels._tuning.operand_dtype``; read without importing triton)."""
+    from ..kernels import _tuning
 
-    return kernels.operand_dtype(x_dtype, bank_dtype)
+    return _tuning.operand_dtype(x_dtype, bank_dtype)
 
 
 def _update_triton(*args):
     from ..kernels import ccl as kernels
 
-    return kernels.ccl_update_(*args)
+    return kernels.ccl_momentum_update_(*args)
 
 
 for _ns in namespaces():
-    define(_ns, "ccl_fwd", FWD, _fwd_fake, _fwd_triton, _make_backward(_ns), _setup_context)
+    define(_ns, "ccl_fwd", FWD, _fwd_fake, _fwd_triton, _make_backward(getattr(torch.ops, _ns)), _setup_context)
     define(_ns, "ccl_fwd_partials", PARTIALS, _partials_fake, _partials_triton)
     define(_ns, "ccl_bwd_centers", BWD_CENTERS, _bwd_centers_fake, _bwd_centers_triton)
-    define(_ns, "ccl_update_", UPDATE, _update_fake, _update_triton)
+    define(_ns, "ccl_momentum_update_", UPDATE, _update_fake, _update_triton)
 
 
-def ccl_loss_rows(x, labels, centers, params: CenterParams, namespace="fastcdml"):
-    """Per-row losses (B,) fp32 through ``namespace``'s ops; differentiable in ``x`` and ``centers``."""
+# The wrappers the fused backend calls: ``ops`` is a bound op namespace (``torch.ops.fastcdml`` or
+# ``torch.ops.fastcdml_interpret``); the other arguments are those of the function of the same name in
+# ``fastcdml.reference.ccl``.
+def ccl_loss_rows(ops, x, labels, centers, temperature, margin, center_weight, margin_type=0, sub_centers=1,
+                  gamma=0.0):
+    """Per-row losses (B,) fp32; differentiable in ``x`` and ``centers``."""
     compute_grad = torch.is_grad_enabled() and x.requires_grad
-    loss_rows = getattr(torch.ops, namespace).ccl_fwd(
-        x.contiguous(), labels.contiguous(), centers.contiguous(), params.temperature, params.margin,
-        params.center_weight, compute_grad, params.margin_type, params.sub_centers, params.gamma
-    )[0]
-    return loss_rows
+    return ops.ccl_fwd(x.contiguous(), labels.contiguous(), centers.contiguous(), temperature, margin, center_weight,
+                       compute_grad, margin_type, sub_centers, gamma)[0]
 
 
-def ccl_update_(centers, x, labels, momentum, namespace="fastcdml", *, sub_centers=1):
-    """In-place momentum update of a contiguous bank through ``namespace``'s ops."""
-    getattr(torch.ops, namespace).ccl_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum,
-                                              sub_centers)
+def ccl_momentum_update_(ops, centers, x, labels, momentum, sub_centers=1):
+    """In-place momentum update of a contiguous bank; returns ``centers``."""
+    ops.ccl_momentum_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum, sub_centers)
+    return centers
 
 
-def ccl_partials(x, labels, centers, params: CenterParams, compute_grad, namespace="fastcdml"):
-    """The fields of :class:`fastcdml.reference.ccl.SlicePartials` of ``x`` over the bank slice ``centers``
-    through ``namespace``'s ops (no autograd)."""
-    return getattr(torch.ops, namespace).ccl_fwd_partials(
-        x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(), params.temperature,
-        params.margin, compute_grad, params.margin_type, params.sub_centers)
+def ccl_partials(ops, x, labels, centers, temperature, margin, compute_grad, margin_type=0, sub_centers=1):
+    """The fields of :class:`fastcdml.reference.ccl.SlicePartials` of ``x`` over the bank slice ``centers`` (no
+    autograd)."""
+    return ops.ccl_fwd_partials(x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(),
+                                temperature, margin, compute_grad, margin_type, sub_centers)
 
 
-def ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, params: CenterParams, namespace="fastcdml"):
+def ccl_slice_centers_grad(ops, x, labels, centers, lse, label_q, grad_rows, temperature, margin, center_weight,
+                           margin_type=0, sub_centers=1):
     """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32 for the bank slice ``centers`` given the rows' global lse and 1 − p_y
     (``ccl_bwd_centers`` with ``foreign_labels``)."""
-    return getattr(torch.ops, namespace).ccl_bwd_centers(
-        x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(), lse.float().contiguous(),
-        grad_rows.float().contiguous(), params.temperature, params.margin, params.center_weight,
-        params.margin_type, params.sub_centers, label_q.float().contiguous(), True)
+    return ops.ccl_bwd_centers(x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(),
+                               lse.float().contiguous(), grad_rows.float().contiguous(), temperature, margin,
+                               center_weight, margin_type, sub_centers, label_q.float().contiguous(), True)
+
+
+def cpp_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the C++ forward's products round their operands to: it multiplies in fp32."""
+    return torch.float32

@@ -146,9 +146,10 @@ def ccl_partials(
     the slice (its column carries the target transform), any other label belongs to another slice (the row only
     has negatives here). With ``z_ij`` as in the module docstring over the slice's classes, the partials of
     :class:`SlicePartials` combine across slices exactly as the online softmax of flash attention does: with
-    ``M = max_r m_r`` and ``e_r = exp(m_r − M)``, ``lse = M + log Σ_r e_r l_r``, ``1 − p_y = Σ_r e_r lo_r / Σ_r e_r l_r``,
-    ``Σ_j p_j W_j = Σ_r e_r acc_r / Σ_r e_r l_r`` and ``x̂·Σ_j p_j W_j = Σ_r e_r ps_r / Σ_r e_r l_r``; then
-    ``L = lse − t(c_y)/τ − 2λ c_y`` and the query gradient follow as in the single-bank kernels (``docs/spec.md``).
+    ``M = max_r m_r`` and ``e_r = exp(m_r − M)`` (:func:`merge_partials`), ``lse = M + log Σ_r e_r l_r``,
+    ``1 − p_y = Σ_r e_r lo_r / Σ_r e_r l_r``, ``Σ_j p_j W_j = Σ_r e_r acc_r / Σ_r e_r l_r`` and
+    ``x̂·Σ_j p_j W_j = Σ_r e_r ps_r / Σ_r e_r l_r``; :func:`ccl_epilogue` turns them into the loss and the query
+    gradient.
     An empty slice gives ``m = −inf`` and zero sums. The classes are taken ``chunk`` at a time (default: B·chunk ≤
     2²² logits), so memory is O(B·(D + chunk)); results in the computation dtype.
     """
@@ -191,6 +192,50 @@ def ccl_partials(
     if not compute_grad:
         ps, acc = ps[:0], acc[:0]
     return SlicePartials(m, l, lo, ps, acc, c_y, row_y)
+
+
+def partials_scale(m: torch.Tensor, m_max: torch.Tensor) -> torch.Tensor:
+    """``exp(m − M)``: the factor that puts partials with running max ``m`` onto the common max ``M`` (0 for an
+    empty slice, ``m = −inf``, even where ``M`` is −inf too)."""
+    return torch.where(m == -math.inf, torch.zeros_like(m), torch.exp(m - m_max))
+
+
+def merge_partials(m: torch.Tensor, l: torch.Tensor, lo: torch.Tensor, ps: torch.Tensor, acc: torch.Tensor
+                   ) -> tuple[torch.Tensor, ...]:
+    """The partials ``(m, l, lo, ps, acc)`` of the union of S slices, from theirs stacked along dim 0 (m, l, lo
+    (S, B); ps (S, B) or (S, 0); acc (S, B, D) or (S, 0, D)): with ``M = max_s m_s`` and ``e_s = exp(m_s − M)``,
+    ``(M, Σ e_s l_s, Σ e_s lo_s, Σ e_s ps_s, Σ e_s acc_s)`` (flash attention's online-softmax rescaling)."""
+    big = m.max(dim=0).values
+    e = partials_scale(m, big)
+    ps = (e * ps).sum(dim=0) if ps.shape[1] else ps[0]
+    acc = (e[:, :, None] * acc).sum(dim=0) if acc.shape[1] else acc[0]
+    return big, (e * l).sum(dim=0), (e * lo).sum(dim=0), ps, acc
+
+
+def ccl_epilogue(x: torch.Tensor, c_y: torch.Tensor, lse: torch.Tensor, label_q: torch.Tensor, temperature: float,
+                 margin: float, center_weight: float, margin_type: int = ADDITIVE_COSINE,
+                 mean_row: torch.Tensor | None = None, mean_dot: torch.Tensor | None = None,
+                 w_y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss rows and query gradient from the combined softmax statistics of each row (:func:`ccl_partials`):
+    ``lse``, ``label_q`` = 1 − p_y, the label's class cosine ``c_y``; for the gradient also ``mean_row`` =
+    ``Σ_j p_j W_j`` (B, D), ``mean_dot`` = ``x̂ · Σ_j p_j W_j`` and ``w_y`` the label's bank row (B, D)::
+
+        L     = lse − t(c_y)/τ − 2λ c_y
+        ∂L/∂x̂ = mean_row/τ + a·w_y,   a = (−1 − (t'(c_y) − 1)·label_q)/τ − 2λ
+        ∂L/∂x = (∂L/∂x̂ − x̂ (x̂·∂L/∂x̂)) / ‖x‖,   x̂·∂L/∂x̂ = mean_dot/τ + a·c_y
+
+    Returns ``(loss (B,), grad (B, D) or None without mean_row)`` in the dtype of ``lse``."""
+    t, slope = target_logit_and_slope(c_y, margin, margin_type)
+    tau, two_lambda = temperature, 2.0 * center_weight
+    loss = lse - t / tau - two_lambda * c_y
+    if mean_row is None:
+        return loss, None
+    a = (-1.0 - (slope - 1.0) * label_q) / tau - two_lambda
+    grad_xh = mean_row / tau + a[:, None] * w_y
+    dot = mean_dot / tau + a * c_y
+    x = x.to(grad_xh.dtype)
+    norm = x.norm(dim=1, keepdim=True).clamp_min(EPS)
+    return loss, (grad_xh - x / norm * dot[:, None]) / norm
 
 
 def ccl_slice_centers_grad(

@@ -366,7 +366,7 @@ class _Session:
                 if case["op"] == "train":
                     _, _, lse, q = ccl.ccl_fwd(x, y, w, *hyper, True, *family, gamma)
                     ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, q, gamma=gamma)
-                    ccl.ccl_update_(w, x, y, 0.9, k)
+                    ccl.ccl_momentum_update_(w, x, y, 0.9, k)
                 elif case["op"] == "sharded":
                     ccl.ccl_fwd_partials(x, y, w, *hyper[:2], True, *family)
                     lse = torch.zeros(b)
