@@ -1,9 +1,10 @@
-"""The one place that chooses a backend, and the two implementations of what the modules need from one.
+"""The one place that chooses where a loss family runs; it knows no family.
 
 :func:`resolve` returns a :class:`Backend`: the fused ops (``"triton"`` on CUDA tensors, ``"cpp"`` on CPU tensors
 when the C++ extension is there) or the eager PyTorch reference (``"reference"``, everywhere). ``backend="auto"``
 prefers the fused op for the tensor's device and falls back to the reference with one warning that says why;
-a forced backend that cannot run raises :class:`BackendUnavailable` with the reason.
+a forced backend that cannot run raises :class:`BackendUnavailable` with the reason. ``backend.bind(ops_module,
+reference_module)`` then gives the family's functions on it.
 
 Under ``torch.compile`` the resolution is a constant of the graph: :func:`_resolve_key` is marked as such (the
 marker that ``torch.compiler.assume_constant_result`` sets, set directly so that importing fastcdml does not
@@ -11,23 +12,19 @@ import ``torch._dynamo``; ``tests/test_compile.py`` fails if the marker stops wo
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from functools import lru_cache
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 from . import _extension
 from ._runtime import interpreter_active
-from .ops import cbml as cbml_ops
-from .ops import ccl as ccl_ops
-from .ops._registry import INTERPRET, MAIN, has_kernel
-from .params import BayesianParams, CenterParams
-from .reference import cbml as cbml_reference
-from .reference import ccl as ccl_reference
+from .ops._registry import INTERPRET, MAIN, cpp_operand_dtype, families, has_kernel, triton_operand_dtype
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FIRST_OP = {"ccl": "ccl_fwd", "cbml": "cbml_fwd"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,54 +32,28 @@ class BackendUnavailable(RuntimeError):
 
 
 class Backend:
-    """What a loss module needs from a backend: one method per operation of each loss family, named as the
-    function that computes it in the family's reference (``fastcdml.reference.<family>``) and op
-    (``fastcdml.ops.<family>``) modules, which take the same arguments (the op wrappers first take the bound op
-    namespace); the hyper-parameters arrive here as the family's params dataclass.
+    """Where a loss family's operations run. It knows no family: :meth:`bind` gives the family's functions on this
+    backend, from the family's op module (``fastcdml.ops.<stem>``) and reference module
+    (``fastcdml.reference.<stem>``), which define the same functions under the same names with the same arguments
+    (the op wrappers first take the bound op namespace).
 
     ``name``: ``"triton"``, ``"cpp"`` or ``"reference"``. ``dtypes``: the embedding dtypes it takes.
-    ``updates_in_place``: whether :meth:`ccl_momentum_update` writes into the bank it is given (the fused ops,
-    whose query gradient was computed in the forward) or returns a new bank (the reference: autograd still holds
-    the old one, so the module must swap its buffer instead of writing into it).
+    ``updates_in_place``: whether a momentum update writes into the bank it is given (the fused ops, whose query
+    gradient was computed in the forward) or returns a new bank (the reference: autograd still holds the old
+    one, so the module must swap its buffer instead of writing into it). ``operand_dtype(x_dtype, bank_dtype)``:
+    the dtype its forward products round the bank rows to, so that a caller combining partial results with bank
+    rows of its own (the sharded loss's ``W_y``) rounds them alike.
     """
 
     name: str
     dtypes: tuple
     updates_in_place: bool
 
-    def ccl_loss_rows(self, x, labels, centers, params: CenterParams) -> torch.Tensor:
-        """Per-row CCL losses (B,) float32 (float64 for float64 reference inputs), differentiable in ``x`` and
-        ``centers`` (the proxy gradient of the learnable-proxy mode flows through ``centers``)."""
+    def bind(self, ops_module: ModuleType, reference_module: ModuleType):
+        """The family's functions on this backend (attributes named as in both modules)."""
         raise NotImplementedError
 
-    def ccl_momentum_update(self, centers, x, labels, momentum: float, sub_centers: int = 1) -> torch.Tensor:
-        """The bank after one momentum step (``centers`` itself when ``updates_in_place``); with ``sub_centers``
-        K > 1 each query moves the sub-center of its class it is most similar to."""
-        raise NotImplementedError
-
-    def ccl_partials(self, x, labels, centers, params: CenterParams, compute_grad: bool
-                     ) -> ccl_reference.SlicePartials:
-        """The online-softmax partials of ``x`` over the bank slice ``centers`` (labels outside ``[0, C)`` belong
-        to other slices; ``fastcdml.reference.ccl.ccl_partials``), no autograd."""
-        raise NotImplementedError
-
-    def ccl_operand_dtype(self, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
-        """The dtype this backend's forward products round the bank rows to: a caller that combines
-        ``ccl_partials`` with bank rows of its own (the label's ``W_y``) rounds them alike, so that the label's
-        term cancels exactly as in the fused epilogue."""
-        raise NotImplementedError
-
-    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params: CenterParams
-                               ) -> torch.Tensor:
-        """``Σ_i g_i ∂L_i/∂W`` for the bank slice ``centers`` from the rows' global lse and 1 − p_y
-        (``fastcdml.reference.ccl.ccl_slice_centers_grad``)."""
-        raise NotImplementedError
-
-    def cbml_loss(self, x, labels, ref, ref_labels, include_self: bool, params: BayesianParams,
-                  pair_mask=None) -> torch.Tensor:
-        """The CBML loss ``Σ_i L_i / B`` (0-d) of ``x`` against ``[x if include_self] ++ ref`` (``ref`` (M, D),
-        M may be 0), differentiable in ``x`` and ``ref``; ``pair_mask`` restricts the positive and negative sets
-        to mined pairs (``fastcdml.reference.cbml.pack_pairs``)."""
+    def operand_dtype(self, x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -94,62 +65,36 @@ class ReferenceBackend(Backend):
 
     name, dtypes, updates_in_place = "reference", KERNEL_DTYPES + (torch.float64,), False
 
-    def ccl_loss_rows(self, x, labels, centers, params):
-        return ccl_reference.ccl_loss_rows(x, labels, centers, *params.as_args(), gamma=params.gamma)
+    def bind(self, ops_module, reference_module):
+        return reference_module
 
-    def ccl_momentum_update(self, centers, x, labels, momentum, sub_centers=1):
-        return ccl_reference.ccl_momentum_update(centers, x.detach(), labels, momentum, sub_centers)
-
-    def ccl_partials(self, x, labels, centers, params, compute_grad):
-        return ccl_reference.ccl_partials(x, labels, centers, params.temperature, params.margin, compute_grad,
-                                          params.margin_type, params.sub_centers)
-
-    def ccl_operand_dtype(self, x_dtype, bank_dtype):
+    def operand_dtype(self, x_dtype, bank_dtype):
         return torch.float64 if torch.float64 in (x_dtype, bank_dtype) else torch.float32
-
-    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
-        return ccl_reference.ccl_slice_centers_grad(x, labels, centers, lse, label_q, grad_rows, *params.as_args())
-
-    def cbml_loss(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
-        return cbml_reference.cbml_loss(x, labels, ref if ref.shape[0] else None, ref_labels, pair_mask=pair_mask,
-                                        include_self=include_self, **params.as_kwargs())
 
 
 class FusedBackend(Backend):
     """The ``torch.library`` ops of one namespace, bound once as ``ops``: the Triton kernels (CUDA, or the CPU
-    under the interpreter) or the C++ kernels (CPU). ``operand_dtype``: what its forward products round to."""
+    under the interpreter) or the C++ kernels (CPU). Each op module lists its wrappers in ``__all__``."""
 
     dtypes, updates_in_place = KERNEL_DTYPES, True
 
     def __init__(self, name: str, namespace: str, operand_dtype):
         self.name, self.namespace, self.ops = name, namespace, getattr(torch.ops, namespace)
-        self.ccl_operand_dtype = operand_dtype
+        self.operand_dtype = operand_dtype
+        self._bound: dict[str, SimpleNamespace] = {}
 
-    def ccl_loss_rows(self, x, labels, centers, params):
-        return ccl_ops.ccl_loss_rows(self.ops, x, labels, centers, *params.as_args(), gamma=params.gamma)
-
-    def ccl_momentum_update(self, centers, x, labels, momentum, sub_centers=1):
-        return ccl_ops.ccl_momentum_update_(self.ops, centers, x, labels, momentum, sub_centers)
-
-    def ccl_partials(self, x, labels, centers, params, compute_grad):
-        return ccl_reference.SlicePartials(*ccl_ops.ccl_partials(
-            self.ops, x, labels, centers, params.temperature, params.margin, compute_grad, params.margin_type,
-            params.sub_centers))
-
-    def ccl_slice_centers_grad(self, x, labels, centers, lse, label_q, grad_rows, params):
-        return ccl_ops.ccl_slice_centers_grad(self.ops, x, labels, centers, lse, label_q, grad_rows,
-                                              *params.as_args())
-
-    def cbml_loss(self, x, labels, ref, ref_labels, include_self, params, pair_mask=None):
-        return cbml_ops.cbml_loss(self.ops, x, labels, ref, ref_labels, pair_mask=pair_mask,
-                                  include_self=include_self, **params.as_kwargs())
+    def bind(self, ops_module, reference_module):
+        if ops_module.__name__ not in self._bound:
+            self._bound[ops_module.__name__] = SimpleNamespace(
+                **{name: functools.partial(getattr(ops_module, name), self.ops) for name in ops_module.__all__})
+        return self._bound[ops_module.__name__]
 
 
 _INSTANCES = {
     ("reference", None): ReferenceBackend(),
-    ("cpp", MAIN): FusedBackend("cpp", MAIN, ccl_ops.cpp_operand_dtype),
-    ("triton", MAIN): FusedBackend("triton", MAIN, ccl_ops.triton_operand_dtype),
-    ("triton", INTERPRET): FusedBackend("triton", INTERPRET, ccl_ops.triton_operand_dtype),
+    ("cpp", MAIN): FusedBackend("cpp", MAIN, cpp_operand_dtype),
+    ("triton", MAIN): FusedBackend("triton", MAIN, triton_operand_dtype),
+    ("triton", INTERPRET): FusedBackend("triton", INTERPRET, triton_operand_dtype),
 }
 
 
@@ -178,7 +123,7 @@ def _cpp_reason(loss: str, device_type: str) -> str | None:
     ext, reason = load_extension()
     if ext is None:
         return reason
-    if not has_kernel(MAIN, _FIRST_OP[loss], "CPU"):
+    if not has_kernel(MAIN, f"{loss}_fwd", "CPU"):
         return f"fastcdml._C has no CPU kernel for {loss}"
     return None
 
@@ -221,14 +166,15 @@ _resolve_key._dynamo_marked_constant = True  # what torch.compiler.assume_consta
 
 
 def resolve(backend: str, loss: str, device: torch.device) -> Backend:
-    """The :class:`Backend` that computes ``loss`` (``"ccl"`` or ``"cbml"``) on ``device``'s tensors."""
+    """The :class:`Backend` that computes the loss family ``loss`` (an op module's stem: ``"ccl"``, ``"cbml"``, …)
+    on ``device``'s tensors; its ops are ``<loss>_fwd`` and the rest of ``fastcdml.ops.<loss>``."""
     return _INSTANCES[_resolve_key(backend, loss, device.type)]
 
 
 def available() -> dict[str, dict[str, str]]:
     """For each loss and device type: the backend ``auto`` picks, or why a backend is missing."""
     report = {}
-    for loss in _FIRST_OP:
+    for loss in families():
         for device_type in ("cpu", "cuda"):
             report[f"{loss}/{device_type}"] = {
                 name: unavailable_reason(name, loss, device_type) or "available" for name in BACKENDS[1:]

@@ -241,8 +241,8 @@ def test_operand_dtype_is_what_the_products_round_to():
         assert k.operand_dtype(F32, F32) == BF16
     finally:
         torch.set_float32_matmul_precision(before)
-    assert resolve("triton", "ccl", DEVICE).ccl_operand_dtype(F16, F32) == F16
-    assert resolve("reference", "ccl", DEVICE).ccl_operand_dtype(F16, F32) == F32
+    assert resolve("triton", "ccl", DEVICE).operand_dtype(F16, F32) == F16
+    assert resolve("reference", "ccl", DEVICE).operand_dtype(F16, F32) == F32
 
 
 @pytest.mark.parametrize("k,margin_type", [(1, 0), (3, 1)])

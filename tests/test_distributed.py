@@ -353,7 +353,7 @@ def _sharded_margin_dropins_match(rank, world, backend):
 def _sharded_16bit_matches_fused_single_process(rank, world):
     """fp16 queries on the Triton kernels (fp16 products): the sharded loss and query gradient equal the fused
     single-process ones to the gradient's own fp16 rounding (the label's W_y is rounded to the operand dtype as in
-    the fused epilogue, ``Backend.ccl_operand_dtype``)."""
+    the fused epilogue, ``Backend.operand_dtype``)."""
     kw = dict(centers=_bank(), backend="triton", reduction="none")
     sharded = fastcdml.ShardedCenterContrastiveLoss(C, D, **kw)
     single = fastcdml.CenterContrastiveLoss(C, D, distributed=False, **kw)

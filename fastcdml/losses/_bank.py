@@ -17,7 +17,9 @@ from torch import nn
 
 from .. import _checks
 from .._backend import BACKENDS, Backend, resolve
+from ..ops import ccl as ccl_ops
 from ..params import CenterParams
+from ..reference import ccl as ccl_reference
 from ..reference.ccl import EPS, normalize_rows
 from . import _pml
 
@@ -43,6 +45,11 @@ def check_args(num_classes: int, embedding_size: int, update: str, momentum: flo
 def check_momentum(momentum: float) -> None:
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+
+def ccl(backend: Backend):
+    """The CCL family's functions (``fastcdml.reference.ccl`` / ``fastcdml.ops.ccl``) on ``backend``."""
+    return backend.bind(ccl_ops, ccl_reference)
 
 
 def empty_loss(embeddings: torch.Tensor, bank: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -127,7 +134,7 @@ class Bank(nn.Module):
         the step: a backend that updates in place computed the query gradient already; the reference's autograd
         graph holds the old bank, so it returns a new one and the stored tensor is swapped instead of written
         (an in-place write would also be mis-ordered by torch.compile)."""
-        new = backend.ccl_momentum_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
+        new = ccl(backend).ccl_momentum_update(bank, embeddings.detach(), labels, self.momentum, self.sub_centers)
         if new is not bank:
             self._set_rows(new)
 
@@ -152,7 +159,9 @@ class Bank(nn.Module):
         if embeddings.shape[0] == 0:
             loss = empty_loss(embeddings, bank, self.reduction)
         else:
-            loss = self._reduce(backend.ccl_loss_rows(embeddings, labels, bank, self.params), indices_tuple)
+            rows = ccl(backend).ccl_loss_rows(embeddings, labels, bank, *self.params.as_args(),
+                                              gamma=self.params.gamma)
+            loss = self._reduce(rows, indices_tuple)
         if momentum_step and batch[0].shape[0]:
             self._momentum_step(backend, bank, *batch)
         return loss
@@ -169,7 +178,7 @@ class Bank(nn.Module):
         if embeddings.shape[0]:
             stored = self._stored_rows()
             source = stored.detach().contiguous()  # gradient-mode W: the transpose of contiguous columns
-            new = backend.ccl_momentum_update(source, embeddings.detach(), labels, 0.0, self.sub_centers)  # μ = 0
+            new = ccl(backend).ccl_momentum_update(source, embeddings.detach(), labels, 0.0, self.sub_centers)  # μ = 0
             stored.copy_(new)
         return self
 

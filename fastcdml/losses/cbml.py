@@ -9,10 +9,17 @@ from torch import nn
 
 from .. import _checks
 from .._backend import BACKENDS, Backend, resolve
+from ..ops import cbml as cbml_ops
 from ..params import BayesianParams
+from ..reference import cbml as cbml_reference
 from ..reference.cbml import pack_pairs
 from ..reference.ccl import normalize_rows
 from . import _pml
+
+
+def _cbml(backend: Backend):
+    """The CBML family's functions (``fastcdml.reference.cbml`` / ``fastcdml.ops.cbml``) on ``backend``."""
+    return backend.bind(cbml_ops, cbml_reference)
 
 
 def _check_batch(embeddings, labels, backend: Backend, check_values: bool, ignore_negative_labels: bool) -> None:
@@ -126,7 +133,8 @@ def _loss(embeddings, labels, ref_emb, ref_labels, include_self, indices_tuple, 
         rows, cols = _pml.mined_pairs(indices_tuple, embeddings.device)
         width = ref_emb.shape[0] + (embeddings.shape[0] if include_self else 0)
         mask = pack_pairs(rows, cols, embeddings.shape[0], width)
-    loss = impl.cbml_loss(embeddings, labels, ref_emb, ref_labels, include_self, params, mask)
+    loss = _cbml(impl).cbml_loss(embeddings, labels, ref_emb, ref_labels, pair_mask=mask, include_self=include_self,
+                                 **params.as_kwargs())
     return loss if check_inputs else _nan_unless_finite(loss, embeddings, ref_emb)
 
 
@@ -237,7 +245,8 @@ class ContrastiveBayesianLoss(nn.Module):
             loss = embeddings.sum(dtype=torch.float32) * 0.0
         else:
             mask = self._mined(queries, query_labels, ref, ref_labels, include_self, indices_tuple)
-            loss = backend.cbml_loss(queries, query_labels, ref, ref_labels, include_self, self.params, mask)
+            loss = _cbml(backend).cbml_loss(queries, query_labels, ref, ref_labels, pair_mask=mask,
+                                            include_self=include_self, **self.params.as_kwargs())
             if not self.check_inputs:
                 loss = _nan_unless_finite(loss, embeddings)
         if self.training:

@@ -10,7 +10,7 @@ from .. import _checks, distributed as _distributed
 from .._backend import BACKENDS, Backend, resolve
 from ..params import CenterParams
 from . import _pml
-from ._bank import ONE_CLASS, Bank, check_args, check_momentum, empty_loss
+from ._bank import ONE_CLASS, Bank, ccl, check_args, check_momentum, empty_loss
 
 def _check_inputs(embeddings, labels, centers, backend: Backend, check_inputs):
     _checks.embeddings(embeddings, "embeddings", backend, None, check_inputs)
@@ -38,8 +38,8 @@ def center_contrastive_loss(
 ) -> torch.Tensor:
     """CCL of ``embeddings`` (B, D) with ``labels`` (B,) against ``centers`` (C, D); no bank update.
 
-    The per-row loss ``L_i`` of ``docs/spec.md`` §1 (``fastcdml.reference.ccl.ccl_loss_rows``). ``centers`` is used as given (normalise it yourself if it is learnable); gradients flow to it if it requires
-    them. Returns a float32 scalar (``mean``/``sum``; float64 for float64 reference inputs) or the (B,) vector
+    The per-row loss ``L_i`` of ``docs/spec.md`` §1 (``fastcdml.reference.ccl.ccl_loss_rows``). ``centers`` is
+    used as given (normalise it yourself if it is learnable); gradients flow to it if it requires them. Returns a float32 scalar (``mean``/``sum``; float64 for float64 reference inputs) or the (B,) vector
     (``none``). An empty batch gives 0 (``mean`` and ``sum``) or an empty vector.
     """
     params = CenterParams(temperature, margin, center_weight)
@@ -50,7 +50,7 @@ def center_contrastive_loss(
         warnings.warn(f"fastcdml: center_contrastive_loss got one center: {ONE_CLASS}", stacklevel=2)
     if embeddings.shape[0] == 0:
         return empty_loss(embeddings, centers, reduction)
-    return _checks.reduce(impl.ccl_loss_rows(embeddings, labels, centers, params), reduction)
+    return _checks.reduce(ccl(impl).ccl_loss_rows(embeddings, labels, centers, *params.as_args()), reduction)
 
 
 def center_momentum_update_(
@@ -71,7 +71,7 @@ def center_momentum_update_(
         raise ValueError("centers must be contiguous to be updated in place")
     if embeddings.shape[0] == 0:
         return centers
-    new = impl.ccl_momentum_update(centers, embeddings.detach(), labels, momentum)
+    new = ccl(impl).ccl_momentum_update(centers, embeddings.detach(), labels, momentum)
     return new if new is centers else centers.copy_(new)
 
 

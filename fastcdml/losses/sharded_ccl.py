@@ -42,8 +42,8 @@ import torch.distributed as dist
 from .. import _checks
 from ..params import CenterParams
 from ..distributed import CommStats, all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
-from ..reference.ccl import ccl_epilogue, normalize_rows, partials_scale
-from ._bank import Bank, check_args, empty_loss
+from ..reference.ccl import SlicePartials, ccl_epilogue, normalize_rows, partials_scale
+from ._bank import Bank, ccl, check_args, empty_loss
 
 _INIT_BLOCK = 4096  # rows of the random initial bank drawn per seed, so the bank does not depend on world size
 
@@ -68,7 +68,8 @@ class _ShardedRows(torch.autograd.Function):
     def forward(ctx, x, bank, xg, local_labels, valid, sizes, params: CenterParams, backend, group, stats):
         rank = dist.get_rank(group)
         query_grad = ctx.needs_input_grad[0]
-        p = backend.ccl_partials(xg, local_labels, bank, params, query_grad)
+        p = SlicePartials(*ccl(backend).ccl_partials(xg, local_labels, bank, params.temperature, params.margin,
+                                                     query_grad, params.margin_type, params.sub_centers))
         m_all = p.m.clone()
         all_reduce(m_all, dist.ReduceOp.MAX, group, stats, "max")
         e = partials_scale(p.m, m_all)
@@ -76,7 +77,7 @@ class _ShardedRows(torch.autograd.Function):
         if query_grad:
             w_y = p.acc.new_zeros(p.acc.shape)
             if bank.shape[0]:  # the owned labels' rows, gathered without a host sync
-                rows_y = bank[p.row_y.clamp_min(0)].to(backend.ccl_operand_dtype(xg.dtype, bank.dtype))
+                rows_y = bank[p.row_y.clamp_min(0)].to(backend.operand_dtype(xg.dtype, bank.dtype))
                 w_y = torch.where((p.row_y >= 0)[:, None], rows_y.to(w_y.dtype), w_y)
             scalars.append(p.ps * e)
             packed = torch.cat([p.acc * e[:, None], w_y, torch.stack(scalars, dim=1)], dim=1)
@@ -117,7 +118,8 @@ class _ShardedRows(torch.autograd.Function):
             xg, local_labels, bank, lse, q, valid = saved
             g_all = gather_rows(grad_rows, sizes, group=group, stats=stats, name="grad_rows")
             g_all = torch.where(valid, g_all, 0.0) / dist.get_world_size(group)
-            gw = backend.ccl_slice_centers_grad(xg, local_labels, bank, lse, q, g_all, params).to(bank_dtype)
+            gw = ccl(backend).ccl_slice_centers_grad(xg, local_labels, bank, lse, q, g_all, *params.as_args())
+            gw = gw.to(bank_dtype)
         return gx, gw, None, None, None, None, None, None, None, None
 
 
@@ -191,8 +193,8 @@ class ShardedBank(Bank):
         if xg.shape[0] and bank.shape[0]:
             local = yg.to(bank.device) - self.start
             local = torch.where((local >= 0) & (local < self.stop - self.start), local, -1)
-            new = self._resolve(embeddings).ccl_momentum_update(bank.detach().contiguous(), xg.detach(), local, 0.0,
-                                                       self.sub_centers)  # μ = 0: the class means
+            new = ccl(self._resolve(embeddings)).ccl_momentum_update(
+                bank.detach().contiguous(), xg.detach(), local, 0.0, self.sub_centers)  # μ = 0: the class means
             bank.copy_(new)
         return self
 

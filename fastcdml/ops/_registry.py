@@ -26,6 +26,7 @@ def namespaces() -> dict[str, str]:
 
 
 _LIBS: dict[str, torch.library.Library] = {}
+_FAMILIES: list[str] = []  # the stems of the ``<stem>_fwd`` ops defined so far, in order
 
 def _library(ns: str) -> torch.library.Library:
     if ns not in _LIBS:
@@ -45,6 +46,8 @@ def define(
     """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` and optional autograd."""
     lib = _library(ns)
     lib.define(name + schema)
+    if ns == MAIN and name.endswith("_fwd"):
+        _FAMILIES.append(name[: -len("_fwd")])
     qualname = f"{ns}::{name}"
     torch.library.register_fake(qualname, fake, lib=lib)
     torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
@@ -55,3 +58,21 @@ def define(
 def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
     """Whether ``ns::name`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)
+
+
+def families() -> tuple[str, ...]:
+    """The loss families that have ops: each op module defines its first op as ``<stem>_fwd``."""
+    return tuple(_FAMILIES)
+
+
+def cpp_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the C++ kernels' products round their operands to: they multiply in fp32."""
+    return torch.float32
+
+
+def triton_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the Triton kernels' products round their operands to (the precision policy,
+    ``fastcdml.kernels._tuning.operand_dtype``; read without importing triton)."""
+    from ..kernels import _tuning
+
+    return _tuning.operand_dtype(x_dtype, bank_dtype)

@@ -27,6 +27,8 @@ import torch
 from ..params import PHIS
 from ._registry import define, namespaces
 
+__all__ = ["cbml_loss"]
+
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mask, bool include_self, " \
       "float pos_a, float pos_b, " \
       "float neg_a, float neg_b, float margin, float variance_weight, float mean_weight, int phi, " \

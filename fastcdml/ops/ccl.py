@@ -43,6 +43,8 @@ import torch
 
 from ._registry import define, namespaces
 
+__all__ = ["ccl_loss_rows", "ccl_momentum_update", "ccl_partials", "ccl_slice_centers_grad"]
+
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
       "bool compute_grad, int margin_type=0, int sub_centers=1, float gamma=0.0) -> (Tensor, Tensor, Tensor, Tensor)"
 PARTIALS = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, bool compute_grad, " \
@@ -128,14 +130,6 @@ def _bwd_centers_triton(*args):
     return kernels.ccl_bwd_centers(*args)
 
 
-def triton_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the Triton forward rounds its product operands to (the precision policy,
-    ``fastcdml.kernels._tuning.operand_dtype``; read without importing triton)."""
-    from ..kernels import _tuning
-
-    return _tuning.operand_dtype(x_dtype, bank_dtype)
-
-
 def _update_triton(*args):
     from ..kernels import ccl as kernels
 
@@ -160,8 +154,8 @@ def ccl_loss_rows(ops, x, labels, centers, temperature, margin, center_weight, m
                        compute_grad, margin_type, sub_centers, gamma)[0]
 
 
-def ccl_momentum_update_(ops, centers, x, labels, momentum, sub_centers=1):
-    """In-place momentum update of a contiguous bank; returns ``centers``."""
+def ccl_momentum_update(ops, centers, x, labels, momentum, sub_centers=1):
+    """The bank after one momentum step: ``centers`` itself, updated in place (it must be contiguous)."""
     ops.ccl_momentum_update_(centers, x.detach().contiguous(), labels.contiguous(), momentum, sub_centers)
     return centers
 
@@ -180,8 +174,3 @@ def ccl_slice_centers_grad(ops, x, labels, centers, lse, label_q, grad_rows, tem
     return ops.ccl_bwd_centers(x.detach().contiguous(), labels.contiguous(), centers.detach().contiguous(),
                                lse.float().contiguous(), grad_rows.float().contiguous(), temperature, margin,
                                center_weight, margin_type, sub_centers, label_q.float().contiguous(), True)
-
-
-def cpp_operand_dtype(x_dtype: torch.dtype, bank_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the C++ forward's products round their operands to: it multiplies in fp32."""
-    return torch.float32

@@ -88,6 +88,8 @@ def cbml_loss_rows(
     ``pair_mask`` (:func:`pack_pairs` of mined pairs, over the reference set's columns): only the listed pairs can
     be positives or negatives (so the class means are over them too); the boundary form's row mean stays over
     every present reference."""
+    if ref is not None and ref.shape[0] == 0:  # an empty memory is no memory
+        ref, ref_labels = None, None
     if phi not in PHIS:
         raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
     if variance_center not in VARIANCE_CENTERS:
