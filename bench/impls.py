@@ -7,9 +7,10 @@ implementation allows it:
 * CBML (``variant="self"``): forward and backward, the reference set is the batch itself.
 * CBML (``variant="memory"``): forward and backward against the batch followed by a memory bank of M entries
   (no gradient to the bank), then the batch is enqueued into the FIFO bank.
-* margin (``variant="gradient"``): PML's NormalizedSoftmax, CosFace, ArcFace and SubCenterArcFace (K = 3) with
-  their default hyper-parameters, fastcdml's drop-in against PML's class of the same name: forward, backward to
-  the embeddings and to the learnable ``W`` (D, C·K); no optimizer step.
+* margin (``variant="gradient"``): PML's NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace (K = 3), ProxyNCA
+  and SoftTriple (K = 10) with their default hyper-parameters, fastcdml's drop-in against PML's class of the same
+  name: forward, backward to the embeddings and to the learnable proxies (``W`` (D, C·K), ``proxies`` (C, D),
+  ``fc`` (D, C·K)); no optimizer step.
 * proxy_anchor (``variant="gradient"``): PML's ProxyAnchorLoss (δ = 0.1, α = 32) against fastcdml's drop-in:
   forward, backward to the embeddings and to the learnable proxies (C, D); no optimizer step. Sizes that would
   not finish or fit on the machine are not run (:func:`over_budget`), and the run records why.
@@ -39,13 +40,14 @@ CBML_PER_CLASS = 4
 IMPLS = {
     "ccl": ("fastcdml", "reference", "torch_compile", "pml_normsoftmax", "pml_proxyanchor", "cce", "liger"),
     "cbml": ("fastcdml", "reference", "torch_compile", "pml_multisimilarity", "pml_contrastive"),
-    "margin": tuple(f"{who}_{name}" for name in ("normalizedsoftmax", "cosface", "arcface", "subcenter")
-                    for who in ("fastcdml", "pml")),
+    "margin": tuple(f"{who}_{name}" for name in ("normalizedsoftmax", "cosface", "arcface", "subcenter", "proxynca",
+                                                 "softtriple") for who in ("fastcdml", "pml")),
     "proxy_anchor": ("fastcdml", "pml"),
 }
-# the margin family: bench name -> (class name in fastcdml and PML, sub-centers K)
-MARGIN_CLASSES = {"normalizedsoftmax": ("NormalizedSoftmaxLoss", 1), "cosface": ("CosFaceLoss", 1),
-                  "arcface": ("ArcFaceLoss", 1), "subcenter": ("SubCenterArcFaceLoss", 3)}
+# the margin family: bench name -> (class name in fastcdml and PML, proxies per class K, constructor arguments)
+MARGIN_CLASSES = {"normalizedsoftmax": ("NormalizedSoftmaxLoss", 1, {}), "cosface": ("CosFaceLoss", 1, {}),
+                  "arcface": ("ArcFaceLoss", 1, {}), "subcenter": ("SubCenterArcFaceLoss", 3, {"sub_centers": 3}),
+                  "proxynca": ("ProxyNCALoss", 1, {}), "softtriple": ("SoftTripleLoss", 10, {})}
 _PACKAGE = {"pml": "pytorch_metric_learning", "cce": "cut_cross_entropy", "liger": "liger_kernel"}
 _DIST = {"pml": "pytorch-metric-learning", "cce": "cut-cross-entropy", "liger": "liger-kernel"}
 _GPU_ONLY = ("cce", "liger")
@@ -229,10 +231,10 @@ def _ccl_fused_ce(case, x, y, bank):
 
 
 def _margin(case, x, y):
-    """fastcdml's drop-in or PML's class of the same name, default hyper-parameters, W from the same seed."""
+    """fastcdml's drop-in or PML's class of the same name, default hyper-parameters, the proxies (its one
+    parameter) from the same seed."""
     who, name = case.impl.split("_", 1)
-    cls, k = MARGIN_CLASSES[name]
-    kwargs = {"sub_centers": k} if k > 1 else {}
+    cls, _, kwargs = MARGIN_CLASSES[name]
     if who == "pml":
         from pytorch_metric_learning import losses
 
@@ -242,13 +244,15 @@ def _margin(case, x, y):
 
         loss_fn = getattr(fastcdml, cls)(case.C, case.D, check_inputs=False, **kwargs)
         backend = resolve("auto", "ccl", x.device).name
+    (weight,) = loss_fn.parameters()
     with torch.no_grad():
-        loss_fn.W.copy_(torch.randn(loss_fn.W.shape, generator=torch.Generator().manual_seed(1)))
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
     loss_fn = loss_fn.to(x.device)
+    (weight,) = loss_fn.parameters()
 
     def run():
         x.grad = None
-        loss_fn.W.grad = None
+        weight.grad = None
         loss_fn(x, y).backward()
 
     return Step(run, backend)

@@ -6,8 +6,11 @@
 // the max over each class's K columns (K = 1: the tile itself), the label column gets the target transform, an
 // online softmax (flash-attention style running max / sum in fp32) turns the class tile into probabilities in
 // place, and a second GEMM adds them, placed at each class's argmax sub-center, times the chunk into the running
-// Σ_j p_ij W_j, rescaled whenever the running max moves. ccl_fwd's epilogue turns the per-row results into the loss
-// and query gradient; ccl_fwd_partials returns them for combining across the slices of a sharded bank.
+// Σ_j p_ij W_j, rescaled whenever the running max moves. With gamma γ > 0 (SoftTriple) the class cosine is the
+// softmax-weighted mean c = Σ_k q_k s_k, q = softmax(s/γ), over the class's K columns instead of their max, and a
+// class's weight is spread over all K rows by ∂c/∂s_k = q_k (1 + (s_k − c)/γ) instead of placed at the argmax.
+// ccl_fwd's epilogue turns the per-row results into the loss and query gradient; ccl_fwd_partials returns them for
+// combining across the slices of a sharded bank.
 // Memory: O(B·D + threads · kRowBlock · chunk · K), never B×C.
 #include "common.h"
 
@@ -60,43 +63,66 @@ int64_t check_sub_centers(const Tensor& centers, int64_t sub_centers) {
   return sub_centers;
 }
 
-// Class cosines of a (rows × cc·K) similarity tile: cls[r, j] = max_k s[r, jK + k], arg[r, j] = the first k
-// reaching it. Nothing to do when K = 1 (the tile is its own class tile).
-void subcenter_max(const float* s, int64_t rows, int64_t cc, int64_t K, float* cls, int64_t* arg) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cc; ++j) {
-      const float* v = s + (r * cc + j) * K;
+// The class reduction of a (rows × cc·K) similarity tile and its inverse, with buffers for one tile. reduce: the
+// class tile cls[r, j] = max_k s[r, jK + k] (arg: the first k reaching it) or, with γ > 0, Σ_k q_k s[r, jK + k]
+// (wts[r, jK + k] = ∂cls/∂s = q_k (1 + (s_k − cls)/γ)); K = 1: the tile itself. route: class values back onto a
+// (rows × cc·K) tile, at the argmax column (0 elsewhere) or spread by wts, so that one GEMM with the chunk's bank
+// rows sends each class's weight to the rows its cosine came from.
+struct SubCenters {
+  int64_t K;
+  float gamma;  // 0: the max
+  std::vector<float> cls, wts;
+  std::vector<int64_t> arg;
+  SubCenters(int64_t K, double gamma, int64_t tile_classes)
+      : K(K), gamma(K > 1 ? static_cast<float>(gamma) : 0.f), cls(K > 1 ? tile_classes : 0),
+        wts(this->gamma > 0 ? tile_classes * K : 0), arg(K > 1 && this->gamma == 0 ? tile_classes : 0) {}
+  bool soft() const { return gamma > 0; }
+
+  float* reduce(float* s, int64_t rows, int64_t cc) {
+    if (K == 1) return s;
+    for (int64_t i = 0; i < rows * cc; ++i) {
+      const float* v = s + i * K;
       int64_t best = 0;
       for (int64_t k = 1; k < K; ++k)
         if (v[k] > v[best]) best = k;
-      cls[r * cc + j] = v[best];
-      arg[r * cc + j] = best;
+      if (!soft()) {
+        cls[i] = v[best];
+        arg[i] = best;
+        continue;
+      }
+      float* w = wts.data() + i * K;
+      float z = 0.f, c = 0.f;
+      for (int64_t k = 0; k < K; ++k) z += w[k] = std::exp((v[k] - v[best]) / gamma);
+      for (int64_t k = 0; k < K; ++k) c += (w[k] /= z) * v[k];
+      for (int64_t k = 0; k < K; ++k) w[k] *= 1.f + (v[k] - c) / gamma;
+      cls[i] = c;
     }
-}
+    return cls.data();
+  }
 
-// The inverse routing: class values placed at their argmax sub-center column of a (rows × cc·K) tile, 0 elsewhere,
-// so that one GEMM with the chunk's bank rows sends each class's weight to the sub-center that gave its max.
-void subcenter_scatter(const float* cls, const int64_t* arg, int64_t rows, int64_t cc, int64_t K, float* s) {
-  std::fill(s, s + rows * cc * K, 0.f);
-  for (int64_t i = 0; i < rows * cc; ++i) s[i * K + arg[i]] = cls[i];
-}
+  void route(const float* c, int64_t rows, int64_t cc, float* s) const {
+    if (soft()) {
+      for (int64_t i = 0; i < rows * cc; ++i)
+        for (int64_t k = 0; k < K; ++k) s[i * K + k] = c[i] * wts[i * K + k];
+      return;
+    }
+    std::fill(s, s + rows * cc * K, 0.f);
+    for (int64_t i = 0; i < rows * cc; ++i) s[i * K + arg[i]] = c[i];
+  }
+};
 
-// The similarity tile s = x̂_b·W_cᵀ (rb × cc·K, in sbuf) and its class cosines cp: s itself for K = 1, else the max
-// over each class's K columns (into cls, the argmax into arg).
+// The similarity tile s = x̂_b·W_cᵀ (rb × cc·K, in sbuf) and its class cosines cp (SubCenters::reduce).
 struct ClassTile {
   Tensor s;
   float* sp;
   float* cp;
 };
 
-ClassTile class_tile(Tensor& sbuf, const Tensor& xb, const Tensor& wc, int64_t rb, int64_t cc, int64_t K,
-                     std::vector<float>& cls, std::vector<int64_t>& arg) {
-  Tensor s = tile(sbuf, rb, cc * K);
+ClassTile class_tile(Tensor& sbuf, const Tensor& xb, const Tensor& wc, int64_t rb, int64_t cc, SubCenters& sub) {
+  Tensor s = tile(sbuf, rb, cc * sub.K);
   mm_nt(s, xb, wc);
   float* sp = s.data_ptr<float>();
-  float* cp = K == 1 ? sp : cls.data();
-  if (K > 1) subcenter_max(sp, rb, cc, K, cp, arg.data());
-  return {s, sp, cp};
+  return {s, sp, sub.reduce(sp, rb, cc)};
 }
 
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
@@ -115,11 +141,12 @@ float online_softmax_row(float* s, int64_t n, float inv_tau, float& m, float& l,
 // The per-row results of streaming one block of rows ≤ kRowBlock queries over a whole bank (stream_bank), in
 // natural units z = logit/τ: m = max_j z_j, l = Σ_j e^{z_j − m}, lo = the same sum without the label's column,
 // acc (rows, D) = Σ_j e^{z_j − m} W_{jK+k*_j} (only with compute_grad), and for a label the bank owns (in [0, C))
-// its class cosine before the margin sy = c_y and its bank row ky = y·K + k*_y; sy = 0 and ky = −1 for any other
-// label. An empty bank (C = 0) leaves m = −inf and every sum 0.
+// its class cosine before the margin sy = c_y and its bank row ky = y·K + k*_y, or with γ > 0 (where acc routes
+// every class over its K rows) wy (rows, K) = ∂c_y/∂s_{y,k} as the tile computed them; sy = 0 and ky = −1 for any
+// other label. An empty bank (C = 0) leaves m = −inf and every sum 0.
 struct RowBlock {
   int64_t r0 = 0, rows = 0;
-  std::vector<float> m, l, lo, sy;
+  std::vector<float> m, l, lo, sy, wy;
   std::vector<int64_t> ky;
   Tensor acc;  // (kRowBlock, D) fp32; rows [0, rows) hold this block's sums when compute_grad
 };
@@ -128,8 +155,8 @@ struct RowBlock {
 // kRowBlock queries per task of parallel_for; consume(block) then turns the block's RowBlock into the caller's
 // outputs, on the same thread (it writes only that block's rows).
 template <typename Consumer>
-void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64_t K, const TargetLogit& target,
-                 float inv_tau, bool compute_grad, const Consumer& consume) {
+void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64_t K, double gamma,
+                 const TargetLogit& target, float inv_tau, bool compute_grad, const Consumer& consume) {
   const int64_t B = xh.size(0), D = xh.size(1), C = centers.size(0) / K;
   const int64_t CC = chunk_size(D), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
@@ -137,10 +164,10 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
     Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
     RowBlock st;
-    st.m.resize(RB), st.l.resize(RB), st.lo.resize(RB), st.sy.resize(RB), st.ky.resize(RB);
+    st.m.resize(RB), st.l.resize(RB), st.lo.resize(RB), st.sy.resize(RB), st.ky.resize(RB), st.wy.resize(RB * K);
     st.acc = at::empty({RB, D}, f32);
-    std::vector<float> alpha(RB), cls(K > 1 ? RB * CC : 0);
-    std::vector<int64_t> arg(K > 1 ? RB * CC : 0);
+    std::vector<float> alpha(RB);
+    SubCenters sub(K, gamma, RB * CC);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
       st.r0 = r0, st.rows = rb;
@@ -155,7 +182,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
       for (int64_t c0 = 0; c0 < C; c0 += CC) {
         const int64_t cc = std::min(CC, C - c0);
         const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
-        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, K, cls, arg);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
@@ -163,7 +190,8 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
           if (here) {
             float dt;
             st.sy[r] = row[yi - c0];
-            st.ky[r] = yi * K + (K > 1 ? arg[r * cc + yi - c0] : 0);
+            if (sub.soft()) std::copy_n(sub.wts.data() + (r * cc + yi - c0) * K, K, st.wy.data() + r * K);
+            st.ky[r] = yi * K + (K > 1 && !sub.soft() ? sub.arg[r * cc + yi - c0] : 0);
             row[yi - c0] = target(st.sy[r], &dt);
           }
           float chunk_sum;
@@ -180,7 +208,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
           for (int64_t r = 0; r < rb; ++r)
             if (alpha[r] != 1.f)
               for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
-          if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
+          if (K > 1) sub.route(cp, rb, cc, sp);
           addmm_nn(accb, s, wc);
         }
       }
@@ -195,7 +223,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
 std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels,
                                                    const Tensor& centers_in, double temperature, double margin,
                                                    double center_weight, bool compute_grad, int64_t margin_type,
-                                                   int64_t sub_centers) {
+                                                   int64_t sub_centers, double gamma) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
@@ -214,7 +242,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Ten
   const float* xhp = xh.data_ptr<float>();
   const float* nrm = norm.data_ptr<float>();
 
-  stream_bank(xh, y, centers, K, target, inv_tau, compute_grad, [&](const RowBlock& st) {
+  TORCH_CHECK_VALUE(gamma >= 0, "gamma must be >= 0, got ", gamma);
+  const bool soft = K > 1 && gamma > 0;
+  stream_bank(xh, y, centers, K, gamma, target, inv_tau, compute_grad, [&](const RowBlock& st) {
     const int64_t r0 = st.r0;
     float* lossp = loss.data_ptr<float>() + r0;
     float* lsep = lse.data_ptr<float>() + r0;
@@ -234,9 +264,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Ten
         std::fill(g, g + D, 0.f);
         continue;
       }
-      // g = acc/(l τ) + a W_{y k*},  a = (−1 − (t' − 1) q)/τ − 2λ: the chain rule through t at the label
+      // g = acc/(l τ) + a W_{y k*},  a = (−1 − (t' − 1) q)/τ − 2λ: the chain rule through t at the label; with
+      // γ > 0, W_{y k*} becomes Σ_k ∂c_y/∂s_k W_{yK+k} (the weights the tile saw)
       const float a_y = (-1.f - (dt - 1.f) * qp[r]) * inv_tau - lam2;
-      wy.copy_(centers[st.ky[r]]);
+      if (soft) {
+        const Tensor own = centers.narrow(0, yi * K, K).to(at::kFloat).contiguous();
+        const float* w = own.data_ptr<float>();
+        float* v = wy.data_ptr<float>();
+        std::fill(v, v + D, 0.f);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t d = 0; d < D; ++d) v[d] += st.wy[r * K + k] * w[k * D + d];
+      } else {
+        wy.copy_(centers[st.ky[r]]);
+      }
       const float* wyp = wy.data_ptr<float>();
       const float* a = st.acc.data_ptr<float>() + r * D;
       const float scale = inv_tau / st.l[r];
@@ -269,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ccl_fwd_parti
   if (B == 0) return {m, l, lo, ps, acc, c_y, row_y};
 
   const float* xhp = xh.data_ptr<float>();
-  stream_bank(xh, y, centers, K, target, static_cast<float>(1.0 / temperature), compute_grad,
+  stream_bank(xh, y, centers, K, 0.0, target, static_cast<float>(1.0 / temperature), compute_grad,
               [&](const RowBlock& st) {
                 const int64_t r0 = st.r0, rb = st.rows;
                 std::copy_n(st.m.begin(), rb, m.data_ptr<float>() + r0);
@@ -300,7 +340,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ccl_fwd_parti
 Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, const Tensor& lse_in,
                        const Tensor& grad_rows_in, double temperature, double margin, double center_weight,
                        int64_t margin_type, int64_t sub_centers, const std::optional<Tensor>& label_q_in,
-                       bool foreign_labels) {
+                       bool foreign_labels, double gamma) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
@@ -324,10 +364,10 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   const float* lsep = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
 
+  TORCH_CHECK_VALUE(gamma >= 0, "gamma must be >= 0, got ", gamma);
   parallel_for(0, ceil_div(C, CC), 1, [&](int64_t ch0, int64_t ch1) {
     Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
-    std::vector<float> cls(K > 1 ? RB * CC : 0);
-    std::vector<int64_t> arg(K > 1 ? RB * CC : 0);
+    SubCenters sub(K, gamma, RB * CC);
     for (int64_t ch = ch0; ch < ch1; ++ch) {
       const int64_t c0 = ch * CC, cc = std::min(CC, C - c0);
       const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
@@ -335,7 +375,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
       for (int64_t r0 = 0; r0 < B; r0 += RB) {
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
-        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, K, cls, arg);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
@@ -351,7 +391,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
           if (here && qp) row[yi - c0] = -gp[r0 + r] * (dt * qp[r0 + r] * inv_tau + lam2);
           if (here && !qp) row[yi - c0] = row[yi - c0] * dt - gp[r0 + r] * (dt * inv_tau + lam2);
         }
-        if (K > 1) subcenter_scatter(cp, arg.data(), rb, cc, K, sp);
+        if (K > 1) sub.route(cp, rb, cc, sp);
         addmm_tn(dwc, s, xb);
       }
     }

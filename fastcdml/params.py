@@ -30,16 +30,20 @@ class CenterParams:
     ``temperature`` τ > 0 (the scale is 1/τ), ``margin`` m ≥ 0 (on the label column), ``center_weight`` λ ≥ 0
     (pull of the query toward its own center), ``margin_type`` 0 = additive cosine ``t(c) = c − m`` (CCL, CosFace,
     NormalizedSoftmax with m = 0) or 1 = additive angular ``t(c) = cos(arccos c + m)``, m in radians (ArcFace, with
-    PML's fallback past π − m), ``sub_centers`` K ≥ 1 consecutive bank rows per class (SubCenterArcFace)."""
+    PML's fallback past π − m), ``sub_centers`` K ≥ 1 consecutive bank rows per class, ``gamma`` γ ≥ 0 how a
+    class's K cosines become ``c_ij``: 0 = their max (SubCenterArcFace), > 0 = their softmax-weighted mean
+    ``Σ_k softmax_k(s_ijk/γ)·s_ijk`` (SoftTriple)."""
 
     temperature: float = 0.05
     margin: float = 0.1
     center_weight: float = 1.0
     margin_type: int = 0
     sub_centers: int = 1
+    gamma: float = 0.0
 
     def __post_init__(self):
         _at_least(self.temperature, "temperature", strict=True)
+        _at_least(self.gamma, "gamma")
         _at_least(self.margin, "margin")
         _at_least(self.center_weight, "center_weight")
         choice(self.margin_type, "margin_type", (0, 1))

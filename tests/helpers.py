@@ -51,3 +51,28 @@ def clustered_labels(b: int, lo: int = 3, hi: int = 7) -> torch.Tensor:
         labels += [k] * int(torch.randint(lo, hi + 1, ()))
         k += 1
     return torch.tensor(labels[:b])[torch.randperm(b)]
+
+
+def assert_compiled_matches_eager(make_loss, batches, state) -> None:
+    """A fresh ``make_loss()`` run eagerly and through ``torch.compile(fullgraph=True)`` over ``batches`` of
+    (embeddings, labels), one backward each: one compiled frame, and the same losses, embedding gradients and
+    ``state(loss_fn)`` after the steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    results, counter = [], CompileCounterWithBackend("eager")
+    for compiled in (False, True):
+        torch.manual_seed(1)
+        loss_fn = make_loss()
+        step = loss_fn
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(loss_fn, fullgraph=True, backend=counter)
+        out = []
+        for x, y in batches:
+            xr = x.clone().requires_grad_()
+            loss = step(xr, y)
+            loss.backward()
+            out.append((loss.detach(), xr.grad))
+        results.append((out, state(loss_fn)))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

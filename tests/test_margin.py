@@ -10,7 +10,7 @@ import fastcdml
 from fastcdml.losses._pml import miner_weights
 
 from .conftest import DEVICE
-from .helpers import kernel_backends
+from .helpers import assert_compiled_matches_eager, kernel_backends
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
@@ -219,26 +219,10 @@ def test_pml_trainer_with_miner(name):
 def test_compiles_fullgraph(update):
     """A training step through torch.compile(fullgraph=True) compiles once over several steps and matches eager
     (loss, gradients to the embeddings and to W, and the momentum bank)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     batches = [(torch.randn(12, 16, device=DEVICE), torch.randint(0, 6, (12,), device=DEVICE)) for _ in range(4)]
-    results, counter = [], CompileCounterWithBackend("eager")
-    for compiled in (False, True):
-        torch.manual_seed(1)
-        loss_fn = fastcdml.SubCenterArcFaceLoss(6, 16, sub_centers=2, update=update).to(DEVICE)
-        step = loss_fn
-        if compiled:
-            torch._dynamo.reset()
-            step = torch.compile(loss_fn, fullgraph=True, backend=counter)
-        out = []
-        for x, y in batches:
-            xr = x.clone().requires_grad_()
-            loss = step(xr, y)
-            loss.backward()
-            out.append((loss.detach(), xr.grad))
-        results.append((out, loss_fn.W.detach().clone(), loss_fn.W.grad))
-    assert counter.frame_count == 1
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(
+        lambda: fastcdml.SubCenterArcFaceLoss(6, 16, sub_centers=2, update=update).to(DEVICE), batches,
+        lambda loss_fn: (loss_fn.W.detach().clone(), loss_fn.W.grad))
 
 
 @pytest.mark.parametrize("update", ["gradient", "momentum"])

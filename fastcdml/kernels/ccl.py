@@ -4,9 +4,9 @@ in-place momentum update.
 Launchers (the Triton implementations of the ``fastcdml::ccl_*`` ops; schemas and semantics in
 ``fastcdml/ops/ccl.py``, math in ``fastcdml/reference/ccl.py`` and ``docs/spec.md``)::
 
-    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1)
+    ccl_fwd(x, labels, centers, τ, m, λ, compute_grad, margin_type=0, K=1, γ=0)
         -> (loss_rows (B,) fp32, grad_x (B,D)|(0,D) fp32, lse (B,) fp32, label_q (B,) fp32)
-    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None)
+    ccl_bwd_centers(x, labels, centers, lse, grad_rows, τ, m, λ, margin_type=0, K=1, label_q=None, foreign=False, γ=0)
         -> grad_centers (C·K, D) fp32
     ccl_momentum_update_(centers, x, labels, μ, K=1) -> None  (in place)
 
@@ -69,6 +69,14 @@ on a tie); the update below then runs over bank rows instead of classes. Labels 
 bank's dtype) unless the label is out of range or the new row is not finite. No atomics, no host sync,
 bit-identical across runs; a permutation of the batch changes the sums only by rounding.
 
+**SoftTriple** (``gamma`` γ > 0 with K > 1: the ``SOFT`` constexpr). The class cosine is the softmax-weighted
+mean ``c = Σ_k q_k s_k``, ``q = softmax_k(s_k/γ)``, over the class's live slots (``_subcenter_soft``), and a
+class's weight reaches all its rows through the slopes ``∂c/∂s_k = q_k (1 + (s_k − c)/γ)`` (``_subcenter_spread``:
+the tile that the second ``tl.dot`` multiplies with W, in the forward and in the proxy gradient). The pass keeps
+the label's slopes ``w_y`` (KP floats per row) and ``d_y = Σ_k w_yk s_yk`` (= x̂·Σ_k w_yk W_yk, what c_y is for the
+max), and ``ps`` sums ``p·Σ_k slope_k s_k``; the epilogue adds ``a·Σ_k w_yk W_yk`` (the label's K rows, loaded
+one at a time) and ``a·d_y``. Split C: ``plab`` grows to 3 + KP rows (row 1 holds d_y instead of k*).
+
 **Precision.** ``tl.dot`` operands follow the policy of :mod:`fastcdml.kernels._tuning` (``operand_dtype``):
 16-bit when either side is 16-bit (an fp32 bank tile is cast in registers — no 16-bit copy of the bank is made),
 fp32 × fp32 as ``torch.get_float32_matmul_precision()`` asks (tf32x3 by default). Under the interpreter bf16
@@ -79,6 +87,9 @@ can pass 2³¹.
 
 **Configs and tuning knobs** live in :mod:`fastcdml.kernels._tuning` (``CCL_FWD_CONFIGS`` for the forward,
 ``CCL_BWD_CONFIGS`` for the proxy gradient, rows and columns swapped; the precision policy; ``FASTCDML_AUTOTUNE``).
+SoftTriple's ``SOFT`` forward streams a quarter of the entry's columns (at least KP): its centre mean keeps the
+slopes and the padded (rows, classes, KP) tiles live, and with the full width the fused-epilogue variant spilled
+on sm_80 and sm_86 (``bench/NOTES.md``).
 The config a launch uses is a function of the problem and the GPU only, never of what the process launched
 before: on a GPU whose shared memory is below the smallest class (``OutOfResources``) each launch retries along
 ``_tuning.shrink``, and nothing is remembered between calls. The compile gates fail on any table entry that needs
@@ -197,6 +208,29 @@ def _subcenter_max(s, K, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.co
 
 
 @triton.jit
+def _subcenter_soft(s, K, inv_gamma, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
+    """SoftTriple's class cosines ``c = Σ_k q_k s_k``, ``q = softmax_k(s_k/γ)`` over each class's K live slots of a
+    tile ``s`` laid out as in :func:`_subcenter_max`, and the slopes ``∂c/∂s_k = q_k (1 + (s_k − c)/γ)``
+    (BLOCK_R, BLOCK_C // KP, KP), 0 on padding slots, and ``Σ_k (∂c/∂s_k)·s_k`` (= x̂ · the class's routed rows:
+    the class's share of x̂·g, which for the max is c itself)."""
+    s3 = tl.reshape(s, (BLOCK_R, BLOCK_C // KP, KP))
+    live = tl.arange(0, KP)[None, None, :] < K
+    top = tl.max(tl.where(live, s3, float("-inf")), axis=2)
+    e = tl.where(live, tl.exp((s3 - top[:, :, None]) * inv_gamma), 0.0)
+    q = e / tl.sum(e, axis=2)[:, :, None]
+    c = tl.sum(q * s3, axis=2)
+    slopes = q * (1.0 + (s3 - c[:, :, None]) * inv_gamma)
+    return c, slopes, tl.sum(slopes * s3, axis=2)
+
+
+@triton.jit
+def _subcenter_spread(v, slopes, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-class values ``v`` spread over their slots by ``slopes`` (:func:`_subcenter_soft`): the (BLOCK_R,
+    BLOCK_C) tile that routes each class to all its rows in one ``tl.dot`` with the W tile."""
+    return tl.reshape(v[:, :, None] * slopes, (BLOCK_R, BLOCK_C))
+
+
+@triton.jit
 def _subcenter_scatter(v, kstar, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
     """Per-class values ``v`` (BLOCK_R, BLOCK_C // KP) placed at their argmax slot of a (BLOCK_R, BLOCK_C) tile, 0
     elsewhere: the layout of the bank rows, so one ``tl.dot`` with the W tile routes each class to its sub-center."""
@@ -207,8 +241,9 @@ def _subcenter_scatter(v, kstar, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, K
 
 @triton.jit
 def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m2, l, lo, ps, acc,
-                  c_y, k_y, dv_cols, write_rows, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
-                  COMPUTE_GRAD: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr):
+                  c_y, k_y, w_y, d_y, dv_cols, write_rows, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
+                  COMPUTE_GRAD: tl.constexpr, ANGULAR: tl.constexpr, DOT: tl.constexpr, SOFT: tl.constexpr,
+                  KP: tl.constexpr):
     """Loss, lse and the D-slice ``dv_cols`` of ∂L/∂x for ``rows`` from the merged online-softmax state.
 
     ``c_y`` and ``k_y`` are the label's class cosine and argmax sub-center as the pass saw them (the very values
@@ -222,7 +257,9 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
 
     (``acc`` holds ``p_y W_{yK+k*}`` from the pass; ``a`` adds the chain rule through ``t``: for an additive cosine
     margin t' = 1 and a = −1/τ − 2λ.) ``W_y`` is rounded to the ``tl.dot`` operand dtype like its copy in ``acc``.
-    ``q`` is stored for the proxy gradient.
+    ``q`` is stored for the proxy gradient. With ``SOFT`` (SoftTriple's centre mean) ``W_{yK+k*}`` becomes
+    ``Σ_k w_y[:, k]·W_{yK+k}``, ``w_y`` (rows, KP) the label's slopes ∂c_y/∂s_k as the pass saw them, and its
+    product with x̂ is ``d_y`` (``ps`` sums p·d likewise), no longer c_y.
 
     ``norm``: max(‖x‖, 1e-12) of the rows, from the caller (the forward kernel has it from normalising x̂; the
     epilogue loads only the ``dv_cols`` slice of x). ``m2``: running max of z in base-2 units; ``l``:
@@ -243,10 +280,18 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
     if COMPUTE_GRAD:
         dvmask = dv_cols < D
         xh = _load_rows(x_ptr, rows, rmask, dv_cols, dvmask, D) / norm[:, None]
-        wyv = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k_y, rmask, dv_cols, dvmask, D).to(DOT).to(tl.float32)
+        if SOFT:
+            wyv = tl.zeros(acc.shape, tl.float32)
+            for k in range(K):  # not unrolled: one (rows, D) row tile live at a time
+                w_k = tl.sum(tl.where(tl.arange(0, KP)[None, :] == k, w_y, 0.0), axis=1)
+                row_k = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k, rmask, dv_cols, dvmask, D)
+                wyv += w_k[:, None] * row_k.to(DOT).to(tl.float32)
+        else:
+            wyv = _load_rows(w_ptr, tl.where(valid, lab, 0) * K + k_y, rmask, dv_cols, dvmask, D).to(DOT).to(
+                tl.float32)
         a = (-1.0 - (dt_y - 1.0) * q) * inv_temp - two_lambda
         g = acc * (inv_temp / l)[:, None] + a[:, None] * wyv
-        xg = ps * inv_temp / l + a * c_y
+        xg = ps * inv_temp / l + a * (d_y if SOFT else c_y)
         grad = (g - xh * xg[:, None]) / norm[:, None]
         grad = tl.where(valid[:, None], grad, float("nan"))
         offs = rows.to(tl.int64)[:, None] * D + dv_cols[None, :]
@@ -259,13 +304,17 @@ def _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask,
 @triton.jit
 def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, pm_ptr, pl_ptr, pps_ptr,
                     pacc_ptr, plab_ptr, B, C, D, K, SPLIT, qk_scale, inv_temp, margin, cos_m, sin_m, two_lambda,
-                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DV_SPLIT: tl.constexpr,
-                    KP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EPILOGUE: tl.constexpr, ANGULAR: tl.constexpr,
-                    DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                    inv_gamma, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DV_SPLIT: tl.constexpr, KP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, EPILOGUE: tl.constexpr,
+                    ANGULAR: tl.constexpr, SOFT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                    PREC: tl.constexpr):
     """Grid (cdiv(B, BLOCK_B)·DV_SPLIT, SPLIT). Online softmax over this split's classes; epilogue or partials.
 
     A tile holds ``BLOCK_C`` bank rows: ``BLOCK_C // KP`` classes of ``KP`` slots (K sub-centers padded to a power
-    of two; KP = 1 without sub-centers), C counts classes and K the bank rows per class.
+    of two; KP = 1 without sub-centers), C counts classes and K the bank rows per class. ``SOFT``: a class's
+    cosine is SoftTriple's softmax-weighted mean of its K rows (temperature 1/``inv_gamma``) instead of their max,
+    its probability is spread over all K rows in ``acc``, and the label's K slopes are kept for the epilogue
+    (partials: rows 3 … 3 + KP − 1 of ``plab``).
     """
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
@@ -300,6 +349,8 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
     acc = tl.zeros([BLOCK_B, BLOCK_DV], tl.float32)
     c_y = tl.zeros([BLOCK_B], tl.float32)  # the label's class cosine and sub-center, from the tile holding it
     k_y = tl.zeros([BLOCK_B], tl.int32)
+    w_y = tl.zeros([BLOCK_B, KP], tl.float32)  # SOFT: the label's slopes ∂c_y/∂s_k and x̂·Σ_k (∂c_y/∂s_k) W_yk
+    d_y = tl.zeros([BLOCK_B], tl.float32)
     slot = tl.arange(0, BLOCK_C)
     slot_class = slot // KP
     slot_live = (slot % KP) < K
@@ -315,6 +366,10 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
         is_y = lab32[:, None] == cols[None, :]
         if KP == 1:
             c = s
+        elif SOFT:
+            c, slopes, cv = _subcenter_soft(s, K, inv_gamma, BLOCK_B, BLOCK_C, KP)
+            w_y += tl.sum(tl.where(is_y[:, :, None], slopes, 0.0), axis=1)
+            d_y += tl.sum(tl.where(is_y, cv, 0.0), axis=1)
         else:
             c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
             k_y += tl.sum(tl.where(is_y, kstar, 0), axis=1).to(tl.int32)
@@ -327,14 +382,16 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
         l_i = l_i * alpha + tl.sum(p, axis=1)
         lo_i = lo_i * alpha + tl.sum(tl.where(is_y, 0.0, p), axis=1)
         if COMPUTE_GRAD:
-            ps_i = ps_i * alpha + tl.sum(p * c, axis=1)
+            ps_i = ps_i * alpha + tl.sum(p * (cv if SOFT else c), axis=1)
             if DV_SPLIT == 1:
                 wv = w
             else:
                 wv = tl.load(w_tile + dv_cols[None, :], mask=wmask[:, None] & dvmask[None, :], other=0.0).to(DOT)
                 if UPCAST:
                     wv = wv.to(tl.float32)
-            if KP > 1:
+            if SOFT:
+                p = _subcenter_spread(p, slopes, BLOCK_B, BLOCK_C)
+            elif KP > 1:
                 p = _subcenter_scatter(p, kstar, BLOCK_B, BLOCK_C, KP)
             pq = p.to(DOT)
             if UPCAST:
@@ -345,15 +402,19 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
 
     if EPILOGUE:
         _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m_i, l_i, lo_i, ps_i,
-                      acc, c_y, k_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
-                      COMPUTE_GRAD, ANGULAR, DOT)
+                      acc, c_y, k_y, w_y, d_y, dv_cols, first, C, D, K, inv_temp, margin, cos_m, sin_m,
+                      two_lambda, COMPUTE_GRAD, ANGULAR, DOT, SOFT, KP)
     else:
         prow = pid_s.to(tl.int64) * B + rows
         tl.store(pm_ptr + prow, m_i, mask=first)
         tl.store(pl_ptr + prow, l_i, mask=first)
-        tl.store(plab_ptr + prow, c_y, mask=first)  # (3, SPLIT, B): c_y, k_y (exact in fp32), lo
-        tl.store(plab_ptr + SPLIT * B + prow, k_y.to(tl.float32), mask=first)
+        tl.store(plab_ptr + prow, c_y, mask=first)  # (3, SPLIT, B): c_y, k_y (exact in fp32; SOFT: d_y), lo
+        tl.store(plab_ptr + SPLIT * B + prow, d_y if SOFT else k_y.to(tl.float32), mask=first)
         tl.store(plab_ptr + 2 * SPLIT * B + prow, lo_i, mask=first)
+        if SOFT:  # (3 + KP, SPLIT, B)
+            for k in tl.static_range(KP):
+                w_k = tl.sum(tl.where(tl.arange(0, KP)[None, :] == k, w_y, 0.0), axis=1)
+                tl.store(plab_ptr + (3 + k) * SPLIT * B + prow, w_k, mask=first)
         if COMPUTE_GRAD:
             tl.store(pps_ptr + prow, ps_i, mask=first)
             tl.store(pacc_ptr + prow[:, None] * D + dv_cols[None, :], acc, mask=rmask[:, None] & dvmask[None, :])
@@ -362,10 +423,11 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
 @triton.jit
 def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, pm_ptr, pl_ptr, pps_ptr,
                         pacc_ptr, plab_ptr, B, C, D, K, SPLIT, inv_temp, margin, cos_m, sin_m, two_lambda,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                        ANGULAR: tl.constexpr, DOT: tl.constexpr):
+                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                        ANGULAR: tl.constexpr, SOFT: tl.constexpr, DOT: tl.constexpr):
     """Grid (cdiv(B, BLOCK_B),). Merge the SPLIT partial online-softmax states of each row, then the epilogue (the
-    label's c_y and k_y come from the one split whose range holds it; the others wrote zeros)."""
+    label's c_y and k_y, or with SOFT its slopes and d_y, come from the one split whose range holds it; the others wrote
+    zeros)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     dk = tl.arange(0, BLOCK_D)
@@ -379,6 +441,7 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q
     acc = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
     c_y = tl.zeros([BLOCK_B], tl.float32)
     k_y = tl.zeros([BLOCK_B], tl.float32)
+    w_y = tl.zeros([BLOCK_B, KP], tl.float32)
     for sp in range(SPLIT):
         prow = sp * B + rows
         a = tl.exp2(tl.load(pm_ptr + prow, mask=rmask, other=0.0) - m)
@@ -386,14 +449,18 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q
         lo += a * tl.load(plab_ptr + 2 * SPLIT * B + prow, mask=rmask, other=0.0)
         c_y += tl.load(plab_ptr + prow, mask=rmask, other=0.0)
         k_y += tl.load(plab_ptr + SPLIT * B + prow, mask=rmask, other=0.0)
+        if SOFT:
+            for k in tl.static_range(KP):
+                w_k = tl.load(plab_ptr + (3 + k) * SPLIT * B + prow, mask=rmask, other=0.0)
+                w_y += tl.where(tl.arange(0, KP)[None, :] == k, w_k[:, None], 0.0)
         if COMPUTE_GRAD:
             ps += a * tl.load(pps_ptr + prow, mask=rmask, other=0.0)
             acc += a[:, None] * _load_rows(pacc_ptr, prow, rmask, dk, dmask, D)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     norm = _row_norm(_load_rows(x_ptr, rows, rmask, dk, dmask, D))
     _ccl_epilogue(x_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr, rows, rmask, norm, lab, m, l, lo, ps, acc, c_y,
-                  k_y.to(tl.int32), dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda, COMPUTE_GRAD,
-                  ANGULAR, DOT)
+                  k_y.to(tl.int32), w_y, k_y, dk, rmask, C, D, K, inv_temp, margin, cos_m, sin_m, two_lambda,
+                  COMPUTE_GRAD, ANGULAR, DOT, SOFT, KP)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,15 +468,17 @@ def _ccl_combine_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out_ptr, B, C, D, K,
-                            qk_scale, inv_temp, margin, cos_m, sin_m, pull,
+                            qk_scale, inv_temp, margin, cos_m, sin_m, pull, inv_gamma,
                             BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, HAS_Q: tl.constexpr,
-                            FOREIGN: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                            DV_SPLIT: tl.constexpr, KP: tl.constexpr, ANGULAR: tl.constexpr, SOFT: tl.constexpr,
+                            HAS_Q: tl.constexpr, FOREIGN: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
+                            PREC: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C // KP)·DV_SPLIT,). A program owns the K sub-center rows of BLOCK_C // KP classes;
     out[row of (j, k*_ij)] += Σ_i coef_ij · (g_i/τ) x̂_i with coef = p_ij off the label and −t'·q_i − pull at it
     (pull = 2λτ, t' = ∂t/∂c, q_i = 1 − p_iy: the forward's when HAS_Q, else recomputed from lse). A row whose
     label lies outside [0, C) contributes nothing (its loss is NaN), or with FOREIGN (the bank is one slice of a
-    class-sharded bank, lse global) its negatives."""
+    class-sharded bank, lse global) its negatives. ``SOFT``: SoftTriple's centre mean, each class's coefficient
+    spread over its K rows by the slopes ∂c/∂s_k instead of placed at the argmax."""
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
     pid = tl.program_id(0)
@@ -439,6 +508,8 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
         s = tl.dot(xq, tl.trans(w), input_precision=PREC)
         if KP == 1:
             c = s
+        elif SOFT:
+            c, slopes, _ = _subcenter_soft(s, K, inv_gamma, BLOCK_B, BLOCK_C, KP)
         else:
             c, kstar = _subcenter_max(s, K, BLOCK_B, BLOCK_C, KP)
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
@@ -454,7 +525,9 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
             q = 1.0 - p
         coef = tl.where(is_y, -dt * q - pull, p)
         coef = tl.where(live[:, None] & cmask[None, :], coef, 0.0)
-        if KP > 1:
+        if SOFT:
+            coef = _subcenter_spread(coef, slopes, BLOCK_B, BLOCK_C)
+        elif KP > 1:
             coef = _subcenter_scatter(coef, kstar, BLOCK_B, BLOCK_C, KP)
         gs = tl.load(g_ptr + rows, mask=rmask, other=0.0) * inv_temp / norm
         if DV_SPLIT == 1:
@@ -542,8 +615,8 @@ def _autotuned(kernel, key):
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_FWD_TUNED = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "DOT"])
-_BWD_TUNED = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "HAS_Q", "FOREIGN", "DOT"])
+_FWD_TUNED = _autotuned(_ccl_fwd_kernel, ["B", "C", "D", "K", "COMPUTE_GRAD", "EPILOGUE", "ANGULAR", "SOFT", "DOT"])
+_BWD_TUNED = _autotuned(_ccl_bwd_centers_kernel, ["B", "C", "D", "K", "ANGULAR", "SOFT", "HAS_Q", "FOREIGN", "DOT"])
 
 
 def _meta(cfg: Config, rows_name: str, cols_name: str) -> dict:
@@ -557,18 +630,23 @@ def _meta(cfg: Config, rows_name: str, cols_name: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _family(temperature, margin, margin_type, sub_centers, bank_rows):
-    """Scalar and constexpr launch arguments shared by the forward, combine and proxy-gradient kernels."""
+def _family(temperature, margin, margin_type, sub_centers, bank_rows, gamma=0.0):
+    """Scalar and constexpr launch arguments shared by the forward, combine and proxy-gradient kernels (``SOFT``:
+    SoftTriple's centre mean, γ > 0 with K > 1; with K = 1 it is the plain cosine)."""
     if margin_type not in (0, 1):
         raise ValueError(f"margin_type must be 0 (additive cosine) or 1 (additive angular), got {margin_type}")
     if sub_centers < 1 or bank_rows % sub_centers:
         raise ValueError(f"centers has {bank_rows} rows, not a multiple of sub_centers={sub_centers}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    soft = gamma > 0 and sub_centers > 1
     hyper = dict(inv_temp=1.0 / temperature, margin=margin, cos_m=math.cos(margin), sin_m=math.sin(margin))
-    return hyper, dict(ANGULAR=margin_type == 1), triton.next_power_of_2(sub_centers)
+    return hyper, dict(ANGULAR=margin_type == 1, SOFT=soft), triton.next_power_of_2(sub_centers), (
+        1.0 / gamma if soft else 0.0)
 
 
-def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1, *,
-            config: Config | None = None, split: int | None = None):
+def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1,
+            gamma=0.0, *, config: Config | None = None, split: int | None = None):
     """``(loss_rows (B,), grad_x (B, D) or (0, D), lse (B,), label_q (B,))``, all fp32 (see the module docstring;
     ``label_q`` = 1 − p_{i,y_i}, for the proxy gradient).
 
@@ -584,13 +662,13 @@ def ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad
     if b == 0:
         return loss, grad, lse, q
     parts, hyper, flags, dot = _stream(x, labels, centers, temperature, margin, center_weight, compute_grad,
-                                       margin_type, sub_centers, (loss, grad, lse, q), config, split)
+                                       margin_type, sub_centers, (loss, grad, lse, q), config, split, gamma)
     if parts is not None:
         rows = max(1, min(16, 2048 // block_d(d)))  # ≤ 2048 fp32 accumulator elements: no spills at D = 128 or 512
         _ccl_combine_kernel[(triton.cdiv(b, rows),)](
             x, labels, centers, loss, grad, lse, q, *parts, b, centers.shape[0] // sub_centers, d, sub_centers,
-            parts[0].shape[0], **hyper, BLOCK_B=rows, BLOCK_D=block_d(d), COMPUTE_GRAD=compute_grad, **flags,
-            DOT=dot)
+            parts[0].shape[0], **hyper, BLOCK_B=rows, BLOCK_D=block_d(d), KP=triton.next_power_of_2(sub_centers),
+            COMPUTE_GRAD=compute_grad, **flags, DOT=dot)
     return loss, grad, lse, q
 
 
@@ -618,24 +696,26 @@ def ccl_fwd_partials(x, labels, centers, temperature, margin, compute_grad, marg
 
 
 def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type, sub_centers, outputs,
-            config, split):
+            config, split, gamma=0.0):
     """Launch ``_ccl_fwd_kernel`` over the whole bank. With ``outputs`` (loss, grad, lse, q) and one split the
     kernel runs its epilogue into them and the partials are None; otherwise (more splits, or ``outputs`` None:
     the partials op) it writes the partial states ``(pm, pl, pps, pacc, plab)``, one per split. Also returns the
     scalar and constexpr arguments of the epilogue and the ``tl.dot`` operand type the pass used."""
     b, d = x.shape
     k = sub_centers
-    hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
+    hyper, flags, kp, inv_gamma = _family(temperature, margin, margin_type, k, centers.shape[0], gamma)
     c = centers.shape[0] // k
     dev = x.device
     f32 = torch.float32
     heuristic, kind = ccl_config(d, x.dtype, centers.dtype, _smem(dev), CCL_FWD_CONFIGS)
     cfg = config or heuristic
+    if flags["SOFT"] and config is None:  # the centre mean keeps three (rows, cols) fp32 tiles more live
+        cfg = cfg._replace(cols=cfg.cols // 4)
     cfg = cfg._replace(cols=max(cfg.cols, kp))
     bd = block_d(d)
     dot, upcast, prec = _dot_types(x.dtype, centers.dtype, kind)
     hyper["two_lambda"] = 2.0 * center_weight
-    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp, margin_type)  # what the split kernel compiles for
+    key = (d, x.dtype, centers.dtype, compute_grad, kind, kp, margin_type, flags["SOFT"])  # the split kernel's
     launched = {}
 
     def run(cfg, split, warmup=False):
@@ -644,7 +724,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
         if not (epilogue or warmup):
             parts = (*(new_output((split, b), f32, dev) for _ in range(3)),
                      new_output((split, b, d) if compute_grad else (split, 0, d), f32, dev),
-                     new_output((3, split, b), f32, dev))
+                     new_output((3 + (kp if flags["SOFT"] else 0), split, b), f32, dev))
         else:
             parts = None
         launched.update(parts=parts)
@@ -656,7 +736,7 @@ def _stream(x, labels, centers, temperature, margin, center_weight, compute_grad
         fwd = _FWD_TUNED if autotune() else _ccl_fwd_kernel
         kernel = functools.partial(fwd.warmup, grid=grid) if warmup else fwd[grid]
         return kernel(x, labels, centers, loss, grad, lse, q, pm, pl, pps, pacc, plab, b, c, d, k, split,
-                      LOG2E / temperature, **hyper, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
+                      LOG2E / temperature, **hyper, inv_gamma=inv_gamma, BLOCK_D=bd, KP=kp, COMPUTE_GRAD=compute_grad,
                       EPILOGUE=epilogue, **flags, DOT=dot, UPCAST=upcast, PREC=prec,
                       **_meta(cfg, "BLOCK_B", "BLOCK_C"))
 
@@ -691,13 +771,13 @@ def _machine(dev: torch.device, key: tuple, cfg: Config, compile_split_kernel) -
 
 
 def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                    sub_centers=1, label_q=None, foreign_labels=False, *, config: Config | None = None):
+                    sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0, *, config: Config | None = None):
     """∂(Σ_i g_i L_i)/∂W (C·K, D) fp32, reusing the forward's lse and label_q (without it, 1 − p_{i,y_i} is
     recomputed from lse: inaccurate when p_{i,y_i} → 1); ``foreign_labels``: ``centers`` is a slice of a sharded
     bank and a label outside it leaves the row's negatives; ``config`` overrides the heuristic."""
     b, d = x.shape
     k = sub_centers
-    hyper, flags, kp = _family(temperature, margin, margin_type, k, centers.shape[0])
+    hyper, flags, kp, inv_gamma = _family(temperature, margin, margin_type, k, centers.shape[0], gamma)
     c = centers.shape[0] // k
     out = new_output(tuple(centers.shape), torch.float32, x.device)
     if c == 0:
@@ -712,10 +792,11 @@ def ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, cen
 
     def launch(cfg):
         grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"] // kp) * meta["DV_SPLIT"],)  # noqa: E731
-        (_BWD_TUNED if autotune() else _ccl_bwd_centers_kernel)[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
-                   LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, BLOCK_D=block_d(d), KP=kp,
-                   **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels, DOT=dot,
-                   UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
+        kernel = _BWD_TUNED if autotune() else _ccl_bwd_centers_kernel
+        kernel[grid](x, labels, centers, lse, lse if label_q is None else label_q, grad_rows, out, b, c, d, k,
+                     LOG2E / temperature, **hyper, pull=2.0 * center_weight * temperature, inv_gamma=inv_gamma,
+                     BLOCK_D=block_d(d), KP=kp, **flags, HAS_Q=label_q is not None, FOREIGN=foreign_labels,
+                     DOT=dot, UPCAST=upcast, PREC=prec, **_meta(cfg, "BLOCK_C", "BLOCK_B"))
 
     _launch(cfg, launch)
     return out

@@ -2,7 +2,8 @@
 from .cbml import ContrastiveBayesianLoss
 from .ccl import CenterContrastiveLoss
 from .cross_batch_memory import CrossBatchMemory
-from .margin import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
+from .margin import (ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, ProxyNCALoss, SoftTripleLoss,
+                     SubCenterArcFaceLoss)
 from .pair import ContrastiveLoss, MultiSimilarityLoss, NTXentLoss, SupConLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .sharded_ccl import ShardedCenterContrastiveLoss
@@ -13,4 +14,5 @@ from .sharded_proxy_anchor import ShardedProxyAnchorLoss
 __all__ = ["CenterContrastiveLoss", "ContrastiveBayesianLoss", "ShardedCenterContrastiveLoss", "NormalizedSoftmaxLoss",
            "CosFaceLoss", "ArcFaceLoss", "SubCenterArcFaceLoss", "ShardedNormalizedSoftmaxLoss", "ShardedCosFaceLoss",
            "ShardedArcFaceLoss", "ShardedSubCenterArcFaceLoss", "ProxyAnchorLoss", "ShardedProxyAnchorLoss",
-           "NTXentLoss", "SupConLoss", "MultiSimilarityLoss", "ContrastiveLoss", "CrossBatchMemory"]
+           "ProxyNCALoss", "SoftTripleLoss", "NTXentLoss", "SupConLoss", "MultiSimilarityLoss", "ContrastiveLoss",
+           "CrossBatchMemory"]

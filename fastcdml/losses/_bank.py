@@ -138,6 +138,11 @@ class Bank(nn.Module):
         if new is not bank:
             self._set_rows(new)
 
+    def _reduce(self, rows: torch.Tensor, indices_tuple) -> torch.Tensor:
+        """``reduction`` of the per-row losses weighted by PML's miner weights of ``indices_tuple``."""
+        weights = _pml.miner_weights(indices_tuple, rows.shape[0], rows.device)
+        return _checks.reduce(rows if weights is None else rows * weights.to(rows.dtype), self.reduction)
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None, indices_tuple=None,
                 ref_emb=None, ref_labels=None) -> torch.Tensor:
         """``reduction`` over the batch of the miner-weighted per-row losses, float32 (float64 for float64 inputs
@@ -154,9 +159,9 @@ class Bank(nn.Module):
         if embeddings.shape[0] == 0:
             loss = empty_loss(embeddings, bank, self.reduction)
         else:
-            rows = ccl(backend).ccl_loss_rows(embeddings, labels, bank, *self.params.as_args())
-            weights = _pml.miner_weights(indices_tuple, rows.shape[0], rows.device)
-            loss = _checks.reduce(rows if weights is None else rows * weights.to(rows.dtype), self.reduction)
+            rows = ccl(backend).ccl_loss_rows(embeddings, labels, bank, *self.params.as_args(),
+                                              gamma=self.params.gamma)
+            loss = self._reduce(rows, indices_tuple)
         if momentum_step and batch[0].shape[0]:
             self._momentum_step(backend, bank, *batch)
         return loss

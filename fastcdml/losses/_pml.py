@@ -67,15 +67,18 @@ def _check_tuple(indices_tuple) -> tuple[torch.Tensor, ...]:
     return tuple(indices_tuple)
 
 
-def miner_weights(indices_tuple, batch: int, device) -> torch.Tensor | None:
+def miner_weights(indices_tuple, batch: int, device, anchors_only: bool = False) -> torch.Tensor | None:
     """PML's per-sample weights of a mined tuple (``convert_to_weights``): each batch index that occurs in the tuple
     gets ``count / max count`` (its number of occurrences over the most frequent one's), the others 0; None (all
-    weights 1) when nothing was mined or no tuple was given. (B,) float32."""
+    weights 1) when nothing was mined or no tuple was given. ``anchors_only``: count the anchors only (PML's
+    ``using_ref``, as its NCA-based losses do). (B,) float32."""
     if indices_tuple is None:
         return None
     parts = _check_tuple(indices_tuple)
     if all(len(t) == 0 for t in parts):
         return None
+    if anchors_only:
+        parts = parts[:1] if len(parts) == 3 else parts[::2]
     indices, counts = torch.unique(torch.cat([t.to(device).long() for t in parts]), return_counts=True)
     weights = torch.zeros(batch, dtype=torch.float32, device=device)
     weights[indices] = counts.float() / counts.max()

@@ -3,13 +3,13 @@
 
 Schemas (every backend implements exactly these; the math is in ``docs/spec.md``, "Center Contrastive Loss"):
 
-``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1)
--> (loss_rows, grad_x, lse, label_q)``
+``ccl_fwd(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1,
+gamma=0.0) -> (loss_rows, grad_x, lse, label_q)``
     x (B, D) fp32/bf16/fp16 contiguous; labels (B,) int32/int64; centers (C·K, D) fp32/bf16 contiguous, K =
     ``sub_centers`` consecutive rows per class (PML's layout). ``margin_type``: 0 = additive cosine margin
     (CCL, CosFace, NormalizedSoftmax), 1 = additive angular margin in radians (ArcFace, PML's fallback past
-    π − m); the class logit is the max over its K rows, the margin acts on the label's (see
-    ``fastcdml.reference.ccl``).
+    π − m); the class logit is the max over its K rows, or with ``gamma`` γ > 0 their softmax-weighted mean
+    ``Σ_k softmax_k(s_k/γ)·s_k`` (SoftTriple); the margin acts on the label's (see ``fastcdml.reference.ccl``).
     loss_rows (B,) fp32: L_i (NaN for a label outside [0, C)).
     grad_x (B, D) fp32 when ``compute_grad`` else (0, D): ∂L_i/∂x_i, row normalisation backward included, so
     autograd's backward is one scaling by grad_output (NaN rows for out-of-range labels).  lse (B,) fp32:
@@ -23,9 +23,10 @@ Schemas (every backend implements exactly these; the math is in ``docs/spec.md``
     (B,) fp32; ps (B,) and acc (B, D) fp32 when ``compute_grad`` else (0,) and (0, D); row_y (B,) int64, the
     owned label's argmax bank row or −1. An empty slice gives m = −inf and zero sums. Not differentiable.
 ``ccl_bwd_centers(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-sub_centers=1, label_q=None, foreign_labels=False) -> grad_centers``
+sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0) -> grad_centers``
     grad_centers (C·K, D) fp32: Σ_i g_i ∂L_i/∂W (learnable-proxy mode); each class's gradient lands on the
-    sub-center row that gave its max. Without ``label_q`` the label column's 1 − p is recomputed from lse.
+    sub-center row that gave its max (γ > 0: on each of its K rows k, times q_k (1 + (s_k − c)/γ)). Without
+    ``label_q`` the label column's 1 − p is recomputed from lse.
     ``foreign_labels``: ``centers`` is a slice of a sharded bank and ``lse``, ``label_q`` are the rows' global
     values; a row whose label lies outside [0, C) still contributes its negatives (without it such a row, a NaN
     loss row, contributes nothing); ``fastcdml.reference.ccl.ccl_slice_centers_grad``.
@@ -45,16 +46,17 @@ from ._registry import define, namespaces
 __all__ = ["ccl_loss_rows", "ccl_momentum_update", "ccl_partials", "ccl_slice_centers_grad"]
 
 FWD = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, float center_weight, " \
-      "bool compute_grad, int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor, Tensor)"
+      "bool compute_grad, int margin_type=0, int sub_centers=1, float gamma=0.0) -> (Tensor, Tensor, Tensor, Tensor)"
 PARTIALS = "(Tensor x, Tensor labels, Tensor centers, float temperature, float margin, bool compute_grad, " \
            "int margin_type=0, int sub_centers=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad_rows, float temperature, " \
               "float margin, float center_weight, int margin_type=0, int sub_centers=1, Tensor? label_q=None, " \
-              "bool foreign_labels=False) -> Tensor"
+              "bool foreign_labels=False, float gamma=0.0) -> Tensor"
 UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"
 
 
-def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1):
+def _fwd_fake(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type=0, sub_centers=1,
+              gamma=0.0):
     b, d = x.shape
     f32 = torch.float32
     return (x.new_empty(b, dtype=f32), x.new_empty((b if compute_grad else 0, d), dtype=f32),
@@ -70,7 +72,7 @@ def _partials_fake(x, labels, centers, temperature, margin, compute_grad, margin
 
 
 def _bwd_centers_fake(x, labels, centers, lse, grad_rows, temperature, margin, center_weight, margin_type=0,
-                      sub_centers=1, label_q=None, foreign_labels=False):
+                      sub_centers=1, label_q=None, foreign_labels=False, gamma=0.0):
     return centers.new_empty(centers.shape, dtype=torch.float32)
 
 
@@ -81,8 +83,9 @@ def _update_fake(centers, x, labels, momentum, sub_centers=1):
 def _setup_context(ctx, inputs, output):
     x, labels, centers, temperature, margin, center_weight, compute_grad, *family = inputs
     _, grad_x, lse, label_q = output
-    margin_type, sub_centers = list(family) + [0, 1][len(family):]  # the schema's defaults where omitted
+    margin_type, sub_centers, gamma = list(family) + [0, 1, 0.0][len(family):]  # the schema's defaults where omitted
     ctx.hyper = (temperature, margin, center_weight, margin_type, sub_centers)
+    ctx.gamma = gamma
     ctx.dtypes = (x.dtype, centers.dtype)
     ctx.compute_grad = compute_grad
     ctx.n_inputs = len(inputs)
@@ -101,7 +104,7 @@ def _make_backward(ops):
             gx = (grad_rows[:, None] * grad_x).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
             gw = ops.ccl_bwd_centers(
-                x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper, label_q
+                x, labels, centers, lse, grad_rows.float().contiguous(), *ctx.hyper, label_q, gamma=ctx.gamma
             ).to(ctx.dtypes[1])
         return (gx, None, gw) + (None,) * (ctx.n_inputs - 3)
 
@@ -143,11 +146,12 @@ for _ns in namespaces():
 # The wrappers the fused backend calls: ``ops`` is a bound op namespace (``torch.ops.fastcdml`` or
 # ``torch.ops.fastcdml_interpret``); the other arguments are those of the function of the same name in
 # ``fastcdml.reference.ccl``.
-def ccl_loss_rows(ops, x, labels, centers, temperature, margin, center_weight, margin_type=0, sub_centers=1):
+def ccl_loss_rows(ops, x, labels, centers, temperature, margin, center_weight, margin_type=0, sub_centers=1,
+                  gamma=0.0):
     """Per-row losses (B,) fp32; differentiable in ``x`` and ``centers``."""
     compute_grad = torch.is_grad_enabled() and x.requires_grad
     return ops.ccl_fwd(x.contiguous(), labels.contiguous(), centers.contiguous(), temperature, margin, center_weight,
-                       compute_grad, margin_type, sub_centers)[0]
+                       compute_grad, margin_type, sub_centers, gamma)[0]
 
 
 def ccl_momentum_update(ops, centers, x, labels, momentum, sub_centers=1):

@@ -6,7 +6,8 @@ Shapes: ``x`` (B, D) float, ``labels`` (B,) int32/int64, ``centers`` (C·K, D) w
 class in PML's column layout (class j owns rows j·K … j·K+K−1). Math, with ``x̂ = x / max(‖x‖₂, 1e-12)``
 computed in fp32 or wider::
 
-    c_ij = max_k x̂_i · W_{jK+k}                         (K = 1: the plain cosine s_ij)
+    c_ij = max_k s_ijk,  s_ijk = x̂_i · W_{jK+k}          (K = 1: the plain cosine s_ij)
+         = Σ_k softmax_k(s_ijk/γ)·s_ijk                  with ``gamma`` γ > 0 (SoftTriple)
     z_ij = c_ij / τ  for j ≠ y_i,   z_{i,y_i} = t(c_{i,y_i}) / τ
     L_i  = logsumexp_j z_ij − z_{i,y_i} − 2λ·c_{i,y_i}
 
@@ -19,7 +20,8 @@ The target transform ``t`` (cosine units) is chosen by ``margin_type``:
   ``∂t/∂c = cos m + ĉ·sin m / sin θ`` finite at ``|c| = 1`` (where PML's ``acos`` gives an infinite gradient).
 
 Sub-centers: the max over a class's K rows is taken before the margin; its gradient goes to the argmax row
-(the first one on a tie, as ``torch.max``).
+(the first one on a tie, as ``torch.max``). With γ > 0 every row of the class gets a share:
+``∂c_ij/∂s_ijk = q_ijk·(1 + (s_ijk − c_ij)/γ)``, ``q_ijk = softmax_k(s_ijk/γ)``.
 
 Computation dtype: float64 when any input is float64, else float32 (bf16/fp16 inputs are upcast), so the
 returned per-row losses are float32 or float64. Rows whose label lies outside ``[0, C)`` get a NaN loss (the
@@ -71,12 +73,16 @@ def target_logit_and_slope(c: torch.Tensor, margin: float, margin_type: int = AD
     return t.detach(), slope
 
 
-def class_cosines(xh: torch.Tensor, centers: torch.Tensor, sub_centers: int = 1) -> torch.Tensor:
-    """``c_ij = max_k x̂_i · W_{jK+k}`` (B, C) for normalised queries ``xh`` and a (C·K, D) bank."""
+def class_cosines(xh: torch.Tensor, centers: torch.Tensor, sub_centers: int = 1, gamma: float = 0.0) -> torch.Tensor:
+    """``c_ij`` (B, C) for normalised queries ``xh`` and a (C·K, D) bank: ``max_k x̂_i · W_{jK+k}``, or with
+    ``gamma`` γ > 0 the softmax-weighted mean ``Σ_k softmax_k(s_ijk/γ)·s_ijk`` (differentiable)."""
     s = xh @ centers.t()
     if sub_centers == 1:
         return s
-    return s.view(s.shape[0], -1, sub_centers).max(dim=2).values
+    s = s.view(s.shape[0], -1, sub_centers)
+    if gamma > 0:
+        return (torch.softmax(s / gamma, dim=2) * s).sum(dim=2)
+    return s.max(dim=2).values
 
 
 def ccl_loss_rows(
@@ -88,6 +94,7 @@ def ccl_loss_rows(
     center_weight: float = 1.0,
     margin_type: int = ADDITIVE_COSINE,
     sub_centers: int = 1,
+    gamma: float = 0.0,
 ) -> torch.Tensor:
     """Per-row losses ``L_i`` (B,), differentiable in ``x`` and ``centers`` (C·K, D).
 
@@ -98,7 +105,7 @@ def ccl_loss_rows(
         raise ValueError(f"centers has {centers.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
     dtype = compute_dtype(x, centers)
     xh = normalize_rows(x, dtype)
-    c = class_cosines(xh, centers.to(dtype), sub_centers)
+    c = class_cosines(xh, centers.to(dtype), sub_centers, gamma)
     num_classes = c.shape[1]
     valid = (labels >= 0) & (labels < num_classes)
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()

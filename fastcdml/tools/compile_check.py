@@ -82,14 +82,18 @@ MAX_COMPILE_S = 60.0
 # regular expression its value must match in full}, targets, reason). An entry that names no EPILOGUE /
 # COMPUTE_GRAD / … value covers every variant.
 OVER_BUDGET: list[tuple[str, dict[str, str], tuple[str, ...], str]] = [
-    ("_ccl_fwd_kernel", dict(BLOCK_D="1024", DOT="bf16|fp16"), ("sm_90a",),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="1024", DOT="bf16|fp16", SOFT="False"), ("sm_90a",),
      "64 rows × D = 1024 of 16-bit queries stay in registers for the whole C loop: 1.4–1.5 KB at any D split, "
      "2.3 KB in the fused-epilogue variant"),
     ("_ccl_fwd_kernel", dict(BLOCK_D="512", DOT="fp32", PREC="tf32"), ("sm_90a",),
      "'high' fp32 operands, 64 × 512 query tile: 1.1 KB; 32 rows would lose wgmma"),
-    ("_ccl_fwd_kernel", dict(BLOCK_D="512", DOT="bf16|fp16"), ("sm_90a", "sm_80", "sm_86"),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="512", DOT="bf16|fp16", SOFT="False"), ("sm_90a", "sm_80", "sm_86"),
      "64 rows × 512: the fp32 accumulator alone is 128 registers per thread at 8 warps; 1.1–1.9 KB, also with "
      "the D split (it halves the accumulator but adds the PV operand tile)"),
+    ("_ccl_fwd_kernel", dict(BLOCK_D="512|1024", DOT="bf16|fp16", SOFT="True"), ("sm_90a", "sm_80"),
+     "SoftTriple's centre mean (slopes and padded (rows, classes, 16) tiles) next to the accumulator of the row: "
+     "up to 3.3 KB in the fused-epilogue variant (sm_80, D = 512, 64 rows without the D split), 0.4–1.9 KB "
+     "elsewhere"),
     ("_ccl_fwd_kernel", dict(BLOCK_D="128", DOT="fp32", PREC="tf32x3"), ("sm_90a",),
      "tf32x3 keeps hi and lo parts of both operands: 680 B at 64 × 128"),
     ("_cbml_stats_kernel", dict(PRECISION="tf32x3", TOPK="1"), ("sm_90a",),
@@ -127,6 +131,9 @@ def cases(dims=DIMS) -> list[dict]:
       (at the other D "highest" only); the fused-epilogue path (a batch that fills the GPU, so no split of C)
       for fp32 and bf16 queries with the fp32 bank at every D and the bf16 bank at D = 128 and 512; the forward
       without gradient at D = 512.
+    - SoftTriple's centre mean (``SOFT``: K = 10 rows per class, γ = 0.1) in the training step for fp32 and bf16
+      queries with the fp32 bank at every D (and the bf16 bank at D = 128 and 512), and in the fused-epilogue
+      path for bf16 queries with the fp32 bank.
     - The class-sharded step (per-slice partials, the forward kernel without its epilogue, and the slice's proxy
       gradient with foreign labels) for fp32 and bf16 queries with the fp32 bank at every D, and the bf16 bank
       at D = 128 and 512.
@@ -153,6 +160,11 @@ def cases(dims=DIMS) -> list[dict]:
         pairs = (("bf16", "fp32"), ("fp32", "fp32")) + ((("bf16", "bf16"),) if d in full else ())
         out += [dict(ccl, op="fused", d=d, x=x, bank=w, b=32768) for x, w in pairs]
     out += [dict(ccl, op="eval", d=d, x="bf16", bank="fp32") for d in dims if d == full[-1]]
+    soft = dict(ccl, sub_centers=10, gamma=0.1)
+    for d in dims:
+        pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in full else ())
+        out += [dict(soft, d=d, x=x, bank=w) for x, w in pairs]
+        out.append(dict(soft, op="fused", d=d, x="bf16", bank="fp32", b=32768))
     for d in dims:
         pairs = (("fp32", "fp32"), ("bf16", "fp32")) + ((("bf16", "bf16"),) if d in full else ())
         out += [dict(ccl, op="sharded", d=d, x=x, bank=w) for x, w in pairs]
@@ -196,6 +208,7 @@ def case_name(case: dict) -> str:
         extra = f" kind={case['kind']} {case['pairs']}"
     if case.get("margin_type") or case.get("sub_centers", 1) > 1:
         extra = f" margin_type={case.get('margin_type', 0)} K={case.get('sub_centers', 1)}"
+        extra += f" gamma={case['gamma']}" if case.get("gamma") else ""
     prec = f" {case['precision']}" if case["x"] == case["bank"] == "fp32" else ""
     return f"{case['loss']} {case['op']} D={case['d']} {case['x']}/{case['bank']}{prec}{extra}"
 
@@ -369,21 +382,23 @@ class _Session:
         torch.set_float32_matmul_precision(case["precision"])
         try:
             if case["loss"] == "ccl":
-                # the margin-softmax family: optional margin_type (0/1) and sub_centers (K bank rows per class)
+                # the margin-softmax family: optional margin_type (0/1), sub_centers (K bank rows per class) and
+                # gamma (SoftTriple's centre mean)
                 k = case.get("sub_centers", 1)
                 family = (case.get("margin_type", 0), k)
+                gamma = case.get("gamma", 0.0)
                 w = torch.zeros(case["c"] * k, d, dtype=dt[case["bank"]])
                 hyper = (0.05, 0.1, 1.0)
                 if case["op"] == "train":
-                    _, _, lse, q = ccl.ccl_fwd(x, y, w, *hyper, True, *family)
-                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, q)
+                    _, _, lse, q = ccl.ccl_fwd(x, y, w, *hyper, True, *family, gamma)
+                    ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, q, gamma=gamma)
                     ccl.ccl_momentum_update_(w, x, y, 0.9, k)
                 elif case["op"] == "sharded":
                     ccl.ccl_fwd_partials(x, y, w, *hyper[:2], True, *family)
                     lse = torch.zeros(b)
                     ccl.ccl_bwd_centers(x, y, w, lse, torch.ones(b), *hyper, *family, lse, True)
                 else:
-                    ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused", *family)
+                    ccl.ccl_fwd(x, y, w, *hyper, case["op"] == "fused", *family, gamma)
             elif case["loss"] == "proxy_anchor":
                 p = torch.zeros(case["c"], d, dtype=dt[case["bank"]])
                 proxy_anchor.proxy_anchor_fwd(x, y, p, None, torch.tensor(1.0), 1e-3, 0.1, 32.0, True, True)
@@ -533,13 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(3, os.cpu_count() or 1), help="targets compiled at once")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--gates", action="store_true", help="exit 1 when a gate fails")
+    parser.add_argument("--match", default="", help="only the problems whose name contains this text")
     args = parser.parse_args(argv)
     targets = tuple(t for t in args.targets.split(",") if t)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; known: {list(TARGETS)}")
     problems = [c for c in cases(tuple(int(v) for v in args.dims.split(",")))
-                if args.loss in ("all", c["loss"])]
+                if args.loss in ("all", c["loss"]) and args.match in case_name(c)]
     result = check(targets, problems, args.jobs)
     failed = gates(result)
     result["gates_failed"] = failed
