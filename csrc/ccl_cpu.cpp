@@ -151,18 +151,28 @@ struct RowBlock {
   Tensor acc;  // (kRowBlock, D) fp32; rows [0, rows) hold this block's sums when compute_grad
 };
 
+// The whole similarity matrix of a dense pass (stream_bank with `dense`): the bank is one chunk and each block's
+// tile lies in rows [r0, r0 + rows) of `tile` (B, C·K) fp32, which the pass leaves holding e^{z_j − m} routed to
+// the bank rows (SubCenters::route), the label's column included with its margin.
+struct DenseTile {
+  Tensor tile;
+  Tensor block(int64_t r0, int64_t rows) const { return tile.narrow(0, r0, rows).view({-1}); }
+};
+
 // The streaming pass shared by ccl_fwd and ccl_fwd_partials (the math: the comment at the top), one block of
 // kRowBlock queries per task of parallel_for; consume(block) then turns the block's RowBlock into the caller's
-// outputs, on the same thread (it writes only that block's rows).
+// outputs, on the same thread (it writes only that block's rows). With `dense` the bank is one chunk whose tiles
+// are kept (DenseTile).
 template <typename Consumer>
 void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64_t K, double gamma,
-                 const TargetLogit& target, float inv_tau, bool compute_grad, const Consumer& consume) {
+                 const TargetLogit& target, float inv_tau, bool compute_grad, const Consumer& consume,
+                 const DenseTile* dense = nullptr) {
   const int64_t B = xh.size(0), D = xh.size(1), C = centers.size(0) / K;
-  const int64_t CC = chunk_size(D), RB = kRowBlock;
+  const int64_t CC = dense ? std::max<int64_t>(C, 1) : chunk_size(D), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
   const auto f32 = xh.options();
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
-    Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
+    Tensor sbuf = at::empty({dense ? 0 : RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
     RowBlock st;
     st.m.resize(RB), st.l.resize(RB), st.lo.resize(RB), st.sy.resize(RB), st.ky.resize(RB), st.wy.resize(RB * K);
     st.acc = at::empty({RB, D}, f32);
@@ -173,6 +183,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
       st.r0 = r0, st.rows = rb;
       const Tensor xb = xh.narrow(0, r0, rb);
       Tensor accb = st.acc.narrow(0, 0, rb);
+      if (dense) sbuf = dense->block(r0, rb);
       if (compute_grad) accb.zero_();
       std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
       std::fill(st.l.begin(), st.l.end(), 0.f);
@@ -203,12 +214,12 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
           }
           st.lo[r] = st.lo[r] * alpha[r] + chunk_sum;
         }
+        if (K > 1 && (compute_grad || dense)) sub.route(cp, rb, cc, sp);
         if (compute_grad) {
           float* ap = accb.data_ptr<float>();
           for (int64_t r = 0; r < rb; ++r)
             if (alpha[r] != 1.f)
               for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
-          if (K > 1) sub.route(cp, rb, cc, sp);
           addmm_nn(accb, s, wc);
         }
       }
@@ -218,38 +229,44 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
 }
 
 // Outputs (loss, grad, lse, label_q) with label_q = 1 − p_{i,y_i} = (Σ_{j≠y} e^{z_j − m}) / l: the off-label sum is
-// kept on its own so that it stays accurate when p_y → 1 (where 1 − exp(z_y − lse) would be rounding noise).
+// kept on its own so that it stays accurate when p_y → 1 (where 1 − exp(z_y − lse) would be rounding noise), and
+// with `dense` a fifth, coef (B, C·K) fp32 = ∂L_i/∂s_{i,r}, the derivative of each row's loss by its similarity to
+// each bank row r: p_ij/τ at the row k*_j that gave class j's cosine (0 at the class's other rows; with γ > 0
+// spread over its K rows by ∂c_j/∂s), (−t' q/τ − 2λ) at the label's instead (q = label_q), 0 in a row whose
+// label lies outside [0, C). Then ∂(Σ_i g_i L_i)/∂W = coefᵀ·(g ⊙ x̂) (ccl_bwd_centers_dense) needs no second
+// pass over the bank.
 // The epilogue of stream_bank: L = m + log l − t(c_y)/τ − 2λ c_y, and the query gradient from acc.
-std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Tensor& labels,
-                                                   const Tensor& centers_in, double temperature, double margin,
-                                                   double center_weight, bool compute_grad, int64_t margin_type,
-                                                   int64_t sub_centers, double gamma) {
+std::vector<Tensor> ccl_forward(const Tensor& x_in, const Tensor& labels, const Tensor& centers_in, double temperature,
+                                double margin, double center_weight, bool compute_grad, int64_t margin_type,
+                                int64_t sub_centers, double gamma, bool dense) {
   check_centers(x_in, centers_in);
   const TargetLogit target(margin_type, margin);
   const int64_t K = check_sub_centers(centers_in, sub_centers);
   const int64_t B = x_in.size(0), D = x_in.size(1), C = centers_in.size(0) / K;
   const Tensor y = check_labels(labels, B, "labels");
+  TORCH_CHECK_VALUE(gamma >= 0, "gamma must be >= 0, got ", gamma);
   const Tensor centers = centers_in.contiguous();
   auto [xh, norm] = normalize_rows(x_in);
   const auto f32 = xh.options();
   Tensor loss = at::empty({B}, f32), lse = at::empty({B}, f32), label_q = at::empty({B}, f32);
   Tensor grad = at::empty({compute_grad ? B : 0, D}, f32);
-  if (B == 0) return {loss, grad, lse, label_q};
+  const DenseTile coef{at::empty({dense ? B : 0, C * K}, f32)};
+  std::vector<Tensor> out{loss, grad, lse, label_q};
+  if (dense) out.push_back(coef.tile);
+  if (B == 0) return out;
 
   const float inv_tau = static_cast<float>(1.0 / temperature);
   const float lam2 = static_cast<float>(2.0 * center_weight);
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* xhp = xh.data_ptr<float>();
   const float* nrm = norm.data_ptr<float>();
-
-  TORCH_CHECK_VALUE(gamma >= 0, "gamma must be >= 0, got ", gamma);
   const bool soft = K > 1 && gamma > 0;
   stream_bank(xh, y, centers, K, gamma, target, inv_tau, compute_grad, [&](const RowBlock& st) {
     const int64_t r0 = st.r0;
     float* lossp = loss.data_ptr<float>() + r0;
     float* lsep = lse.data_ptr<float>() + r0;
     float* qp = label_q.data_ptr<float>() + r0;
-    Tensor wy = at::empty({D}, f32);
+    std::vector<float> wy(D), own(D);
     for (int64_t r = 0; r < st.rows; ++r) {
       const int64_t yi = yp[r0 + r];
       const bool valid = yi >= 0 && yi < C;
@@ -258,6 +275,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Ten
       lsep[r] = st.m[r] + std::log(st.l[r]);
       qp[r] = st.lo[r] / st.l[r];
       lossp[r] = valid ? lsep[r] - t * inv_tau - lam2 * st.sy[r] : std::numeric_limits<float>::quiet_NaN();
+      // ∂L/∂c_y = (p_y − 1) t'/τ − 2λ: the chain rule through t at the label
+      const float a_label = -(dt * qp[r] * inv_tau + lam2);
+      if (dense) {
+        float* row = coef.tile.data_ptr<float>() + (r0 + r) * C * K;
+        const float scale = inv_tau / st.l[r];
+        if (!valid)
+          std::fill(row, row + C * K, 0.f);
+        else
+          for (int64_t j = 0; j < C * K; ++j) row[j] *= scale;
+        if (valid && soft)
+          for (int64_t k = 0; k < K; ++k) row[yi * K + k] = a_label * st.wy[r * K + k];
+        else if (valid)
+          row[st.ky[r]] = a_label;
+      }
       if (!compute_grad) continue;
       float* g = grad.data_ptr<float>() + (r0 + r) * D;
       if (!valid) {  // the loss row is NaN by contract; it contributes no gradient (as in the reference)
@@ -268,23 +299,67 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x_in, const Ten
       // γ > 0, W_{y k*} becomes Σ_k ∂c_y/∂s_k W_{yK+k} (the weights the tile saw)
       const float a_y = (-1.f - (dt - 1.f) * qp[r]) * inv_tau - lam2;
       if (soft) {
-        const Tensor own = centers.narrow(0, yi * K, K).to(at::kFloat).contiguous();
-        const float* w = own.data_ptr<float>();
-        float* v = wy.data_ptr<float>();
-        std::fill(v, v + D, 0.f);
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t d = 0; d < D; ++d) v[d] += st.wy[r * K + k] * w[k * D + d];
-      } else {
-        wy.copy_(centers[st.ky[r]]);
+        std::fill(wy.begin(), wy.end(), 0.f);
+        for (int64_t k = 0; k < K; ++k) {
+          const float* w = row_fp32(centers, yi * K + k, own.data());
+          for (int64_t d = 0; d < D; ++d) wy[d] += st.wy[r * K + k] * w[d];
+        }
       }
-      const float* wyp = wy.data_ptr<float>();
+      const float* wyp = soft ? wy.data() : row_fp32(centers, st.ky[r], wy.data());
       const float* a = st.acc.data_ptr<float>() + r * D;
       const float scale = inv_tau / st.l[r];
       for (int64_t k = 0; k < D; ++k) g[k] = a[k] * scale + a_y * wyp[k];
       normalize_backward_row(g, xhp + (r0 + r) * D, nrm[r0 + r], D);
     }
+  }, dense ? &coef : nullptr);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ccl_fwd(const Tensor& x, const Tensor& labels, const Tensor& centers,
+                                                   double temperature, double margin, double center_weight,
+                                                   bool compute_grad, int64_t margin_type, int64_t sub_centers,
+                                                   double gamma) {
+  const auto out = ccl_forward(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type,
+                               sub_centers, gamma, false);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ccl_fwd_dense(const Tensor& x, const Tensor& labels,
+                                                                 const Tensor& centers, double temperature,
+                                                                 double margin, double center_weight,
+                                                                 bool compute_grad, int64_t margin_type,
+                                                                 int64_t sub_centers, double gamma) {
+  const auto out = ccl_forward(x, labels, centers, temperature, margin, center_weight, compute_grad, margin_type,
+                               sub_centers, gamma, true);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+// ∂(Σ_i g_i L_i)/∂W = coefᵀ·(g ⊙ x̂) (C·K, D) fp32 from ccl_fwd_dense's coef (B, C·K): one product, parallel over
+// fixed blocks of bank rows, each element one FMA chain over the batch in row order (thread-count independent).
+Tensor ccl_bwd_centers_dense(const Tensor& x_in, const Tensor& coef_in, const Tensor& grad_rows_in) {
+  check_embeddings(x_in, "x");
+  const int64_t B = x_in.size(0), D = x_in.size(1);
+  TORCH_CHECK_VALUE(coef_in.dim() == 2 && coef_in.size(0) == B && coef_in.scalar_type() == at::kFloat,
+                    "coef must be float32 of shape (", B, ", C·K), got ", coef_in.scalar_type(), " ",
+                    coef_in.sizes());
+  TORCH_CHECK_VALUE(grad_rows_in.numel() == B, "grad_rows must have ", B, " elements");
+  const Tensor coef = coef_in.contiguous(), g = grad_rows_in.to(at::kFloat).contiguous();
+  const int64_t R = coef.size(1);
+  Tensor xs = normalize_rows(x_in).first;  // g_i x̂_i
+  float* xp = xs.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t d = 0; d < D; ++d) xp[i * D + d] *= gp[i];
+  Tensor dw = at::zeros({R, D}, xs.options());
+  if (B == 0) return dw;
+  constexpr int64_t kBankRows = 128;  // rows of dW per task
+  parallel_for(0, ceil_div(R, kBankRows), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * kBankRows, n = std::min(kBankRows, R - c0);
+      addmm_tn(dw.narrow(0, c0, n), coef.narrow(1, c0, n), xs);
+    }
   });
-  return {loss, grad, lse, label_q};
+  return dw;
 }
 
 // The forward over one slice of a class-sharded bank, stopped before the epilogue (fastcdml/reference/ccl.py
@@ -399,6 +474,61 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   return dw;
 }
 
+// A learnable bank's rows normalised, for the kernels: out (n, D) contiguous fp32 = rows / max(‖row‖, eps) and
+// norm (n,) fp32 = ‖row‖, from rows (n, D) fp32/bf16/fp16 of any strides (PML's W is stored (D, n): its rows are
+// the bank rows). One pass, rows in fixed blocks of kRowBlock, each row's sum over D in order.
+std::tuple<Tensor, Tensor> ccl_normalize_rows(const Tensor& rows_in) {
+  check_embeddings(rows_in, "rows");
+  const Tensor rows = rows_in.to(at::kFloat);  // itself when fp32, strides kept
+  const int64_t n = rows.size(0), d = rows.size(1), s0 = rows.stride(0), s1 = rows.stride(1);
+  Tensor out = at::empty({n, d}, rows.options()), norm = at::empty({n}, rows.options());
+  const float* src = rows.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  float* nrm = norm.data_ptr<float>();
+  parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+    float inv[kRowBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
+      const float* a = src + r0 * s0;
+      std::fill(inv, inv + nr, 0.f);
+      for (int64_t k = 0; k < d; ++k)  // rows inner: contiguous when the rows are columns of W
+        for (int64_t r = 0; r < nr; ++r) inv[r] += a[r * s0 + k * s1] * a[r * s0 + k * s1];
+      for (int64_t r = 0; r < nr; ++r) {
+        nrm[r0 + r] = std::sqrt(inv[r]);
+        inv[r] = 1.f / std::max(nrm[r0 + r], kEps);
+      }
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t r = 0; r < nr; ++r) dst[(r0 + r) * d + k] = a[r * s0 + k * s1] * inv[r];
+    }
+  });
+  return {out, norm};
+}
+
+// The backward of ccl_normalize_rows: ∂/∂rows (laid out as `rows`, fp32) from grad (n, D) by ∂out/∂rows.
+Tensor ccl_normalize_rows_backward(const Tensor& grad_in, const Tensor& out, const Tensor& norm, const Tensor& rows) {
+  const int64_t n = out.size(0), d = out.size(1);
+  TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes() && rows.sizes() == out.sizes() && norm.numel() == n,
+                    "grad, out and rows must have shape ", out.sizes(), " and norm ", n, " elements");
+  const Tensor grad = grad_in.to(at::kFloat).contiguous(), o = out.contiguous(), nm = norm.contiguous();
+  Tensor g_rows = at::empty_like(rows, rows.options().dtype(at::kFloat));
+  const int64_t s0 = g_rows.stride(0), s1 = g_rows.stride(1);
+  const float* gp = grad.data_ptr<float>();
+  const float* op = o.data_ptr<float>();
+  const float* np = nm.data_ptr<float>();
+  float* dst = g_rows.data_ptr<float>();
+  parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(kRowBlock * d);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
+      std::copy_n(gp + r0 * d, nr * d, tmp.data());
+      for (int64_t r = 0; r < nr; ++r) normalize_backward_row(tmp.data() + r * d, op + (r0 + r) * d, np[r0 + r], d);
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t r = 0; r < nr; ++r) dst[(r0 + r) * s0 + k * s1] = tmp[r * d + k];
+    }
+  });
+  return g_rows;
+}
+
 // W_r ← normalize(μ W_r + (1 − μ) mean_{r_i = r} x̂_i) for each bank row r that a query of the batch moves: r_i = y_i,
 // or with K sub-centers per class the row y_i·K + argmax_k x̂_i·W_{y_i K + k} (first k on a tie, from the bank before
 // the step). Rows sorted by (r_i, row index), one segment per bank row summed in row order in fp32, so the result
@@ -477,6 +607,10 @@ void ccl_momentum_update_(const Tensor& centers, const Tensor& x_in, const Tenso
 
 void register_ccl(torch::Library& m) {
   m.impl("ccl_fwd", &ccl_fwd);
+  m.impl("ccl_fwd_dense", &ccl_fwd_dense);
+  m.impl("ccl_bwd_centers_dense", &ccl_bwd_centers_dense);
+  m.impl("ccl_normalize_rows", &ccl_normalize_rows);
+  m.impl("ccl_normalize_rows_backward", &ccl_normalize_rows_backward);
   m.impl("ccl_fwd_partials", &ccl_fwd_partials);
   m.impl("ccl_bwd_centers", &ccl_bwd_centers);
   m.impl("ccl_momentum_update_", &ccl_momentum_update_);

@@ -172,6 +172,21 @@ inline at::Tensor rows_fp32(const at::Tensor& t, int64_t c0, int64_t n, at::Tens
   return out;
 }
 
+// Row `row` of a contiguous (rows, D) fp32/bf16/fp16 tensor in fp32: a pointer into it when it is fp32, else the
+// row converted into buf (D floats).
+inline const float* row_fp32(const at::Tensor& t, int64_t row, float* buf) {
+  const int64_t d = t.size(1);
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>() + row * d;
+  if (t.scalar_type() == at::kBFloat16) {
+    const at::BFloat16* p = t.data_ptr<at::BFloat16>() + row * d;
+    for (int64_t k = 0; k < d; ++k) buf[k] = static_cast<float>(p[k]);
+  } else {
+    const at::Half* p = t.data_ptr<at::Half>() + row * d;
+    for (int64_t k = 0; k < d; ++k) buf[k] = static_cast<float>(p[k]);
+  }
+  return buf;
+}
+
 // A contiguous (rows, cols) fp32 view on the start of a flat scratch buffer.
 inline at::Tensor tile(at::Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});

@@ -16,6 +16,7 @@ import torch
 
 import fastcdml
 from fastcdml.functional import center_contrastive_loss, center_momentum_update_, contrastive_bayesian_loss
+from fastcdml.ops import ccl as ccl_ops
 from fastcdml.reference.cbml import pack_pairs
 from .helpers import DTYPES, assert_close, clustered_labels, kernel_backends, unit_rows
 
@@ -76,6 +77,128 @@ def test_ccl_update_matches_reference(shape, dtype, bank_dtype):
     absent = torch.ones(c, dtype=torch.bool)
     absent[y] = False
     assert torch.equal(got[absent], w[absent])
+
+
+# ---------------------------------------------------------------- the dense path for small problems (ccl_fwd_dense)
+
+# (temperature, margin, center_weight, margin_type, sub_centers, gamma): CCL; ArcFace; SubCenterArcFace; SoftTriple
+DENSE_FAMILIES = [(0.05, 0.1, 1.0, 0, 1, 0.0), (1 / 64, 0.5, 0.0, 1, 1, 0.0), (1 / 64, 0.5, 0.0, 1, 3, 0.0),
+                  (0.05, 0.01, 0.0, 0, 3, 0.1)]
+DENSE_SHAPES = [(1, 4, 1), (37, 72, 301), (70, 24, 1001)]  # (B, D, C); the last: 2 row blocks, C·K up to 3003
+
+
+def _family_rows(x, y, w, family, go, ops_ns=None):
+    """(loss rows, ∂/∂x, ∂/∂W, the autograd node's name) of ``ccl_loss_rows`` (the op wrapper on ``ops_ns``, else
+    the reference) with grad_output ``go``."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    if ops_ns is None:
+        rows = fastcdml.reference.ccl.ccl_loss_rows(x, y, w, *family)
+    else:
+        rows = ccl_ops.ccl_loss_rows(ops_ns, x, y, w, *family)
+    node = rows.grad_fn.name()
+    rows.backward(go.to(rows.dtype))
+    return rows.detach(), x.grad, w.grad, node
+
+
+@pytest.mark.parametrize("path", ["dense", "streaming"])
+@pytest.mark.parametrize("family", DENSE_FAMILIES, ids=["ccl", "arcface", "subcenter", "softtriple"])
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ccl_bank_gradient_paths_match_reference(shape, family, path, monkeypatch):
+    """Both sides of ccl_loss_rows' size threshold: loss, query and bank gradients against the float64 reference,
+    one label out of range (a NaN row that must not reach the gradients)."""
+    b, d, c = shape
+    k = family[4]
+    threshold = b * c * k if path == "dense" else b * c * k - 1  # the largest problem still dense, and one below
+    monkeypatch.setattr(ccl_ops, "DENSE_MAX_ELEMENTS", threshold)
+    for dtype, bank_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                              (torch.float16, torch.bfloat16)):
+        x, w = torch.randn(b, d).to(dtype), unit_rows(c * k, d, bank_dtype)
+        y = torch.randint(0, c, (b,))
+        if b > 1:
+            y[b // 2] = c
+        ok = y < c
+        go = torch.randn(b, dtype=torch.float64)
+        got = _family_rows(x, y, w, family, go, ops)
+        assert ("dense" in got[3]) == (path == "dense"), got[3]
+        assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == bank_dtype
+        assert torch.isnan(got[0][~ok]).all() and torch.equal(got[1][~ok], torch.zeros_like(got[1][~ok]))
+        # the reference's NaN row would spread NaN through its gradients: it gets the valid rows only
+        exp = _family_rows(x[ok].double(), y[ok], w.double(), family, go[ok])
+        low = _family_rows(x[ok], y[ok], w, family, go[ok])
+        what = f"{path} {shape} {family} {dtype} {bank_dtype}"
+        tol = torch.float32 if dtype == bank_dtype == torch.float32 else torch.bfloat16
+        for name, a, e, lw in zip(("loss", "grad_x", "grad_W"), (got[0][ok], got[1][ok], got[2]), exp, low):
+            assert_close(a, e, lw, tol, f"{name} {what}")
+
+
+def test_ccl_dense_ops_direct():
+    """coef holds ∂L_i/∂s_ir (the float64 autograd of the reference's rows by the similarity matrix) and the
+    dense backward is coefᵀ·(g ⊙ x̂); an empty bank and compute_grad=False keep the shapes."""
+    b, d, c, k = 37, 24, 101, 3
+    family = (1 / 64, 0.5, 0.0, 1, k, 0.0)
+    x, w, y = torch.randn(b, d), unit_rows(c * k, d), torch.randint(0, c, (b,))
+    loss, gx, lse, lq, coef = ops.ccl_fwd_dense(x, y, w, *family[:3], True, *family[3:])
+    ref = ops.ccl_fwd(x, y, w, *family[:3], True, *family[3:])
+    for name, a, e in zip(("loss", "grad_x", "lse", "label_q"), (loss, gx, lse, lq), ref):
+        torch.testing.assert_close(a, e, msg=name)
+    s = (fastcdml.reference.ccl.normalize_rows(x.double()) @ w.double().t()).requires_grad_()
+    cls = s.view(b, c, k).amax(2)  # the reference's class cosines, then its loss from them
+    t = fastcdml.reference.ccl.target_logit(cls.gather(1, y[:, None]).squeeze(1), family[1], family[3])
+    z = torch.where(torch.arange(c)[None] == y[:, None], t[:, None], cls) / family[0]
+    (torch.logsumexp(z, 1) - t / family[0]).sum().backward()
+    assert_close(coef, s.grad, coef, torch.float32, "coef")
+    go = torch.randn(b)
+    gw = ops.ccl_bwd_centers_dense(x, coef, go)
+    xh = fastcdml.reference.ccl.normalize_rows(x.double())
+    assert_close(gw, coef.double().t() @ (go.double()[:, None] * xh), gw, torch.float32, "dense grad_centers")
+    assert ops.ccl_fwd_dense(x, y, w, *family[:3], False, *family[3:])[4].shape == (b, c * k)
+    empty = ops.ccl_fwd_dense(x, y, w[:0], *family[:3], True, 0, 1, 0.0)
+    assert empty[4].shape == (b, 0) and torch.isnan(empty[0]).all()
+    assert ops.ccl_bwd_centers_dense(x, empty[4], go).shape == (0, d)
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (70, 24), (1001, 72)], ids=lambda s: "x".join(map(str, s)))
+def test_ccl_normalize_rows(shape, dtype, layout):
+    """The fused normalisation of a learnable bank against the reference's, forward and backward, for rows stored
+    as rows or as the columns of PML's W; a zero row (the eps clamp) included; the gradient keeps the layout."""
+    n, d = shape
+    w = torch.randn(n, d) if layout == "rows" else torch.randn(d, n).t()
+    w[n // 2] = 0.0
+    w = w.to(dtype)
+    go = torch.randn(n, d, dtype=torch.float64)
+    got = ccl_ops.normalize_rows(ops, w.clone().requires_grad_())
+    assert got.dtype == torch.float32 and got.is_contiguous() and "normalize" in got.grad_fn.name()
+    results = []
+    for ns, t in ((ops, w), (None, w.double()), (None, w)):
+        t = t.clone().requires_grad_() if layout == "rows" else t.t().clone().t().requires_grad_()
+        out = ccl_ops.normalize_rows(ns, t) if ns else fastcdml.reference.ccl.normalize_rows(t)
+        out.backward(go.to(out.dtype))
+        results.append((out, t.grad))
+    (out, grad), exp, low = results
+    assert grad.dtype == dtype and grad.stride() == w.stride()
+    assert_close(out, exp[0], low[0], dtype, f"normalized rows {shape} {layout}")
+    assert_close(grad, exp[1], low[1], dtype, f"normalized rows' gradient {shape} {layout}")
+
+
+def test_compile_margin_module_dense_path():
+    """A gradient-mode drop-in (its bank trained by gradient: the dense path) under torch.compile(fullgraph)."""
+    b, d, c = 37, 24, 500
+    x, y = torch.randn(b, d), torch.randint(0, c, (b,))
+    torch.manual_seed(4)
+    eager = fastcdml.ArcFaceLoss(c, d, backend="cpp")
+    compiled = fastcdml.ArcFaceLoss(c, d, backend="cpp")
+    compiled.load_state_dict(eager.state_dict())
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        le, lc = eager(xe, y), step(xc, y)
+        le.backward()
+        lc.backward()
+        assert torch.allclose(le, lc) and torch.allclose(xe.grad, xc.grad)
+        assert torch.allclose(eager.W.grad, compiled.W.grad)
+        eager.W.grad = compiled.W.grad = None
 
 
 def test_ccl_update_skips_bad_rows():
@@ -231,6 +354,10 @@ def _all_outputs():
     out.append(ops.ccl_bwd_centers(x, y, w, out[2], torch.randn(200), *HYPER))
     out += ops.ccl_fwd_partials(x, y - 1000, w[:2000], 0.05, 0.1, True)  # a slice owning some labels
     out.append(ops.ccl_bwd_centers(x, y - 1000, w[:2000], out[2], torch.randn(200), *HYPER, 0, 1, out[3], True))
+    dense = ops.ccl_fwd_dense(x, y % 1000, w, 0.05, 0.3, 0.0, True, 1, 3)  # ArcFace, 3 sub-centers
+    out += list(dense) + [ops.ccl_bwd_centers_dense(x, dense[4], torch.randn(200))]
+    out += ops.ccl_normalize_rows(w.t().contiguous().t())
+    out.append(ops.ccl_normalize_rows_backward(out[-2] * 3, out[-2], out[-1], w.t().contiguous().t()))
     bank = w.clone()
     ops.ccl_momentum_update_(bank, x, y % 50, 0.9)
     out.append(bank)
@@ -310,6 +437,13 @@ def test_opcheck():
     torch.library.opcheck(ops.ccl_bwd_centers.default, (x.detach(), y, w, lse, torch.randn(37), *HYPER))
     torch.library.opcheck(ops.ccl_momentum_update_.default, (w.clone(), x.detach(), y, 0.9))
     torch.library.opcheck(ops.ccl_fwd_partials.default, (x.detach(), y - 100, w[:150], 0.05, 0.1, True, 1, 3))
+    torch.library.opcheck(ops.ccl_fwd_dense.default, (x, y, w.clone().requires_grad_(), *HYPER, True))
+    coef = ops.ccl_fwd_dense(x.detach(), y, w, *HYPER, False)[4]
+    torch.library.opcheck(ops.ccl_bwd_centers_dense.default, (x.detach(), coef, torch.randn(37)))
+    wt = torch.randn(24, 300).t().requires_grad_()
+    torch.library.opcheck(ops.ccl_normalize_rows.default, (wt,))
+    out, norm = ops.ccl_normalize_rows(wt.detach())
+    torch.library.opcheck(ops.ccl_normalize_rows_backward.default, (torch.randn(300, 24), out, norm, wt.detach()))
     lq = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[3]
     torch.library.opcheck(ops.ccl_bwd_centers.default,
                           (x.detach(), y - 100, w[:150], lse, torch.randn(37), *HYPER, 0, 1, lq, True))

@@ -20,7 +20,7 @@ from .._backend import BACKENDS, Backend, resolve
 from ..ops import ccl as ccl_ops
 from ..params import CenterParams
 from ..reference import ccl as ccl_reference
-from ..reference.ccl import EPS, normalize_rows
+from ..reference.ccl import normalize_rows
 from . import _pml
 
 UPDATES = ("momentum", "gradient")
@@ -105,11 +105,12 @@ class Bank(nn.Module):
     def _set_rows(self, rows: torch.Tensor) -> None:
         setattr(self, self.KEY, rows.t() if self.COLUMNS else rows)
 
-    def bank_rows(self) -> torch.Tensor:
-        """The (C·K, D) rows the kernels read: normalised in gradient mode (differentiable), contiguous."""
+    def bank_rows(self, backend: Backend | None = None) -> torch.Tensor:
+        """The (C·K, D) rows the kernels read: normalised in gradient mode (differentiable; by ``backend``'s
+        ``normalize_rows`` when given, else the reference's), contiguous in momentum mode."""
         rows = self._stored_rows()
         if self.update == "gradient":
-            return rows / rows.float().norm(dim=1, keepdim=True).clamp_min(EPS)
+            return (ccl_reference if backend is None else ccl(backend)).normalize_rows(rows)
         if not rows.is_contiguous():  # e.g. after a load or a move that did not keep the layout
             self._set_rows(rows.contiguous())
         return self._stored_rows()
@@ -155,7 +156,7 @@ class Bank(nn.Module):
         labels = _checks.tensor(labels, "labels").to(embeddings.device)
         momentum_step = self.training and self.update == "momentum"
         batch = self._checked_batch(embeddings, labels, backend, momentum_step)
-        bank = self.bank_rows()
+        bank = self.bank_rows(backend)
         if embeddings.shape[0] == 0:
             loss = empty_loss(embeddings, bank, self.reduction)
         else:

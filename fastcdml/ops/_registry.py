@@ -39,18 +39,20 @@ def define(
     name: str,
     schema: str,
     fake: Callable,
-    triton_impl: Callable,
+    triton_impl: Callable | None,
     backward: Callable | None = None,
     setup_context: Callable | None = None,
 ) -> None:
-    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` and optional autograd."""
+    """Define ``ns::name`` with its fake, its Triton kernel for ``namespaces()[ns]`` (None: an op with C++ CPU
+    kernels only) and optional autograd."""
     lib = _library(ns)
     lib.define(name + schema)
     if ns == MAIN and name.endswith("_fwd"):
         _FAMILIES.append(name[: -len("_fwd")])
     qualname = f"{ns}::{name}"
     torch.library.register_fake(qualname, fake, lib=lib)
-    torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
+    if triton_impl is not None:
+        torch.library.impl(qualname, namespaces()[ns], triton_impl, lib=lib)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=lib)
 
