@@ -83,10 +83,14 @@ struct SubCenters {
     for (int64_t i = 0; i < rows * cc; ++i) {
       const float* v = s + i * K;
       int64_t best = 0;
-      for (int64_t k = 1; k < K; ++k)
-        if (v[k] > v[best]) best = k;
+      float top = v[0];
+      for (int64_t k = 1; k < K; ++k) {  // selects, not branches: which sub-center wins is data, not a pattern
+        const bool above = v[k] > top;
+        top = above ? v[k] : top;
+        best = above ? k : best;
+      }
       if (!soft()) {
-        cls[i] = v[best];
+        cls[i] = top;
         arg[i] = best;
         continue;
       }
