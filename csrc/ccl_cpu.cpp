@@ -18,6 +18,7 @@
 
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastcdml {
@@ -478,57 +479,87 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   return dw;
 }
 
+// The layouts of a bank's rows: element (r, k) at r·s0 + k·s1, with a stride of 1 known at compile time (rows
+// stored as the columns of PML's W: s0 = 1; contiguous rows: s1 = 1), so that the loops over a block's rows or
+// over a row vectorise. Blocks of kNormRows rows: one cache line of each of D rows of W, or of D columns of a
+// block of contiguous rows, so that a block's loads stay in the L1 cache.
+constexpr int64_t kNormRows = 16;
+
+template <typename Body>
+void with_layout(int64_t s0, int64_t s1, const Body& body) {
+  using One = std::integral_constant<int64_t, 1>;
+  if (s0 == 1)
+    body(One{}, s1);
+  else if (s1 == 1)
+    body(s0, One{});
+  else
+    body(s0, s1);
+}
+
 // A learnable bank's rows normalised, for the kernels: out (n, D) contiguous fp32 = rows / max(‖row‖, eps) and
 // norm (n,) fp32 = ‖row‖, from rows (n, D) fp32/bf16/fp16 of any strides (PML's W is stored (D, n): its rows are
-// the bank rows). One pass, rows in fixed blocks of kRowBlock, each row's sum over D in order.
+// the bank rows). One pass, rows in fixed blocks (kNormRows), each row's sum over D in order.
 std::tuple<Tensor, Tensor> ccl_normalize_rows(const Tensor& rows_in) {
   check_embeddings(rows_in, "rows");
   const Tensor rows = rows_in.to(at::kFloat);  // itself when fp32, strides kept
-  const int64_t n = rows.size(0), d = rows.size(1), s0 = rows.stride(0), s1 = rows.stride(1);
+  const int64_t n = rows.size(0), d = rows.size(1);
   Tensor out = at::empty({n, d}, rows.options()), norm = at::empty({n}, rows.options());
   const float* src = rows.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   float* nrm = norm.data_ptr<float>();
-  parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
-    float inv[kRowBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
-      const float* a = src + r0 * s0;
-      std::fill(inv, inv + nr, 0.f);
-      for (int64_t k = 0; k < d; ++k)  // rows inner: contiguous when the rows are columns of W
-        for (int64_t r = 0; r < nr; ++r) inv[r] += a[r * s0 + k * s1] * a[r * s0 + k * s1];
-      for (int64_t r = 0; r < nr; ++r) {
-        nrm[r0 + r] = std::sqrt(inv[r]);
-        inv[r] = 1.f / std::max(nrm[r0 + r], kEps);
+  with_layout(rows.stride(0), rows.stride(1), [&](auto s0, auto s1) {
+    parallel_for(0, ceil_div(n, kNormRows), 1, [&](int64_t b0, int64_t b1) {
+      float inv[kNormRows];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kNormRows, nr = std::min(kNormRows, n - r0);
+        const float* a = src + r0 * s0;
+        std::fill(inv, inv + nr, 0.f);
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t r = 0; r < nr; ++r) inv[r] += a[r * s0 + k * s1] * a[r * s0 + k * s1];
+        for (int64_t r = 0; r < nr; ++r) {
+          nrm[r0 + r] = std::sqrt(inv[r]);
+          inv[r] = 1.f / std::max(nrm[r0 + r], kEps);
+        }
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t k = 0; k < d; ++k) dst[(r0 + r) * d + k] = a[r * s0 + k * s1] * inv[r];
       }
-      for (int64_t k = 0; k < d; ++k)
-        for (int64_t r = 0; r < nr; ++r) dst[(r0 + r) * d + k] = a[r * s0 + k * s1] * inv[r];
-    }
+    });
   });
   return {out, norm};
 }
 
-// The backward of ccl_normalize_rows: ∂/∂rows (laid out as `rows`, fp32) from grad (n, D) by ∂out/∂rows.
+// The backward of ccl_normalize_rows: ∂/∂rows (laid out as `rows`, fp32) from grad (n, D) by ∂out/∂rows,
+// (g − x̂ (x̂·g)) / ‖row‖ (g / eps where the clamp is active), a block of rows at a time.
 Tensor ccl_normalize_rows_backward(const Tensor& grad_in, const Tensor& out, const Tensor& norm, const Tensor& rows) {
   const int64_t n = out.size(0), d = out.size(1);
   TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes() && rows.sizes() == out.sizes() && norm.numel() == n,
                     "grad, out and rows must have shape ", out.sizes(), " and norm ", n, " elements");
   const Tensor grad = grad_in.to(at::kFloat).contiguous(), o = out.contiguous(), nm = norm.contiguous();
   Tensor g_rows = at::empty_like(rows, rows.options().dtype(at::kFloat));
-  const int64_t s0 = g_rows.stride(0), s1 = g_rows.stride(1);
   const float* gp = grad.data_ptr<float>();
   const float* op = o.data_ptr<float>();
   const float* np = nm.data_ptr<float>();
   float* dst = g_rows.data_ptr<float>();
-  parallel_for(0, ceil_div(n, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> tmp(kRowBlock * d);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, n - r0);
-      std::copy_n(gp + r0 * d, nr * d, tmp.data());
-      for (int64_t r = 0; r < nr; ++r) normalize_backward_row(tmp.data() + r * d, op + (r0 + r) * d, np[r0 + r], d);
-      for (int64_t k = 0; k < d; ++k)
-        for (int64_t r = 0; r < nr; ++r) dst[(r0 + r) * s0 + k * s1] = tmp[r * d + k];
-    }
+  with_layout(g_rows.stride(0), g_rows.stride(1), [&](auto s0, auto s1) {
+    parallel_for(0, ceil_div(n, kNormRows), 1, [&](int64_t b0, int64_t b1) {
+      float dot[kNormRows], scale[kNormRows];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kNormRows, nr = std::min(kNormRows, n - r0);
+        const float* g = gp + r0 * d;
+        const float* xh = op + r0 * d;
+        float* a = dst + r0 * s0;
+        std::fill(dot, dot + nr, 0.f);
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t r = 0; r < nr; ++r) dot[r] += xh[r * d + k] * g[r * d + k];
+        for (int64_t r = 0; r < nr; ++r) {  // below eps the clamp is active: out = rows / eps is linear
+          const bool clamped = np[r0 + r] < kEps;
+          dot[r] = clamped ? 0.f : dot[r];
+          scale[r] = 1.f / (clamped ? kEps : np[r0 + r]);
+        }
+        for (int64_t k = 0; k < d; ++k)
+          for (int64_t r = 0; r < nr; ++r) a[r * s0 + k * s1] = (g[r * d + k] - xh[r * d + k] * dot[r]) * scale[r];
+      }
+    });
   });
   return g_rows;
 }
