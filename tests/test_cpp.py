@@ -141,16 +141,19 @@ def test_ccl_dense_ops_direct():
     ref = ops.ccl_fwd(x, y, w, *family[:3], True, *family[3:])
     for name, a, e in zip(("loss", "grad_x", "lse", "label_q"), (loss, gx, lse, lq), ref):
         torch.testing.assert_close(a, e, msg=name)
-    s = (fastcdml.reference.ccl.normalize_rows(x.double()) @ w.double().t()).requires_grad_()
-    cls = s.view(b, c, k).amax(2)  # the reference's class cosines, then its loss from them
-    t = fastcdml.reference.ccl.target_logit(cls.gather(1, y[:, None]).squeeze(1), family[1], family[3])
-    z = torch.where(torch.arange(c)[None] == y[:, None], t[:, None], cls) / family[0]
-    (torch.logsumexp(z, 1) - t / family[0]).sum().backward()
-    assert_close(coef, s.grad, coef, torch.float32, "coef")
     go = torch.randn(b)
+    expected = []
+    for dtype in (torch.float64, torch.float32):  # the reference's loss by its similarities, and the product
+        xh = fastcdml.reference.ccl.normalize_rows(x.to(dtype))
+        s = (xh @ w.to(dtype).t()).requires_grad_()
+        cls = s.view(b, c, k).amax(2)
+        t = fastcdml.reference.ccl.target_logit(cls.gather(1, y[:, None]).squeeze(1), family[1], family[3])
+        z = torch.where(torch.arange(c)[None] == y[:, None], t[:, None], cls) / family[0]
+        (torch.logsumexp(z, 1) - t / family[0]).sum().backward()
+        expected.append((s.grad, s.grad.t() @ (go.to(dtype)[:, None] * xh)))
+    assert_close(coef, expected[0][0], expected[1][0], torch.float32, "coef")
     gw = ops.ccl_bwd_centers_dense(x, coef, go)
-    xh = fastcdml.reference.ccl.normalize_rows(x.double())
-    assert_close(gw, coef.double().t() @ (go.double()[:, None] * xh), gw, torch.float32, "dense grad_centers")
+    assert_close(gw, expected[0][1], expected[1][1], torch.float32, "dense grad_centers")
     assert ops.ccl_fwd_dense(x, y, w, *family[:3], False, *family[3:])[4].shape == (b, c * k)
     empty = ops.ccl_fwd_dense(x, y, w[:0], *family[:3], True, 0, 1, 0.0)
     assert empty[4].shape == (b, 0) and torch.isnan(empty[0]).all()
