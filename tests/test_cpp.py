@@ -185,25 +185,6 @@ def test_ccl_normalize_rows(shape, dtype, layout):
     assert_close(grad, exp[1], low[1], dtype, f"normalized rows' gradient {shape} {layout}")
 
 
-def test_compile_margin_module_dense_path():
-    """A gradient-mode drop-in (its bank trained by gradient: the dense path) under torch.compile(fullgraph)."""
-    b, d, c = 37, 24, 500
-    x, y = torch.randn(b, d), torch.randint(0, c, (b,))
-    torch.manual_seed(4)
-    eager = fastcdml.ArcFaceLoss(c, d, backend="cpp")
-    compiled = fastcdml.ArcFaceLoss(c, d, backend="cpp")
-    compiled.load_state_dict(eager.state_dict())
-    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        le, lc = eager(xe, y), step(xc, y)
-        le.backward()
-        lc.backward()
-        assert torch.allclose(le, lc) and torch.allclose(xe.grad, xc.grad)
-        assert torch.allclose(eager.W.grad, compiled.W.grad)
-        eager.W.grad = compiled.W.grad = None
-
-
 def test_ccl_update_skips_bad_rows():
     x, _, w = _ccl_inputs(12, 16, 10, torch.float32, torch.float32)
     y = torch.tensor([0, 1, 2, 3, 10, -1, 4, 4, 5, 5, 6, 6])
@@ -458,13 +439,17 @@ def test_opcheck():
     torch.library.opcheck(ops.cbml_fwd.default, (xb, yb, r, yr, mask, True, *hyper))
 
 
-def test_compile_ccl_module():
-    b, d, c = 37, 24, 500
-    x = torch.randn(b, d)
-    y = torch.randint(0, 60, (b,))
-    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
-    eager = fastcdml.CenterContrastiveLoss(c, d, backend="cpp", generator=gen())
-    compiled = fastcdml.CenterContrastiveLoss(c, d, backend="cpp", generator=gen())
+@pytest.mark.parametrize("make", [
+    lambda: fastcdml.CenterContrastiveLoss(500, 24, backend="cpp", generator=torch.Generator().manual_seed(2)),
+    lambda: fastcdml.ArcFaceLoss(500, 24, backend="cpp"),
+], ids=["ccl-momentum", "arcface-gradient"])
+def test_compile_bank_module(make):
+    """torch.compile(fullgraph) of a bank loss on the C++ ops: a momentum bank moves as in eager mode; a bank
+    trained by gradient (the dense path, and the fused normalisation) gets the same gradient."""
+    b, d = 37, 24
+    x, y = torch.randn(b, d), torch.randint(0, 60, (b,))
+    eager, compiled = make(), make()
+    compiled.load_state_dict(eager.state_dict())
     step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     for _ in range(2):
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -472,7 +457,11 @@ def test_compile_ccl_module():
         le.backward()
         lc.backward()
         assert torch.allclose(le, lc) and torch.allclose(xe.grad, xc.grad)
-        assert torch.allclose(eager.centers, compiled.centers)
+        for a, c in zip(eager.state_dict().values(), compiled.state_dict().values()):
+            assert torch.allclose(a, c)
+        for a, c in zip(eager.parameters(), compiled.parameters()):
+            assert torch.allclose(a.grad, c.grad)
+            a.grad = c.grad = None
 
 
 def test_bad_inputs():
