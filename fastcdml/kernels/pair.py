@@ -31,7 +31,7 @@ import triton.language as tl
 from .._runtime import interpreter_active, new_output
 from . import _device
 from ._tuning import CbmlConfig, cbml_config, cbml_products
-from .cbml import _acc_dot, _inv_norm_kernel, _load_chunk, _norm_bwd_kernel
+from .cbml import _acc_dot, _dot_chunks, _inv_norm_kernel, _load_chunk, _norm_bwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tuning
 # The blocks and products of the CBML kernels (``_tuning.cbml_config``): the same tile code, the same register
@@ -60,14 +60,8 @@ def _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, c0
     cmask = cols < R
     yc = tl.load(yr_ptr + cols, mask=cmask, other=0).to(tl.int64)
     cinv = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
-        c = _load_chunk(r_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
-        if INTERPRET:
-            acc += tl.sum(q.to(tl.float32)[:, None, :] * c.to(tl.float32)[None, :, :], 2)
-        else:
-            acc = tl.dot(q, tl.trans(c), acc, input_precision=PRECISION)
+    acc = _dot_chunks(x_ptr, rows, rmask, r_ptr, cols, cmask, D, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                      INTERPRET)
     s = acc * xinv[:, None] * cinv[None, :]
     valid = rmask[:, None] & cmask[None, :]
     if HAS_COUNTS:
