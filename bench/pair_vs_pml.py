@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .run import environment, load_check, slug
+from .run import environment, load_check, write_results
 
 LOSSES = ("NTXentLoss", "SupConLoss", "MultiSimilarityLoss", "ContrastiveLoss")
 IMPLS = ("fastcdml", "pml")
@@ -173,14 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{loss:20s} {impl:8s} B={b:5d} M={m:6d} D={d:4d}: {r['status']:8.8s} "
                   f"{r.get('p50_ms', float('nan')):10.1f} ms {r.get('peak_extra_mb', float('nan')):10.1f} MB",
                   flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug(meta['device'])}-pair-vs-pml-{meta['date']}.json"
-    if path.exists():  # merge with the day's earlier runs: a case measured again replaces its old row
-        key = lambda r: tuple(r[k] for k in ("loss", "impl", "B", "M", "D"))  # noqa: E731
-        fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in fresh] + rows
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, meta, "pair-vs-pml", rows, key=("loss", "impl", "B", "M", "D"))
     return 0
 
 
