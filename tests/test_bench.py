@@ -241,12 +241,13 @@ def test_pair_vs_pml_measures_and_writes(tmp_path):
     from bench import pair_vs_pml
 
     assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "SupConLoss",
-                             "--reps", "1", "--out", str(tmp_path)]) == 0
+                             "--impls", "fastcdml,pml,compiled", "--reps", "1", "--out", str(tmp_path)]) == 0
     assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "NTXentLoss",
                              "--impls", "pml", "--mem-cap-gib", "0", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-pair-vs-pml-*.json")
     rows = {(r["loss"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("NTXentLoss", "pml")}
-    for key in (("SupConLoss", "fastcdml"), ("SupConLoss", "pml")):
+    assert set(rows) == {("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("SupConLoss", "compiled"),
+                         ("NTXentLoss", "pml")}
+    for key in (("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("SupConLoss", "compiled")):
         assert rows[key]["status"] == "ok" and rows[key]["p50_ms"] > 0 and rows[key]["peak_extra_mb"] >= 0
     assert rows[("NTXentLoss", "pml")]["status"].startswith("skipped: predicted")
