@@ -351,8 +351,9 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
 
     # norm: kept for the epilogue. The bank tiles' loads and casts in the loop are inlined: each nested jit call
     # costs the interpreter ~10 ms per iteration.
-    _, norm, xq = _unit_rows(x_ptr + rows.to(tl.int64)[:, None] * D + dk[None, :], rmask[:, None] & dmask[None, :],
-                             DOT, UPCAST)
+    # (``x_rows``, not ``_``: a ``_`` assigned in the loop below would be a loop-carried variable of another shape.)
+    x_rows, norm, xq = _unit_rows(x_ptr + rows.to(tl.int64)[:, None] * D + dk[None, :],
+                                  rmask[:, None] & dmask[None, :], DOT, UPCAST)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     lab32 = tl.where((lab >= 0) & (lab < C), lab, -1).to(tl.int32)  # int32 compares in the loop (registers)
 

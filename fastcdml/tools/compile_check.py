@@ -336,7 +336,7 @@ class _Session:
             msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
             row = self.failures.setdefault(_spec_text(spec), dict(
                 target=self.name, kernel=name, spec=spec, config=_spec_text(spec), problems=[],
-                error=" | ".join(msg[:3])[:400], seconds=round(time.perf_counter() - t0, 1)))
+                error=" | ".join(msg[:1] + msg[-3:])[:600], seconds=round(time.perf_counter() - t0, 1)))
             _add_problem(row, self.case)
             raise _Aborted from exc
         seconds = time.perf_counter() - t0
