@@ -9,13 +9,12 @@ shared machine do not count; the minimum of ``--reps`` interleaved runs. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from .run import environment, load_check, slug
+from .run import environment, load_check, write_results
 
 SIZES = ((256, 1000, 128), (1024, 10_000, 128), (128, 11_318, 512))
 HYPER = (0.05, 0.1, 1.0)  # temperature, margin, center_weight
@@ -73,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{b} x {c} x {d}: fwd {r['fwd_ms']:.2f} ms = {r['fwd_over_floor']:.2f} x two mm; "
               f"fwd + proxy grad {r['fwd_ms'] + r['proxy_grad_ms']:.2f} ms = {r['fwd_proxy_over_floor']:.2f} x three mm",
               flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug(meta['device'])}-cpu-floor-{meta['date']}.json"
-    path.write_text(json.dumps({"meta": meta, "command": "python -m bench.cpu_floor", "floor_ratios": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, meta | {"command": "python -m bench.cpu_floor"}, "cpu-floor", rows)
     return 0
 
 

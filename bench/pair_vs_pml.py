@@ -1,6 +1,8 @@
 """``python -m bench.pair_vs_pml``: fastcdml's pair losses against pytorch-metric-learning's, plain (M = 0) and in a
 ``CrossBatchMemory`` of M entries, on the device given (CPU by default): time of one training step (forward and
-backward of the loss) and its peak extra memory.
+backward of the loss) and its peak extra memory. Implementations (``--impls``): ``fastcdml`` (the fused kernels),
+``pml``, and ``compiled``: ``torch.compile`` (inductor, static shapes) of fastcdml's module on the reference
+backend, the eager specification compiled; its compilation is part of the warm-up step, not of the timed ones.
 
 Each case runs in a fresh subprocess with a wall-clock limit (``--timeout``): CPU memory is the peak RSS of one
 step after a warm-up step above the RSS before it (Linux: the peak is reset through ``/proc/self/clear_refs``;
@@ -24,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .run import environment, load_check, slug
+from .run import environment, load_check, write_results
 
 LOSSES = ("NTXentLoss", "SupConLoss", "MultiSimilarityLoss", "ContrastiveLoss")
-IMPLS = ("fastcdml", "pml")
+IMPLS = ("fastcdml", "pml", "compiled")
 BATCHES = (128, 256, 1024)
 MEMORIES = (0, 4096, 16384, 65536)
 DIMS = (128, 512)
@@ -53,21 +55,23 @@ def _make(loss: str, impl: str, b: int, m: int, d: int, device: torch.device):
     classes = max(b // 4, 1)
     x = torch.randn(b, d, generator=g).to(device).requires_grad_()
     y = torch.arange(b).remainder(classes).to(device)
-    if impl == "fastcdml":
-        import fastcdml as lib
-    else:
+    if impl == "pml":
         from pytorch_metric_learning import losses as lib
-    loss_fn = getattr(lib, loss)()
+    else:
+        import fastcdml as lib
+    loss_fn = getattr(lib, loss)(**({"backend": "reference"} if impl == "compiled" else {}))
     if m:
         loss_fn = lib.CrossBatchMemory(loss_fn, d, memory_size=m)
         with torch.no_grad():
             loss_fn.embedding_memory = torch.randn(m, d, generator=g).to(device)
             loss_fn.label_memory = torch.randint(0, classes, (m,), generator=g).to(device)
-        if impl == "fastcdml":
+        if impl == "pml":
+            loss_fn.has_been_filled = True
+        else:
             loss_fn.has_been_filled.fill_(True)
             loss_fn.to(device)
-        else:
-            loss_fn.has_been_filled = True
+    if impl == "compiled":
+        loss_fn = torch.compile(loss_fn, dynamic=False)
 
     def step():
         out = loss_fn(x, y)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--impls", default="fastcdml,pml", help=f"from {','.join(IMPLS)}")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--memories", default=",".join(map(str, MEMORIES)))
     parser.add_argument("--dims", default=",".join(map(str, DIMS)))
@@ -173,14 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{loss:20s} {impl:8s} B={b:5d} M={m:6d} D={d:4d}: {r['status']:8.8s} "
                   f"{r.get('p50_ms', float('nan')):10.1f} ms {r.get('peak_extra_mb', float('nan')):10.1f} MB",
                   flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug(meta['device'])}-pair-vs-pml-{meta['date']}.json"
-    if path.exists():  # merge with the day's earlier runs: a case measured again replaces its old row
-        key = lambda r: tuple(r[k] for k in ("loss", "impl", "B", "M", "D"))  # noqa: E731
-        fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in fresh] + rows
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, meta, "pair-vs-pml", rows, key=("loss", "impl", "B", "M", "D"))
     return 0
 
 

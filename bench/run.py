@@ -297,6 +297,19 @@ def environment(device: torch.device) -> dict:
             "fastcdml": __version__, "date": dt.date.today().isoformat()}
 
 
+def write_results(out: Path, meta: dict, name: str, rows: list[dict], key: tuple[str, ...] = ()) -> Path:
+    """Write ``{"meta", "rows"}`` to ``out/<device slug>-<name>-<date>.json`` and print its path. With ``key`` (the
+    fields naming a case), the rows of the day's earlier runs whose case was not measured again are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{slug(meta['device'])}-{name}-{meta['date']}.json"
+    if key and path.exists():  # a case measured again replaces its old row
+        fresh = {tuple(r[k] for k in key) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if tuple(r[k] for k in key) not in fresh] + rows
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def cores_used(device: torch.device) -> int:
     """How many cores a case keeps busy: torch's CPU threads, or the one launching thread for CUDA."""
     return torch.get_num_threads() if device.type == "cpu" else 1

@@ -43,6 +43,16 @@ constexpr int64_t kMaxStrip = int64_t{1} << 20;
 constexpr int kLanes = 8;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// lane(l, j) for the columns j of [0, n), j on lane l = j mod kLanes: each lane keeps its own partial sums, so the
+// full groups of kLanes vectorise and the sums do not depend on a reduction order chosen by the compiler.
+template <class Lane>
+inline void over_lanes(int64_t n, Lane&& lane) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane(l, j + l);
+  for (int l = 0; j < n; ++j, ++l) lane(l, j);
+}
+
 enum Phi : int64_t { kLog = 0, kSqrt = 1, kConstant = 2 };
 
 struct Hyper {
@@ -157,10 +167,8 @@ void pass1_row(Row& st, const Hyper hp, const float* s, int64_t cc, int64_t c0, 
     npos[l] += pos;
     nneg[l] += neg;
   };
+  over_lanes(cc, lane);
   int64_t jj = 0;
-  for (; jj + kLanes <= cc; jj += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane(l, jj + l);
-  for (int l = 0; jj < cc; ++jj, ++l) lane(l, jj);
   float cmin = kInf, cmax = -kInf;
   for (int l = 0; l < kLanes; ++l) {
     st.sum += sum[l], st.pos_sum += psum[l], st.neg_sum += nsum[l], st.neg_sq += nsq[l];
@@ -234,10 +242,7 @@ FASTCDML_SIMD_CLONES void pass2_row(Row& st, const Hyper hp, const float* s, int
     nhp[l] += hpos;
     nhn[l] += hneg;
   };
-  int64_t jj = 0;
-  for (; jj + kLanes <= cc; jj += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane(l, jj + l);
-  for (int l = 0; jj < cc; ++jj, ++l) lane(l, jj);
+  over_lanes(cc, lane);
   for (int l = 0; l < kLanes; ++l) st.ps += sp[l], st.ns += sn[l], st.n_hard_pos += nhp[l], st.n_hard_neg += nhn[l];
 }
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: the tolerance rule, backend lists and input makers."""
+"""Shared test helpers: the tolerance rules, backend lists, input makers and the PML and compile comparisons."""
 from __future__ import annotations
 
 import torch
@@ -53,13 +53,13 @@ def clustered_labels(b: int, lo: int = 3, hi: int = 7) -> torch.Tensor:
     return torch.tensor(labels[:b])[torch.randperm(b)]
 
 
-def assert_compiled_matches_eager(make_loss, batches, state) -> None:
-    """A fresh ``make_loss()`` run eagerly and through ``torch.compile(fullgraph=True)`` over ``batches`` of
-    (embeddings, labels), one backward each: one compiled frame, and the same losses, embedding gradients and
-    ``state(loss_fn)`` after the steps."""
+def assert_compiled_matches_eager(make_loss, batches, state, backend: str = "eager") -> None:
+    """A fresh ``make_loss()`` run eagerly and through ``torch.compile(fullgraph=True, backend=backend)`` over
+    ``batches`` of (embeddings, labels), one backward each: one compiled frame, and the same losses, embedding
+    gradients and ``state(loss_fn)`` after the steps."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    results, counter = [], CompileCounterWithBackend("eager")
+    results, counter = [], CompileCounterWithBackend(backend)
     for compiled in (False, True):
         torch.manual_seed(1)
         loss_fn = make_loss()
@@ -76,3 +76,33 @@ def assert_compiled_matches_eager(make_loss, batches, state) -> None:
         results.append((out, state(loss_fn)))
     assert counter.frame_count == 1
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+# --- PML as the oracle: float64 PML against our float32 run, relative to the largest expected value -------------
+PML_TOL = 1e-5
+
+
+def rel(actual, expected):
+    """max |a − e| / max |e| over the whole tensor."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).abs().max() / e.abs().max()).item()
+
+
+def loss_and_grads(loss_fn, weight, x, y, indices_tuple=None, dtype=None):
+    """(loss, ∂loss/∂x, ∂loss/∂weight) of ``loss_fn(x, y, indices_tuple)`` with x cast to ``dtype``."""
+    xr = x.detach().to(dtype or x.dtype).requires_grad_()
+    loss = loss_fn(xr, y.to(xr.device), indices_tuple)
+    gx, gw = torch.autograd.grad(loss, [xr, weight])
+    return loss.detach(), gx, gw
+
+
+def compare_with_pml(theirs, ours, weight_name, x, y, indices_tuple=None, what="", tol=PML_TOL):
+    """PML's loss ``theirs`` (float64, on the CPU) against ``ours`` (float32): loss and gradients to the embeddings
+    and to the weight attribute ``weight_name`` within ``tol``; returns both triples (ours, theirs)."""
+    expected = loss_and_grads(theirs, getattr(theirs, weight_name), x.cpu(), y.cpu(), indices_tuple, torch.float64)
+    got = loss_and_grads(ours, getattr(ours, weight_name), x, y, indices_tuple)
+    for name, a, e in zip(("loss", "grad embeddings", f"grad {weight_name}"), got, expected):
+        assert a.dtype == torch.float32
+        err = rel(a, e)
+        assert err <= tol, f"{what} {name}: relative error {err:.2e} vs PML"
+    return got, expected

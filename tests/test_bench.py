@@ -99,20 +99,10 @@ def test_cbml_step_computes_gradient(impl, variant):
         assert not torch.equal(inputs["bank"], bank0)
 
 
-@pytest.mark.parametrize("impl", [i for i in impls.IMPLS["margin"] if HAS_PML or not i.startswith("pml")])
-def test_margin_step_computes_both_gradients(impl):
-    case = impls.Case("margin", impl, "gradient", 10, 30, 8, "float32")
-    inputs = impls.make_inputs(case, torch.device("cpu"))
-    step = impls.build(case, inputs)
-    step.run()
-    x = inputs["x"]
-    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert impls.nominal_gflop(case) > 0 and step.backend
-
-
-@pytest.mark.parametrize("impl", [i for i in impls.IMPLS["proxy_anchor"] if HAS_PML or i != "pml"])
-def test_proxy_anchor_step_computes_both_gradients(impl):
-    case = impls.Case("proxy_anchor", impl, "gradient", 10, 30, 8, "float32")
+@pytest.mark.parametrize("loss,impl", [(loss, i) for loss in ("margin", "proxy_anchor") for i in impls.IMPLS[loss]
+                                         if HAS_PML or not i.startswith("pml")])
+def test_proxy_step_computes_both_gradients(loss, impl):
+    case = impls.Case(loss, impl, "gradient", 10, 30, 8, "float32")
     inputs = impls.make_inputs(case, torch.device("cpu"))
     step = impls.build(case, inputs)
     step.run()
@@ -240,7 +230,7 @@ def test_cpu_floor_measures_and_writes(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("*-cpu-floor-*.json")
     data = json.loads(path.read_text())
     assert data["meta"]["isa"] in ("avx512", "avx2", "generic") and data["meta"]["torch"] == torch.__version__
-    (row,) = data["floor_ratios"]
+    (row,) = data["rows"]
     assert (row["B"], row["C"], row["D"]) == (9, 70, 12)
     assert row["fwd_ms"] > 0 and row["fwd_over_floor"] > 0 and row["fwd_proxy_over_floor"] > 0
 
@@ -251,12 +241,13 @@ def test_pair_vs_pml_measures_and_writes(tmp_path):
     from bench import pair_vs_pml
 
     assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "SupConLoss",
-                             "--reps", "1", "--out", str(tmp_path)]) == 0
+                             "--impls", "fastcdml,pml,compiled", "--reps", "1", "--out", str(tmp_path)]) == 0
     assert pair_vs_pml.main(["--batches", "8", "--memories", "16", "--dims", "4", "--losses", "NTXentLoss",
                              "--impls", "pml", "--mem-cap-gib", "0", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-pair-vs-pml-*.json")
     rows = {(r["loss"], r["impl"]): r for r in json.loads(path.read_text())["rows"]}
-    assert set(rows) == {("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("NTXentLoss", "pml")}
-    for key in (("SupConLoss", "fastcdml"), ("SupConLoss", "pml")):
+    assert set(rows) == {("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("SupConLoss", "compiled"),
+                         ("NTXentLoss", "pml")}
+    for key in (("SupConLoss", "fastcdml"), ("SupConLoss", "pml"), ("SupConLoss", "compiled")):
         assert rows[key]["status"] == "ok" and rows[key]["p50_ms"] > 0 and rows[key]["peak_extra_mb"] >= 0
     assert rows[("NTXentLoss", "pml")]["status"].startswith("skipped: predicted")

@@ -10,7 +10,7 @@ import fastcdml
 from fastcdml.losses._pml import miner_weights
 
 from .conftest import DEVICE
-from .helpers import assert_compiled_matches_eager, kernel_backends
+from .helpers import assert_compiled_matches_eager, compare_with_pml, kernel_backends, rel
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")
@@ -22,13 +22,6 @@ CLASSES = {  # name -> (constructor kwargs, sub-centers)
     "ArcFaceLoss": ({}, 1),
     "SubCenterArcFaceLoss": ({"sub_centers": 3}, 3),
 }
-TOL = 1e-5
-
-
-def rel(actual, expected):
-    """max |a − e| / max |e| over the whole tensor."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return ((a - e).abs().max() / e.abs().max()).item()
 
 
 def interpreting(backend):
@@ -60,31 +53,13 @@ def batch(b, c, d, w, k):
     return x.float().to(DEVICE), y.to(DEVICE)
 
 
-def loss_and_grads(loss_fn, x, y, indices_tuple=None, dtype=None):
-    xr = x.detach().to(dtype or x.dtype).requires_grad_()
-    w = loss_fn.W
-    loss = loss_fn(xr, y.to(xr.device), indices_tuple)
-    gx, gw = torch.autograd.grad(loss, [xr, w])
-    return loss.detach(), gx, gw
-
-
-def compare(pml, ours, x, y, indices_tuple=None, what=""):
-    expected = loss_and_grads(pml, x.cpu(), y.cpu(), indices_tuple, torch.float64)
-    got = loss_and_grads(ours, x, y, indices_tuple)
-    for name, a, e in zip(("loss", "grad embeddings", "grad W"), got, expected):
-        assert a.dtype == torch.float32
-        err = rel(a, e)
-        assert err <= TOL, f"{what} {name}: relative error {err:.2e} vs PML"
-    return got
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", CLASSES)
 def test_matches_pml(backend, name):
     b, c, d = shapes(backend)
     pml, ours = pair(name, c, d, backend)
     x, y = batch(b, c, d, pml.W, CLASSES[name][1])
-    compare(pml, ours, x, y, what=f"{name}/{backend}")
+    compare_with_pml(pml, ours, "W", x, y, what=f"{name}/{backend}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,7 +76,7 @@ def test_miner_weights_match_pml(backend, name, kind):
     expected = lmu.convert_to_weights(tuples, y.cpu(), dtype=torch.float32)
     got = miner_weights(tuples, b, y.device)
     torch.testing.assert_close(got.cpu() if got is not None else torch.ones(b), expected)
-    compare(pml, ours, x, y, tuples, what=f"{name}/{backend}/{kind}")
+    compare_with_pml(pml, ours, "W", x, y, tuples, what=f"{name}/{backend}/{kind}")
 
 
 def test_miner_from_pml_miner():
@@ -112,7 +87,7 @@ def test_miner_from_pml_miner():
     y = y % 5
     tuples = miners.MultiSimilarityMiner(epsilon=0.5)(x.cpu(), y.cpu())
     assert sum(len(t) for t in tuples) > 0
-    compare(pml, ours, x, y, tuples, what="ArcFace with MultiSimilarityMiner")
+    compare_with_pml(pml, ours, "W", x, y, tuples, what="ArcFace with MultiSimilarityMiner")
 
 
 @pytest.mark.parametrize("name", CLASSES)

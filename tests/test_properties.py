@@ -227,7 +227,8 @@ def test_margin_dropins_steps_match_pml(backend, data):
     run in fp32 plus 1e-5 (relative). A fixed 1e-5 (tests/test_margin.py, on its shapes) is not a bound for every
     shape: ArcFace's chain rule divides by sin θ, which amplifies rounding for a query close to its center."""
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-    from .test_margin import batch, loss_and_grads
+    from .helpers import loss_and_grads
+    from .test_margin import batch
 
     name = data.draw(st.sampled_from(["NormalizedSoftmaxLoss", "CosFaceLoss", "ArcFaceLoss",
                                       "SubCenterArcFaceLoss"]), label="loss")
@@ -243,9 +244,9 @@ def test_margin_dropins_steps_match_pml(backend, data):
     lr = 1e-3
     for step in range(STEPS):
         x, y = batch(b, c, d, pml.W, kwargs.get("sub_centers", 1))
-        expected = loss_and_grads(pml, x.cpu(), y.cpu(), None, torch.float64)
-        low = loss_and_grads(pml32, x.cpu(), y.cpu())
-        got = loss_and_grads(ours, x, y)
+        expected = loss_and_grads(pml, pml.W, x.cpu(), y.cpu(), None, torch.float64)
+        low = loss_and_grads(pml32, pml32.W, x.cpu(), y.cpu())
+        got = loss_and_grads(ours, ours.W, x, y)
         for what, a, e, lo in zip(("loss", "grad embeddings", "grad W"), got, expected, low):
             assert_close(a, e, lo, torch.float32, f"{name}/{backend} step {step} {what}")
         with torch.no_grad():

@@ -10,14 +10,13 @@ import fastcdml
 from fastcdml.reference.proxy_anchor import positive_scale, present_classes, proxy_anchor_loss
 
 from .conftest import DEVICE
-from .helpers import DTYPES, assert_close, kernel_backends, lowest
+from .helpers import DTYPES, assert_close, assert_compiled_matches_eager, compare_with_pml, kernel_backends, lowest
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 miners = pytest.importorskip("pytorch_metric_learning.miners")
 
 KERNELS = kernel_backends("proxy_anchor", DEVICE)
 BACKENDS = ["reference"] + KERNELS
-TOL = 1e-5
 
 
 def interpreting(backend):
@@ -27,12 +26,6 @@ def interpreting(backend):
 def shape(backend):
     """(B, C, D): ragged; for the C++ kernels two row blocks and three proxy chunks (chunk_size(72) = 1024)."""
     return (21, 45, 40) if interpreting(backend) else (70, 2100, 72)
-
-
-def rel(actual, expected):
-    """max |a − e| / max |e| over the whole tensor."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return ((a - e).abs().max() / e.abs().max()).item()
 
 
 def batch(b, c, d, proxies):
@@ -55,13 +48,6 @@ def pair(c, d, backend, **kwargs):
     return theirs, ours
 
 
-def loss_and_grads(loss_fn, x, y, indices_tuple=None, dtype=None):
-    xr = x.detach().to(dtype or x.dtype).requires_grad_()
-    loss = loss_fn(xr, y.to(xr.device), indices_tuple)
-    gx, gp = torch.autograd.grad(loss, [xr, loss_fn.proxies])
-    return loss.detach(), gx, gp
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mined", [False, True], ids=["all", "miner-weighted"])
 def test_matches_pml(backend, mined):
@@ -71,12 +57,7 @@ def test_matches_pml(backend, mined):
     # triplets over a subset of rows, some repeated: rows weigh 0, 1/3, 2/3 or 1 (PML's convert_to_weights)
     indices = tuple(torch.tensor(t) % b for t in ([0, 0, 0, 4, 9], [1, 2, 4, 5, 30], [6, 7, 8, 4, 36])) \
         if mined else None
-    expected = loss_and_grads(theirs, x.cpu(), y.cpu(), indices, torch.float64)
-    got = loss_and_grads(ours, x, y, indices)
-    for name, a, e in zip(("loss", "grad embeddings", "grad proxies"), got, expected):
-        assert a.dtype == torch.float32
-        err = rel(a, e)
-        assert err <= TOL, f"{backend} {name}: relative error {err:.2e} vs PML"
+    compare_with_pml(theirs, ours, "proxies", x, y, indices, backend)
 
 
 def test_pml_state_dict_and_defaults():
@@ -218,30 +199,12 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_compiled_training_compiles_once_and_matches_eager(backend):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
     batches = [(torch.randn(12, 16, device=DEVICE), torch.randint(0, 5, (12,), device=DEVICE)) for _ in range(4)]
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(1)
-        net = torch.nn.Linear(16, 16).to(DEVICE)
-        loss_fn = fastcdml.ProxyAnchorLoss(9, 16, backend=backend).to(DEVICE)
-        step = lambda x, y: loss_fn(net(x), y)  # noqa: E731
-        if compiled:
-            torch._dynamo.reset()
-            counter = CompileCounterWithBackend("inductor")
-            step = torch.compile(step, fullgraph=True, backend=counter)
-        losses = []
-        for x, y in batches:
-            out = step(x, y)
-            out.backward()
-            losses.append(out.detach())
-        results.append((torch.stack(losses), net.weight.grad.clone(), loss_fn.proxies.grad.clone()))
-    assert counter.frame_count == 1
-    for eager, comp, what in zip(*results, ("losses", "net grad", "proxies grad")):
-        torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-5, msg=what)
+    make = lambda: fastcdml.ProxyAnchorLoss(9, 16, backend=backend).to(DEVICE)  # noqa: E731
+    assert_compiled_matches_eager(make, batches, lambda loss_fn: loss_fn.proxies.grad.clone(), backend="inductor")
+    x, y = batches[0]
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 9\)"):
-        step(x, y + 9)
+        torch.compile(make(), fullgraph=True)(x, y + 9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,40 +10,16 @@ import torch
 import fastcdml
 
 from .conftest import DEVICE
-from .helpers import assert_compiled_matches_eager, kernel_backends
+from .helpers import PML_TOL, assert_compiled_matches_eager, compare_with_pml, kernel_backends
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances, losses as pml_losses  # noqa: E402
 
 BACKENDS = ["reference"] + kernel_backends("ccl", DEVICE)
-TOL = 1e-5
-
-
-def rel(actual, expected):
-    """max |a − e| / max |e| over the whole tensor."""
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    return ((a - e).abs().max() / e.abs().max()).item()
 
 
 def shapes(backend):
     return (19, 53, 40) if backend == "triton" and DEVICE.type == "cpu" else (37, 1001, 72)
-
-
-def loss_and_grads(loss_fn, weight, x, y, indices_tuple=None, dtype=None):
-    xr = x.detach().to(dtype or x.dtype).requires_grad_()
-    loss = loss_fn(xr, y.to(xr.device), indices_tuple)
-    gx, gw = torch.autograd.grad(loss, [xr, weight])
-    return loss.detach(), gx, gw
-
-
-def compare(theirs, ours, weight_name, x, y, indices_tuple=None, what="", tol=TOL):
-    expected = loss_and_grads(theirs, getattr(theirs, weight_name), x.cpu(), y.cpu(), indices_tuple, torch.float64)
-    got = loss_and_grads(ours, getattr(ours, weight_name), x, y, indices_tuple)
-    for name, a, e in zip(("loss", "grad embeddings", f"grad {weight_name}"), got, expected):
-        assert a.dtype == torch.float32
-        err = rel(a, e)
-        assert err <= tol, f"{what} {name}: relative error {err:.2e} vs PML"
-    return got, expected
 
 
 def mined(kind, b):
@@ -77,7 +53,7 @@ def test_proxy_nca_matches_pml(backend, kind, softmax_scale):
     theirs, ours = nca_pair(c, d, backend, softmax_scale)
     y = torch.randint(0, c, (b,))
     x = near_proxies(theirs.proxies, y)
-    compare(theirs, ours, "proxies", x, y.to(DEVICE), mined(kind, b), f"ProxyNCA/{backend}/{kind}")
+    compare_with_pml(theirs, ours, "proxies", x, y.to(DEVICE), mined(kind, b), f"ProxyNCA/{backend}/{kind}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,8 +75,8 @@ def test_proxy_nca_drops_rows_whose_probability_underflows(backend):
     rows = fastcdml.reference.ccl.ccl_loss_rows(x.double().cpu(), y, p, 1 / (2 * s), 0.0, 0.0)
     assert (rows[far] > 800).all() and (rows[~far] < 60).all() and rows[~far].max() > 1
     for kind in ("none", "triplets"):
-        compare(theirs, ours, "proxies", x, y.to(DEVICE), mined(kind, 24), f"drop/{backend}/{kind}",
-                tol=TOL if backend == "reference" else 5e-5)  # fp32 cosines times 2·250: ~1.2e-5 on the kernels
+        compare_with_pml(theirs, ours, "proxies", x, y.to(DEVICE), mined(kind, 24), f"drop/{backend}/{kind}",
+                tol=PML_TOL if backend == "reference" else 5e-5)  # fp32 cosines times 2·250: ~1.2e-5 on the kernels
     xf = x[far].clone().requires_grad_()
     loss = ours(xf, y[far].to(DEVICE))
     loss.backward()
@@ -158,7 +134,7 @@ def test_soft_triple_matches_pml(backend, kind, k, kwargs):
     theirs, ours = soft_pair(c, d, k, backend, **kwargs)
     y = torch.randint(0, c, (b,))
     x = near_centres(theirs.fc, y, k)
-    compare(theirs, ours, "fc", x, y.to(DEVICE), mined(kind, b), f"SoftTriple/{backend}/{kind}")
+    compare_with_pml(theirs, ours, "fc", x, y.to(DEVICE), mined(kind, b), f"SoftTriple/{backend}/{kind}")
 
 
 def test_soft_triple_state_get_logits_and_options():

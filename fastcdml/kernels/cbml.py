@@ -69,20 +69,11 @@ def _load_chunk(ptr, rows, rmask, d0, D, BLOCK_D: tl.constexpr, DOT_F32: tl.cons
 
 
 @triton.jit
-def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, base, m_ptr, m_w, D,
-          IS_SELF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr):
-    """S tile (BLOCK_B, BLOCK_N) of the query rows against columns c0.. of one part of R (global columns
-    base + c0..), with the positive / negative masks. A column whose label is negative (an empty memory slot) is
-    absent: its inverse norm is taken as 0, so S = 0 there (out of the row sum), it is in no set and its row of
-    R̂ gets no gradient. With HAS_MASK, only the pairs whose bit is set in the (B, m_w)-byte pair mask ``m_ptr``
-    can be positives or negatives.
-    Under the interpreter the product is a broadcast sum: numpy's matmul does not give equal columns for
-    equal inputs, which would break exact ties (tensor-core dots do)."""
-    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-    cmask = cols < n_c
-    yc = tl.load(yc_ptr + cols, mask=cmask, other=-1).to(tl.int64)
-    cinv = tl.load(cinv_ptr + cols, mask=cmask & (yc >= 0), other=0.0)
+def _dot_chunks(x_ptr, rows, rmask, c_ptr, cols, cmask, D, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """(BLOCK_B, BLOCK_N) fp32 products ``x[rows] · c[cols]ᵀ`` accumulated over D in BLOCK_D chunks. Under the
+    interpreter the product is a broadcast sum: numpy's matmul does not give equal columns for equal inputs, which
+    would break exact ties (tensor-core dots do)."""
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
@@ -91,6 +82,24 @@ def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, base, 
             acc += tl.sum(q.to(tl.float32)[:, None, :] * c.to(tl.float32)[None, :, :], 2)
         else:
             acc = tl.dot(q, tl.trans(c), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile(x_ptr, xinv, rows, rmask, yq, c_ptr, cinv_ptr, yc_ptr, c0, n_c, base, m_ptr, m_w, D,
+          IS_SELF: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, HAS_MASK: tl.constexpr):
+    """S tile (BLOCK_B, BLOCK_N) of the query rows against columns c0.. of one part of R (global columns
+    base + c0..), with the positive / negative masks. A column whose label is negative (an empty memory slot) is
+    absent: its inverse norm is taken as 0, so S = 0 there (out of the row sum), it is in no set and its row of
+    R̂ gets no gradient. With HAS_MASK, only the pairs whose bit is set in the (B, m_w)-byte pair mask ``m_ptr``
+    can be positives or negatives."""
+    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    cmask = cols < n_c
+    yc = tl.load(yc_ptr + cols, mask=cmask, other=-1).to(tl.int64)
+    cinv = tl.load(cinv_ptr + cols, mask=cmask & (yc >= 0), other=0.0)
+    acc = _dot_chunks(x_ptr, rows, rmask, c_ptr, cols, cmask, D, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                      INTERPRET)
     s = acc * xinv[:, None] * cinv[None, :]
     s = tl.where(s == 0.0, 0.0, s)  # −0 → +0 so that the sort keys order equal values by index only
     valid = rmask[:, None] & (yc >= 0)[None, :]

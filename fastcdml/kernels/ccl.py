@@ -176,6 +176,31 @@ def _row_norm(x):
 
 
 @triton.jit
+def _d_slice(pid, D, BLOCK_D: tl.constexpr, DV_SPLIT: tl.constexpr):
+    """Program ``pid`` of a grid that splits D into DV_SPLIT slices: ``(block, dv, dk, dmask, dv_cols, dvmask)``,
+    its block (pid // DV_SPLIT) and slice (pid % DV_SPLIT) indices, all of D's columns and its slice's, with
+    their masks."""
+    BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
+    dv = pid % DV_SPLIT
+    dk = tl.arange(0, BLOCK_D)
+    dv_cols = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    return pid // DV_SPLIT, dv, dk, dk < D, dv_cols, dv_cols < D
+
+
+@triton.jit
+def _unit_rows(ptrs, mask, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """``(x, ‖x‖, x̂)`` of the (rows, BLOCK_D) tile at ``ptrs`` (fp32, zero outside ``mask``; norms clamped at
+    1e-12): x̂ is the tl.dot operand, rounded to DOT, then widened to fp32 when UPCAST (the interpreter's bf16 dot
+    is wrong)."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    norm = _row_norm(x)
+    xq = (x / norm[:, None]).to(DOT)
+    if UPCAST:
+        xq = xq.to(tl.float32)
+    return x, norm, xq
+
+
+@triton.jit
 def _target_logit(c, margin, cos_m, sin_m, ANGULAR: tl.constexpr):
     """``(t(c), ∂t/∂c)`` elementwise: the label column's cosine after the margin (cosine units).
 
@@ -318,24 +343,17 @@ def _ccl_fwd_kernel(x_ptr, labels_ptr, w_ptr, loss_ptr, grad_ptr, lse_ptr, q_ptr
     """
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
-    pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    dv = pid_r % DV_SPLIT
-    rows = (pid_r // DV_SPLIT) * BLOCK_B + tl.arange(0, BLOCK_B)
+    block, dv, dk, dmask, dv_cols, dvmask = _d_slice(tl.program_id(0), D, BLOCK_D, DV_SPLIT)
+    rows = block * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    dk = tl.arange(0, BLOCK_D)
-    dmask = dk < D
-    dv_cols = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dvmask = dv_cols < D
     first = rmask & ((tl.zeros_like(rows) + dv) == 0)  # loss, lse and scalar partials: written by D-slice 0
 
-    x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
-    norm = _row_norm(x)  # kept for the epilogue
-    # tl.dot operands: rounded to DOT, then widened to fp32 when UPCAST (the interpreter's bf16 dot is wrong).
-    # Casts and loads in the loops are inlined: each nested jit call costs the interpreter ~10 ms per iteration.
-    xq = (x / norm[:, None]).to(DOT)
-    if UPCAST:
-        xq = xq.to(tl.float32)
+    # norm: kept for the epilogue. The bank tiles' loads and casts in the loop are inlined: each nested jit call
+    # costs the interpreter ~10 ms per iteration.
+    # (``x_rows``, not ``_``: a ``_`` assigned in the loop below would be a loop-carried variable of another shape.)
+    x_rows, norm, xq = _unit_rows(x_ptr + rows.to(tl.int64)[:, None] * D + dk[None, :],
+                                  rmask[:, None] & dmask[None, :], DOT, UPCAST)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     lab32 = tl.where((lab >= 0) & (lab < C), lab, -1).to(tl.int32)  # int32 compares in the loop (registers)
 
@@ -481,17 +499,12 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
     spread over its K rows by the slopes ∂c/∂s_k instead of placed at the argmax."""
     BLOCK_DV: tl.constexpr = BLOCK_D // DV_SPLIT
     NC: tl.constexpr = BLOCK_C // KP
-    pid = tl.program_id(0)
-    dv = pid % DV_SPLIT
+    block, dv, dk, dmask, dv_cols, dvmask = _d_slice(tl.program_id(0), D, BLOCK_D, DV_SPLIT)
     slot = tl.arange(0, BLOCK_C)
-    bank_rows = ((pid // DV_SPLIT) * NC + slot // KP) * K + slot % KP
-    wmask = ((pid // DV_SPLIT) * NC + slot // KP < C) & (slot % KP < K)
-    cols = (pid // DV_SPLIT) * NC + tl.arange(0, NC)
+    bank_rows = (block * NC + slot // KP) * K + slot % KP
+    wmask = (block * NC + slot // KP < C) & (slot % KP < K)
+    cols = block * NC + tl.arange(0, NC)
     cmask = cols < C
-    dk = tl.arange(0, BLOCK_D)
-    dmask = dk < D
-    dv_cols = dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dvmask = dv_cols < D
     w = _load_rows(w_ptr, bank_rows, wmask, dk, dmask, D).to(DOT)  # operand casts as in the forward kernel
     if UPCAST:
         w = w.to(tl.float32)
@@ -500,11 +513,7 @@ def _ccl_bwd_centers_kernel(x_ptr, labels_ptr, w_ptr, lse_ptr, q_ptr, g_ptr, out
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         rmask = rows < B
-        x = tl.load(x_tile + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        norm = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
-        xq = (x / norm[:, None]).to(DOT)
-        if UPCAST:
-            xq = xq.to(tl.float32)
+        x, norm, xq = _unit_rows(x_tile + dk[None, :], rmask[:, None] & dmask[None, :], DOT, UPCAST)
         s = tl.dot(xq, tl.trans(w), input_precision=PREC)
         if KP == 1:
             c = s

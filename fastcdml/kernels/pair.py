@@ -12,9 +12,9 @@ the labels, the row's excluded column and, for mined pairs, the (B, R) uint8 mul
    the row's NLSE known, for Σ_P w softplus(NLSE − u) and Σ_P w σ(NLSE − u).
 3. The loss and the per-row gradient coefficients from the row statistics: a few (B,) tensor operations in the
    launcher (no host synchronisation).
-4. ``_pair_grad_query_kernel``: ``∂L/∂x̂ = G R̂`` per (row block, D chunk), G = ∂L/∂S recomputed per tile;
-   ``_pair_grad_ref_kernel``: ``∂L/∂R̂ = Gᵀ x̂`` per (reference block, D chunk), looping over the row blocks in
-   order (no atomics).
+4. ``_pair_grad_kernel``: ``∂L/∂x̂ = G R̂`` per (row block, D chunk), G = ∂L/∂S recomputed per tile; with
+   ``TO_REF``, ``∂L/∂R̂ = Gᵀ x̂`` per (reference block, D chunk), looping over the row blocks in order (no
+   atomics).
 5. ``_norm_bwd_kernel`` (shared with CBML): the row-normalisation backward.
 
 With 16-bit inputs of one dtype ``tl.dot`` runs in that dtype (G is split into hi + lo 16-bit parts for the
@@ -31,7 +31,7 @@ import triton.language as tl
 from .._runtime import interpreter_active, new_output
 from . import _device
 from ._tuning import CbmlConfig, cbml_config, cbml_products
-from .cbml import _acc_dot, _inv_norm_kernel, _load_chunk, _norm_bwd_kernel
+from .cbml import _acc_dot, _dot_chunks, _inv_norm_kernel, _load_chunk, _norm_bwd_kernel
 
 # ----------------------------------------------------------------------------------------------- tuning
 # The blocks and products of the CBML kernels (``_tuning.cbml_config``): the same tile code, the same register
@@ -60,14 +60,8 @@ def _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, c0
     cmask = cols < R
     yc = tl.load(yr_ptr + cols, mask=cmask, other=0).to(tl.int64)
     cinv = tl.load(rinv_ptr + cols, mask=cmask, other=0.0)
-    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_D, DOT_F32)
-        c = _load_chunk(r_ptr, cols, cmask, d0, D, BLOCK_D, DOT_F32)
-        if INTERPRET:
-            acc += tl.sum(q.to(tl.float32)[:, None, :] * c.to(tl.float32)[None, :, :], 2)
-        else:
-            acc = tl.dot(q, tl.trans(c), acc, input_precision=PRECISION)
+    acc = _dot_chunks(x_ptr, rows, rmask, r_ptr, cols, cmask, D, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                      INTERPRET)
     s = acc * xinv[:, None] * cinv[None, :]
     valid = rmask[:, None] & cmask[None, :]
     if HAS_COUNTS:
@@ -218,57 +212,55 @@ def _pair_stats_kernel(
 
 
 @triton.jit
-def _pair_grad_query_kernel(
-    x_ptr, xinv_ptr, y_ptr, ex_ptr, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, rowf_ptr, rowc_ptr, g_ptr, B, R, D,
-    p0, p1, p2, KIND: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):
-    """g[rows, d-chunk] = Σ_j G_ij R̂_j (∂L/∂x̂ before the normalisation backward)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    d0 = tl.program_id(1) * BLOCK_DO
+def _grad_tile_at(x_ptr, xinv_ptr, y_ptr, ex_ptr, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, rowf_ptr, rowc_ptr, rows, c0, B,
+                  R, D, p0, p1, p2, KIND: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+                  PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """``(G, inv‖x‖, inv‖r‖, cols)`` of the tile (rows, references c0..): G = ∂L/∂S from the rows' statistics."""
     rmask = rows < B
     xinv, yq, ex = _row_inputs(xinv_ptr, y_ptr, ex_ptr, rows, rmask, HAS_EXCLUDE)
     lse_a, lse_b, sig, c_a, c_b, inv_npos = _row_coefs(rowf_ptr, rowc_ptr, rows, rmask, B)
     SETS: tl.constexpr = KIND == 1 or KIND == 2
-    acc = tl.zeros((BLOCK_B, BLOCK_DO), tl.float32)
-    for c0 in range(0, R, BLOCK_N):
-        s, wp, wn, up, un, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr,
-                                              c0, R, D, SETS, HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
-                                              INTERPRET)
-        g = _grad_tile(s, up, un, KIND, p0, p1, p2, lse_a, lse_b, sig, c_a, c_b, inv_npos)
-        c = _load_chunk(r_ptr, cols, cols < R, d0, D, BLOCK_DO, False)
-        acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
-    offs = d0 + tl.arange(0, BLOCK_DO)
-    tl.store(g_ptr + rows[:, None] * D + offs[None, :], acc, mask=rmask[:, None] & (offs < D)[None, :])
+    s, wp, wn, up, un, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, c0, R,
+                                          D, SETS, HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
+                                          INTERPRET)
+    return _grad_tile(s, up, un, KIND, p0, p1, p2, lse_a, lse_b, sig, c_a, c_b, inv_npos), xinv, cinv, cols
 
 
 @triton.jit
-def _pair_grad_ref_kernel(
+def _pair_grad_kernel(
     x_ptr, xinv_ptr, y_ptr, ex_ptr, r_ptr, rinv_ptr, yr_ptr, cnt_ptr, rowf_ptr, rowc_ptr, g_ptr, B, R, D,
     p0, p1, p2, KIND: tl.constexpr, HAS_EXCLUDE: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, TO_REF: tl.constexpr,
 ):
-    """g[cols, d-chunk] = Σ_i G_ij x̂_i (∂L/∂r̂ before the normalisation backward), row blocks in order."""
-    c0 = tl.program_id(0) * BLOCK_N
+    """Grid (row or reference blocks, D chunks). ``TO_REF`` False: g[rows, d-chunk] = Σ_j G_ij R̂_j (∂L/∂x̂ before
+    the normalisation backward), sweeping the reference blocks; True: g[cols, d-chunk] = Σ_i G_ij x̂_i (∂L/∂r̂),
+    sweeping the row blocks in order (no atomics)."""
     d0 = tl.program_id(1) * BLOCK_DO
-    SETS: tl.constexpr = KIND == 1 or KIND == 2
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
-    for q0 in range(0, B, BLOCK_B):
-        rows = q0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        rmask = rows < B
-        xinv, yq, ex = _row_inputs(xinv_ptr, y_ptr, ex_ptr, rows, rmask, HAS_EXCLUDE)
-        lse_a, lse_b, sig, c_a, c_b, inv_npos = _row_coefs(rowf_ptr, rowc_ptr, rows, rmask, B)
-        s, wp, wn, up, un, cinv, cols = _tile(x_ptr, xinv, rows, rmask, yq, ex, r_ptr, rinv_ptr, yr_ptr, cnt_ptr,
-                                              c0, R, D, SETS, HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION,
-                                              INTERPRET)
-        g = _grad_tile(s, up, un, KIND, p0, p1, p2, lse_a, lse_b, sig, c_a, c_b, inv_npos)
-        q = _load_chunk(x_ptr, rows, rmask, d0, D, BLOCK_DO, False)
-        acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
-    cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    if TO_REF:
+        c0 = tl.program_id(0) * BLOCK_N
+        acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
+        for q0 in range(0, B, BLOCK_B):
+            rows = q0 + tl.arange(0, BLOCK_B).to(tl.int64)
+            g, xinv, cinv, cols = _grad_tile_at(x_ptr, xinv_ptr, y_ptr, ex_ptr, r_ptr, rinv_ptr, yr_ptr, cnt_ptr,
+                                                rowf_ptr, rowc_ptr, rows, c0, B, R, D, p0, p1, p2, KIND, HAS_EXCLUDE,
+                                                HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+            q = _load_chunk(x_ptr, rows, rows < B, d0, D, BLOCK_DO, False)
+            acc = _acc_dot(acc, tl.trans(g * xinv[:, None]), q, DOT_F32, PRECISION)
+        out, n_out = c0 + tl.arange(0, BLOCK_N).to(tl.int64), R
+    else:
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        acc = tl.zeros((BLOCK_B, BLOCK_DO), tl.float32)
+        for c0 in range(0, R, BLOCK_N):
+            g, xinv, cinv, cols = _grad_tile_at(x_ptr, xinv_ptr, y_ptr, ex_ptr, r_ptr, rinv_ptr, yr_ptr, cnt_ptr,
+                                                rowf_ptr, rowc_ptr, rows, c0, B, R, D, p0, p1, p2, KIND, HAS_EXCLUDE,
+                                                HAS_COUNTS, BLOCK_B, BLOCK_N, BLOCK_D, DOT_F32, PRECISION, INTERPRET)
+            c = _load_chunk(r_ptr, cols, cols < R, d0, D, BLOCK_DO, False)
+            acc = _acc_dot(acc, g * cinv[None, :], c, DOT_F32, PRECISION)
+        out, n_out = rows, B
     offs = d0 + tl.arange(0, BLOCK_DO)
-    tl.store(g_ptr + cols[:, None] * D + offs[None, :], acc, mask=(cols < R)[:, None] & (offs < D)[None, :])
+    tl.store(g_ptr + out[:, None] * D + offs[None, :], acc, mask=(out < n_out)[:, None] & (offs < D)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -329,14 +321,13 @@ def pair_fwd(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, grad
     _pair_stats_kernel[(triton.cdiv(B, bb),)](*inputs, rowf, B, R, D, p0, p1, p2, **blocks, **launch)
     loss, rowc = combine(rowf, kind, p0, p1)
     grid_d = triton.cdiv(D, cfg.block_do)
-    for want, grid, kernel, out, src, inv in (
-            (grad_x, triton.cdiv(B, bb), _pair_grad_query_kernel, gx, x, xinv),
-            (grad_ref, triton.cdiv(R, bn), _pair_grad_ref_kernel, gr, ref, rinv)):
+    for want, grid, to_ref, out, src in ((grad_x, triton.cdiv(B, bb), False, gx, x),
+                                         (grad_ref, triton.cdiv(R, bn), True, gr, ref)):
         if not want:
             continue
         part = new_output(out.shape, f32, dev)
-        kernel[(grid, grid_d)](*inputs, rowf, rowc, part, B, R, D, p0, p1, p2, BLOCK_DO=cfg.block_do, **blocks,
-                               **launch)
+        _pair_grad_kernel[(grid, grid_d)](*inputs, rowf, rowc, part, B, R, D, p0, p1, p2, BLOCK_DO=cfg.block_do,
+                                          TO_REF=to_ref, **blocks, **launch)
         _norm_bwd_kernel[(triton.cdiv(out.shape[0], 32),)](part, 1, out, src, out.shape[0], D, 1.0, BLOCK_R=32,
                                                            BLOCK_D=64)
     return loss, gx, gr

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .._runtime import interpreter_active, new_output
 from ._tuning import Config, proxy_anchor_config, shrink
-from .ccl import _dot_types, _launch, _load_rows, _row_norm, _smem, block_d
+from .ccl import _dot_types, _launch, _load_rows, _smem, _unit_rows, block_d
 
 INTERPRET = interpreter_active()
 LOG2E = 1.4426950408889634
@@ -72,10 +72,7 @@ def _coefficients(s, lab, cols, live, off, tp2, tn2, alpha, margin, g_pos, g_neg
 def _row_tile(x_tile, labels_ptr, w_ptr, rows, rmask, dk, dmask, pq, BLOCK_B: tl.constexpr, HAS_W: tl.constexpr,
               DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """(x̂ as the dot operand, s = x̂ p̂ᵀ, labels, miner offsets w − 1) of one tile of rows in the columns kernel."""
-    x = tl.load(x_tile + dk[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    xq = (x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]).to(DOT)
-    if UPCAST:
-        xq = xq.to(tl.float32)
+    _, _, xq = _unit_rows(x_tile + dk[None, :], rmask[:, None] & dmask[None, :], DOT, UPCAST)
     s = tl.dot(xq, tl.trans(pq), input_precision=PREC)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
     if HAS_W:
@@ -86,20 +83,26 @@ def _row_tile(x_tile, labels_ptr, w_ptr, rows, rmask, dk, dmask, pq, BLOCK_B: tl
 
 
 @triton.jit
+def _program_rows(ptr, n, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's block of BLOCK rows of the (n, D) tensor at ``ptr``: ``(indices, mask, dk, dmask, norms, unit
+    rows as the dot operand)`` (``_unit_rows``). Only the operand and the norms live through the kernels' loops
+    (registers); the rows are reloaded for the normalisation backward."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    dk = tl.arange(0, BLOCK_D)
+    dmask = dk < D
+    _, norm, q = _unit_rows(ptr + idx.to(tl.int64)[:, None] * D + dk[None, :], mask[:, None] & dmask[None, :], DOT,
+                            UPCAST)
+    return idx, mask, dk, dmask, norm, q
+
+
+@triton.jit
 def _pa_cols_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, gp_ptr, B, C, D, neg_scale, alpha,
                     margin, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
                     GRAD_P: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(C, BLOCK_C),). Column terms ``T⁺_j, T⁻_j`` (natural log) of this program's proxies over all rows;
     with GRAD_P a second loop over the rows gives ∂L/∂p_j."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    dk = tl.arange(0, BLOCK_D)
-    dmask = dk < D
-    p = _load_rows(p_ptr, cols, cmask, dk, dmask, D)
-    pnorm = _row_norm(p)
-    pq = (p / pnorm[:, None]).to(DOT)  # only the operand and the norms live through the loops (registers)
-    if UPCAST:
-        pq = pq.to(tl.float32)
+    cols, cmask, dk, dmask, pnorm, pq = _program_rows(p_ptr, C, D, BLOCK_C, BLOCK_D, DOT, UPCAST)
     mp = tl.zeros([BLOCK_C], tl.float32)  # m = 0, l = 1: the "1 +" inside the log
     lp = tl.full([BLOCK_C], 1.0, tl.float32)
     mn = tl.zeros([BLOCK_C], tl.float32)
@@ -152,15 +155,7 @@ def _pa_rows_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
                     margin, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HAS_W: tl.constexpr,
                     DOT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Grid (cdiv(B, BLOCK_B),). ∂L/∂x_i = normalisation backward of Σ_j G_ij p̂_j, streaming all proxies."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    dk = tl.arange(0, BLOCK_D)
-    dmask = dk < D
-    x = _load_rows(x_ptr, rows, rmask, dk, dmask, D)
-    xnorm = _row_norm(x)
-    xq = (x / xnorm[:, None]).to(DOT)  # only the operand and the norms live through the loop (registers)
-    if UPCAST:
-        xq = xq.to(tl.float32)
+    rows, rmask, dk, dmask, xnorm, xq = _program_rows(x_ptr, B, D, BLOCK_B, BLOCK_D, DOT, UPCAST)
     lab = tl.load(labels_ptr + rows, mask=rmask, other=-1).to(tl.int32)
     if HAS_W:
         off = tl.load(w_ptr + rows, mask=rmask, other=1.0) - 1.0
@@ -173,10 +168,7 @@ def _pa_rows_kernel(x_ptr, labels_ptr, w_ptr, p_ptr, scale_ptr, tp_ptr, tn_ptr, 
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        p = tl.load(p_tile + dk[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        pq = (p / tl.maximum(tl.sqrt(tl.sum(p * p, axis=1)), 1e-12)[:, None]).to(DOT)
-        if UPCAST:
-            pq = pq.to(tl.float32)
+        _, _, pq = _unit_rows(p_tile + dk[None, :], cmask[:, None] & dmask[None, :], DOT, UPCAST)
         s = tl.dot(xq, tl.trans(pq), input_precision=PREC)
         tp2 = tl.load(tp_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
         tn2 = tl.load(tn_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634

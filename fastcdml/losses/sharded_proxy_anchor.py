@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from .._backend import Backend, resolve
 from ..distributed import all_reduce, gather_batch, gather_rows, reduce_scatter_rows, shard_range
-from ..ops.proxy_anchor import scale_saved
+from ..ops._registry import scale_saved
 from ..params import ProxyAnchorParams
 from ..reference.proxy_anchor import positive_scale
 from .. import _checks

@@ -10,6 +10,7 @@ Two namespaces carry the same ops:
 """
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -62,18 +63,28 @@ def has_kernel(ns: str, name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", dispatch_key)
 
 
-def forward_gradient_fake(x, ref, grad_x: bool, grad_ref: bool):
-    """The outputs ``(loss, grad_x, grad_ref)`` of such an op, as empty tensors: () fp32, (B or 0, D) and
-    (R or 0, D) fp32."""
-    f32 = torch.float32
-    return (x.new_empty((), dtype=f32), x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
-            x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32))
+def define_forward_gradient(stem: str, schema: str) -> None:
+    """Define ``<stem>_fwd`` in every namespace: an op ``(x, labels, ref, …, grad_x, grad_ref) -> (loss, grad_x,
+    grad_ref)`` that computes its gradients in the forward when the two flags ask for them. Outputs: loss () fp32,
+    grad_x (B or 0, D) fp32, grad_ref (R or 0, D) fp32. Its Triton kernel is ``fastcdml.kernels.<stem>.<stem>_fwd``
+    (imported on first call: it needs triton).
 
+    Backward scales the saved gradients by grad_output and casts them to the inputs' dtypes; it raises if an input
+    needs a gradient its flag did not compute. The scaling is in place when running eagerly (a second (R, D) buffer
+    would double the op's peak memory; a second backward through the same graph then fails autograd's check of the
+    saved tensors' versions) and out of place when traced (torch.compile, whose partitioner cannot return a mutated
+    saved tensor)."""
+    name = stem + "_fwd"
+    num_inputs = len(torch._C.parse_schema(name + schema).arguments)
 
-def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Callable]:
-    """``(backward, setup_context)`` of an op ``(x, labels, ref, …, grad_x, grad_ref) -> (loss, grad_x, grad_ref)``
-    that computes its gradients in the forward when the two flags ask for them: backward scales them by
-    grad_output (in the inputs' dtypes) and raises if an input needs a gradient its flag did not compute."""
+    def fake(*args):
+        x, ref, grad_x, grad_ref = args[0], args[2], args[-2], args[-1]
+        f32 = torch.float32
+        return (x.new_empty((), dtype=f32), x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
+                x.new_empty((ref.shape[0] if grad_ref else 0, x.shape[1]), dtype=f32))
+
+    def triton_impl(*args):
+        return getattr(importlib.import_module(f"..kernels.{stem}", __package__), name)(*args)
 
     def setup_context(ctx, inputs, output):
         ctx.dtypes = (inputs[0].dtype, inputs[2].dtype)
@@ -81,18 +92,22 @@ def forward_gradient_autograd(name: str, num_inputs: int) -> tuple[Callable, Cal
         ctx.save_for_backward(output[1], output[2])
 
     def backward(ctx, grad_loss, _g1, _g2):
-        grad_x, grad_ref = ctx.saved_tensors
-        gx = gr = None
-        for i in (0, 2):
-            if ctx.needs_input_grad[i] and not ctx.computed[i // 2]:
-                raise RuntimeError(f"{name} ran without the gradient flag for an input that now needs a gradient")
-        if ctx.needs_input_grad[0]:
-            gx = (grad_loss * grad_x).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[2]:
-            gr = (grad_loss * grad_ref).to(ctx.dtypes[1])
-        return (gx, None, gr) + (None,) * (num_inputs - 3)
+        grads = [None] * num_inputs
+        for i, saved, computed, dtype in zip((0, 2), ctx.saved_tensors, ctx.computed, ctx.dtypes):
+            if ctx.needs_input_grad[i]:
+                if not computed:
+                    raise RuntimeError(f"{name} ran without the gradient flag for an input that now needs a gradient")
+                grads[i] = scale_saved(saved, grad_loss).to(dtype)
+        return tuple(grads)
 
-    return backward, setup_context
+    for ns in namespaces():
+        define(ns, name, schema, fake, triton_impl, backward, setup_context)
+
+
+def scale_saved(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad_loss · grad`` for a gradient saved by a forward: in place when running eagerly, out of place when
+    traced (see :func:`define_forward_gradient`)."""
+    return grad.mul_(grad_loss) if type(grad) is torch.Tensor else grad * grad_loss
 
 
 def families() -> tuple[str, ...]:

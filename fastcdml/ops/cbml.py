@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..params import PHIS
-from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
+from ._registry import define_forward_gradient
 
 __all__ = ["cbml_loss"]
 
@@ -35,23 +35,8 @@ FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? pair_mas
       "float pos_weight, float neg_weight, bool class_means, int top_k, bool grad_x, bool grad_ref) " \
       "-> (Tensor, Tensor, Tensor)"
 
+define_forward_gradient("cbml", FWD)
 
-def _fwd_fake(x, labels, ref, ref_labels, pair_mask, include_self, pos_a, pos_b, neg_a, neg_b, margin, variance_weight,
-              mean_weight, phi, pos_weight, neg_weight, class_means, top_k, grad_x, grad_ref):
-    return forward_gradient_fake(x, ref, grad_x, grad_ref)
-
-
-_backward, _setup_context = forward_gradient_autograd("cbml_fwd", 20)
-
-
-def _fwd_triton(*args):
-    from ..kernels import cbml as kernels  # imported on first call: it needs triton
-
-    return kernels.cbml_fwd(*args)
-
-
-for _ns in namespaces():
-    define(_ns, "cbml_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
 def cbml_loss(ops, x, labels, ref, ref_labels, *, pair_mask=None, include_self=True, pos_a=0.5, pos_b=0.5,

@@ -19,29 +19,15 @@ from __future__ import annotations
 import torch
 
 from ..reference.pair import KINDS
-from ._registry import define, forward_gradient_autograd, forward_gradient_fake, namespaces
+from ._registry import define_forward_gradient
 
 __all__ = ["pair_loss"]
 
 FWD = "(Tensor x, Tensor labels, Tensor ref, Tensor ref_labels, Tensor? exclude, Tensor? counts, int kind, " \
       "float p0, float p1, float p2, bool grad_x, bool grad_ref) -> (Tensor, Tensor, Tensor)"
 
+define_forward_gradient("pair", FWD)
 
-def _fwd_fake(x, labels, ref, ref_labels, exclude, counts, kind, p0, p1, p2, grad_x, grad_ref):
-    return forward_gradient_fake(x, ref, grad_x, grad_ref)
-
-
-_backward, _setup_context = forward_gradient_autograd("pair_fwd", 12)
-
-
-def _fwd_triton(*args):
-    from ..kernels import pair as kernels  # imported on first call: it needs triton
-
-    return kernels.pair_fwd(*args)
-
-
-for _ns in namespaces():
-    define(_ns, "pair_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
 
 
 def pair_loss(ops, kind: str, x, labels, ref, ref_labels, params: tuple, exclude=None, counts=None):

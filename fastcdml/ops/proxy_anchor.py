@@ -23,56 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import define, namespaces
+from ._registry import define_forward_gradient
 
 __all__ = ["proxy_anchor_loss", "proxy_anchor_grads"]
 
 FWD = "(Tensor x, Tensor labels, Tensor proxies, Tensor? weights, Tensor pos_scale, float neg_scale, float margin, " \
       "float alpha, bool grad_x, bool grad_proxies) -> (Tensor, Tensor, Tensor)"
 
-
-def _fwd_fake(x, labels, proxies, weights, pos_scale, neg_scale, margin, alpha, grad_x, grad_proxies):
-    f32 = torch.float32
-    return (x.new_empty((), dtype=f32), x.new_empty((x.shape[0] if grad_x else 0, x.shape[1]), dtype=f32),
-            x.new_empty((proxies.shape[0] if grad_proxies else 0, x.shape[1]), dtype=f32))
-
-
-def _setup_context(ctx, inputs, output):
-    x, proxies, want_x, want_p = inputs[0], inputs[2], inputs[8], inputs[9]
-    ctx.dtypes = (x.dtype, proxies.dtype)
-    ctx.computed = (want_x, want_p)
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _backward(ctx, grad_loss, _g1, _g2):
-    grad_x, grad_p = ctx.saved_tensors
-    gx = gp = None
-    for i, computed in ((0, ctx.computed[0]), (2, ctx.computed[1])):
-        if ctx.needs_input_grad[i] and not computed:
-            raise RuntimeError("proxy_anchor_fwd ran without the gradient flag for an input that now needs a gradient")
-    if ctx.needs_input_grad[0]:
-        gx = scale_saved(grad_x, grad_loss).to(ctx.dtypes[0])
-    if ctx.needs_input_grad[2]:
-        gp = scale_saved(grad_p, grad_loss).to(ctx.dtypes[1])
-    return (gx, None, gp) + (None,) * 7
-
-
-def scale_saved(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad_loss · grad`` for a gradient saved by the forward: in place when running eagerly (a second (C, D)
-    buffer would double the op's peak memory; a second backward through the same graph then fails autograd's check
-    of the saved tensors' versions), out of place when traced (torch.compile, whose partitioner cannot return a
-    mutated saved tensor)."""
-    return grad.mul_(grad_loss) if type(grad) is torch.Tensor else grad * grad_loss
-
-
-def _fwd_triton(*args):
-    from ..kernels import proxy_anchor as kernels  # imported on first call: it needs triton
-
-    return kernels.proxy_anchor_fwd(*args)
-
-
-for _ns in namespaces():
-    define(_ns, "proxy_anchor_fwd", FWD, _fwd_fake, _fwd_triton, _backward, _setup_context)
+define_forward_gradient("proxy_anchor", FWD)
 
 
 # The wrappers the fused backends bind: ``ops`` is a bound op namespace; the other arguments are those of the

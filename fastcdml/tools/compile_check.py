@@ -74,8 +74,7 @@ CBML_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp
 PA_PAIRS = (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))  # (embeddings, proxies)
 PRECISIONS = ("highest", "high", "medium")  # torch.get_float32_matmul_precision() for fp32 products
 WGMMA_KERNELS = ("_ccl_fwd_kernel", "_ccl_bwd_centers_kernel", "_cbml_stats_kernel", "_cbml_sums_kernel",
-                 "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel", "_pair_stats_kernel", "_pair_grad_query_kernel",
-                 "_pair_grad_ref_kernel")
+                 "_cbml_grad_query_kernel", "_cbml_grad_ref_kernel", "_pair_stats_kernel", "_pair_grad_kernel")
 SPILL_BUDGET = 512  # bytes of spill stores per thread
 MAX_COMPILE_S = 60.0
 # Specialisations allowed above SPILL_BUDGET, each with its reason (also in bench/NOTES.md): (kernel, {spec field:
@@ -337,7 +336,7 @@ class _Session:
             msg = f"{type(exc).__name__}: {exc}".strip().splitlines()
             row = self.failures.setdefault(_spec_text(spec), dict(
                 target=self.name, kernel=name, spec=spec, config=_spec_text(spec), problems=[],
-                error=" | ".join(msg[:3])[:400], seconds=round(time.perf_counter() - t0, 1)))
+                error=" | ".join(msg[:1] + msg[-3:])[:600], seconds=round(time.perf_counter() - t0, 1)))
             _add_problem(row, self.case)
             raise _Aborted from exc
         seconds = time.perf_counter() - t0
