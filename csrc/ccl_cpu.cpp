@@ -496,68 +496,78 @@ void with_layout(int64_t s0, int64_t s1, const Body& body) {
     body(s0, s1);
 }
 
-// A learnable bank's rows normalised, for the kernels: out (n, D) contiguous fp32 = rows / max(‖row‖, eps) and
-// norm (n,) fp32 = ‖row‖, from rows (n, D) fp32/bf16/fp16 of any strides (PML's W is stored (D, n): its rows are
-// the bank rows). One pass, rows in fixed blocks (kNormRows), each row's sum over D in order.
-std::tuple<Tensor, Tensor> ccl_normalize_rows(const Tensor& rows_in) {
+// The norms of a block of nr ≤ kNormRows rows (element (r, k) at a[r·s0 + k·s1]), each summed over D in order,
+// into nrm, and 1 / max(norm, eps) into inv.
+template <typename S0, typename S1>
+FASTCDML_INLINE void block_norms(const float* a, S0 s0, S1 s1, int64_t nr, int64_t d, float* nrm, float* inv) {
+  std::fill(inv, inv + nr, 0.f);
+  for (int64_t k = 0; k < d; ++k)
+    for (int64_t r = 0; r < nr; ++r) inv[r] += a[r * s0 + k * s1] * a[r * s0 + k * s1];
+  for (int64_t r = 0; r < nr; ++r) {
+    nrm[r] = std::sqrt(inv[r]);
+    inv[r] = 1.f / std::max(nrm[r], kEps);
+  }
+}
+
+// A learnable bank's rows normalised, for the kernels: (n, D) contiguous fp32 = rows / max(‖row‖, eps), from rows
+// (n, D) fp32/bf16/fp16 of any strides (PML's W is stored (D, n): its rows are the bank rows). One pass, rows in
+// fixed blocks (kNormRows).
+Tensor ccl_normalize_rows(const Tensor& rows_in) {
   check_embeddings(rows_in, "rows");
   const Tensor rows = rows_in.to(at::kFloat);  // itself when fp32, strides kept
   const int64_t n = rows.size(0), d = rows.size(1);
-  Tensor out = at::empty({n, d}, rows.options()), norm = at::empty({n}, rows.options());
+  Tensor out = at::empty({n, d}, rows.options());
   const float* src = rows.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  float* nrm = norm.data_ptr<float>();
   with_layout(rows.stride(0), rows.stride(1), [&](auto s0, auto s1) {
     parallel_for(0, ceil_div(n, kNormRows), 1, [&](int64_t b0, int64_t b1) {
-      float inv[kNormRows];
+      float nrm[kNormRows], inv[kNormRows];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * kNormRows, nr = std::min(kNormRows, n - r0);
         const float* a = src + r0 * s0;
-        std::fill(inv, inv + nr, 0.f);
-        for (int64_t k = 0; k < d; ++k)
-          for (int64_t r = 0; r < nr; ++r) inv[r] += a[r * s0 + k * s1] * a[r * s0 + k * s1];
-        for (int64_t r = 0; r < nr; ++r) {
-          nrm[r0 + r] = std::sqrt(inv[r]);
-          inv[r] = 1.f / std::max(nrm[r0 + r], kEps);
-        }
+        block_norms(a, s0, s1, nr, d, nrm, inv);
         for (int64_t r = 0; r < nr; ++r)
           for (int64_t k = 0; k < d; ++k) dst[(r0 + r) * d + k] = a[r * s0 + k * s1] * inv[r];
       }
     });
   });
-  return {out, norm};
+  return out;
 }
 
-// The backward of ccl_normalize_rows: ∂/∂rows (laid out as `rows`, fp32) from grad (n, D) by ∂out/∂rows,
-// (g − x̂ (x̂·g)) / ‖row‖ (g / eps where the clamp is active), a block of rows at a time.
-Tensor ccl_normalize_rows_backward(const Tensor& grad_in, const Tensor& out, const Tensor& norm, const Tensor& rows) {
-  const int64_t n = out.size(0), d = out.size(1);
-  TORCH_CHECK_VALUE(grad_in.sizes() == out.sizes() && rows.sizes() == out.sizes() && norm.numel() == n,
-                    "grad, out and rows must have shape ", out.sizes(), " and norm ", n, " elements");
-  const Tensor grad = grad_in.to(at::kFloat).contiguous(), o = out.contiguous(), nm = norm.contiguous();
-  Tensor g_rows = at::empty_like(rows, rows.options().dtype(at::kFloat));
+// The backward of ccl_normalize_rows: ∂/∂rows (fp32, laid out as `rows`) from grad (n, D) = ∂/∂out, i.e.
+// (g − x̂ (x̂·g)) / ‖row‖ (g / eps where the clamp is active). x̂ is recomputed from rows (the same arithmetic as the
+// forward), so the forward's output need not be kept for backward.
+Tensor ccl_normalize_rows_backward(const Tensor& grad_in, const Tensor& rows_in) {
+  check_embeddings(rows_in, "rows");
+  TORCH_CHECK_VALUE(grad_in.sizes() == rows_in.sizes(), "grad must have shape ", rows_in.sizes(), ", got ",
+                    grad_in.sizes());
+  const Tensor grad = grad_in.to(at::kFloat).contiguous(), rows = rows_in.to(at::kFloat);
+  const int64_t n = rows.size(0), d = rows.size(1);
+  Tensor g_rows = at::empty_like(rows);  // rows' strides
   const float* gp = grad.data_ptr<float>();
-  const float* op = o.data_ptr<float>();
-  const float* np = nm.data_ptr<float>();
+  const float* src = rows.data_ptr<float>();
   float* dst = g_rows.data_ptr<float>();
-  with_layout(g_rows.stride(0), g_rows.stride(1), [&](auto s0, auto s1) {
+  TORCH_CHECK(g_rows.strides() == rows.strides(), "ccl_normalize_rows_backward: rows must be dense");
+  with_layout(rows.stride(0), rows.stride(1), [&](auto s0, auto s1) {
     parallel_for(0, ceil_div(n, kNormRows), 1, [&](int64_t b0, int64_t b1) {
-      float dot[kNormRows], scale[kNormRows];
+      float nrm[kNormRows], inv[kNormRows], dot[kNormRows];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r0 = b * kNormRows, nr = std::min(kNormRows, n - r0);
+        const float* a = src + r0 * s0;
         const float* g = gp + r0 * d;
-        const float* xh = op + r0 * d;
-        float* a = dst + r0 * s0;
+        float* o = dst + r0 * s0;
+        block_norms(a, s0, s1, nr, d, nrm, inv);
         std::fill(dot, dot + nr, 0.f);
         for (int64_t k = 0; k < d; ++k)
-          for (int64_t r = 0; r < nr; ++r) dot[r] += xh[r * d + k] * g[r * d + k];
+          for (int64_t r = 0; r < nr; ++r) dot[r] += a[r * s0 + k * s1] * inv[r] * g[r * d + k];
         for (int64_t r = 0; r < nr; ++r) {  // below eps the clamp is active: out = rows / eps is linear
-          const bool clamped = np[r0 + r] < kEps;
+          const bool clamped = nrm[r] < kEps;
           dot[r] = clamped ? 0.f : dot[r];
-          scale[r] = 1.f / (clamped ? kEps : np[r0 + r]);
+          nrm[r] = 1.f / (clamped ? kEps : nrm[r]);
         }
         for (int64_t k = 0; k < d; ++k)
-          for (int64_t r = 0; r < nr; ++r) a[r * s0 + k * s1] = (g[r * d + k] - xh[r * d + k] * dot[r]) * scale[r];
+          for (int64_t r = 0; r < nr; ++r)
+            o[r * s0 + k * s1] = (g[r * d + k] - a[r * s0 + k * s1] * inv[r] * dot[r]) * nrm[r];
       }
     });
   });

@@ -340,8 +340,9 @@ def _all_outputs():
     out.append(ops.ccl_bwd_centers(x, y - 1000, w[:2000], out[2], torch.randn(200), *HYPER, 0, 1, out[3], True))
     dense = ops.ccl_fwd_dense(x, y % 1000, w, 0.05, 0.3, 0.0, True, 1, 3)  # ArcFace, 3 sub-centers
     out += list(dense) + [ops.ccl_bwd_centers_dense(x, dense[4], torch.randn(200))]
-    out += ops.ccl_normalize_rows(w.t().contiguous().t())
-    out.append(ops.ccl_normalize_rows_backward(out[-2] * 3, out[-2], out[-1], w.t().contiguous().t()))
+    columns = w.t().contiguous().t()
+    out.append(ops.ccl_normalize_rows(columns))
+    out.append(ops.ccl_normalize_rows_backward(out[-1] * 3, columns))
     bank = w.clone()
     ops.ccl_momentum_update_(bank, x, y % 50, 0.9)
     out.append(bank)
@@ -426,8 +427,7 @@ def test_opcheck():
     torch.library.opcheck(ops.ccl_bwd_centers_dense.default, (x.detach(), coef, torch.randn(37)))
     wt = torch.randn(24, 300).t().requires_grad_()
     torch.library.opcheck(ops.ccl_normalize_rows.default, (wt,))
-    out, norm = ops.ccl_normalize_rows(wt.detach())
-    torch.library.opcheck(ops.ccl_normalize_rows_backward.default, (torch.randn(300, 24), out, norm, wt.detach()))
+    torch.library.opcheck(ops.ccl_normalize_rows_backward.default, (torch.randn(300, 24), wt.detach()))
     lq = ops.ccl_fwd(x.detach(), y, w, *HYPER, False)[3]
     torch.library.opcheck(ops.ccl_bwd_centers.default,
                           (x.detach(), y - 100, w[:150], lse, torch.randn(37), *HYPER, 0, 1, lq, True))

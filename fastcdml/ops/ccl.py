@@ -41,11 +41,11 @@ namespace)
     product matters more than the (B, C·K) matrix it keeps.
 ``ccl_bwd_centers_dense(x, coef, grad_rows) -> grad_centers`` (C++ only)
     grad_centers (C·K, D) fp32 = coefᵀ·(grad_rows ⊙ x̂).
-``ccl_normalize_rows(rows) -> (out, norm)`` (C++ only)
+``ccl_normalize_rows(rows) -> out`` (C++ only)
     A learnable bank's rows normalised in one pass: rows (n, D) fp32/bf16/fp16 of any strides (e.g. PML's ``W``
-    transposed), out (n, D) contiguous fp32 = rows / max(‖row‖, eps), norm (n,) fp32 (not differentiable).
-    Differentiable in rows through ``ccl_normalize_rows_backward(grad, out, norm, rows) -> grad_rows`` (fp32,
-    laid out as ``rows``).
+    transposed), out (n, D) contiguous fp32 = rows / max(‖row‖, eps). Differentiable in rows through
+    ``ccl_normalize_rows_backward(grad, rows) -> grad_rows`` (fp32, laid out as ``rows``), which recomputes the
+    norms from rows: autograd keeps no normalised copy of the bank until backward.
 ``ccl_momentum_update_(centers!, x, labels, momentum, sub_centers=1) -> ()``
     In-place momentum update of the bank (absent classes, out-of-range labels and non-finite results leave
     rows untouched), deterministic. With K > 1 each query moves the sub-center of its class it is most similar
@@ -75,8 +75,8 @@ BWD_CENTERS = "(Tensor x, Tensor labels, Tensor centers, Tensor lse, Tensor grad
               "bool foreign_labels=False, float gamma=0.0) -> Tensor"
 FWD_DENSE = FWD.replace("-> (Tensor, Tensor, Tensor, Tensor)", "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 BWD_CENTERS_DENSE = "(Tensor x, Tensor coef, Tensor grad_rows) -> Tensor"
-NORMALIZE = "(Tensor rows) -> (Tensor, Tensor)"
-NORMALIZE_BACKWARD = "(Tensor grad, Tensor out, Tensor norm, Tensor rows) -> Tensor"
+NORMALIZE = "(Tensor rows) -> Tensor"
+NORMALIZE_BACKWARD = "(Tensor grad, Tensor rows) -> Tensor"
 UPDATE = "(Tensor(a!) centers, Tensor x, Tensor labels, float momentum, int sub_centers=1) -> ()"
 
 
@@ -97,11 +97,10 @@ def _bwd_centers_dense_fake(x, coef, grad_rows):
 
 
 def _normalize_fake(rows):
-    n, d = rows.shape
-    return rows.new_empty((n, d), dtype=torch.float32), rows.new_empty(n, dtype=torch.float32)
+    return rows.new_empty(rows.shape, dtype=torch.float32)
 
 
-def _normalize_backward_fake(grad, out, norm, rows):
+def _normalize_backward_fake(grad, rows):
     return torch.empty_like(rows, dtype=torch.float32)
 
 
@@ -175,14 +174,13 @@ def _make_dense_backward(ops):
 
 
 def _normalize_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(inputs[0], *output)
+    ctx.save_for_backward(inputs[0])
 
 
 def _make_normalize_backward(ops):
-    def backward(ctx, grad_out, _grad_norm):
-        rows, out, norm = ctx.saved_tensors
-        return ops.ccl_normalize_rows_backward(grad_out, out, norm, rows).to(rows.dtype)
+    def backward(ctx, grad_out):
+        (rows,) = ctx.saved_tensors
+        return ops.ccl_normalize_rows_backward(grad_out, rows).to(rows.dtype)
 
     return backward
 
@@ -266,5 +264,5 @@ def normalize_rows(ops, x, dtype=None):
     """``fastcdml.reference.ccl.normalize_rows``; fp32 rows on the C++ backend take ``ccl_normalize_rows`` (one
     pass each way instead of autograd's chain of elementwise ops and reductions)."""
     if ops is _main and x.device.type == "cpu" and x.dtype != torch.float64 and dtype in (None, torch.float32):
-        return ops.ccl_normalize_rows(x)[0]
+        return ops.ccl_normalize_rows(x)
     return _reference_normalize_rows(x, dtype)
