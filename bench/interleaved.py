@@ -13,7 +13,7 @@ between rounds; wall clock (``time.perf_counter``) per step; the median, p20 and
 the medians. Peak extra memory of one step (RSS high-water-mark growth above the steady state) is measured for
 each side in a fresh process with glibc returning every freed block ≥ 64 KiB to the system
 (``bench.run._peak_extra_mb``). Writes ``<out>/<device>-interleaved-<date>.json`` (rows of the same loss, size and
-check setting replaced).
+check setting replaced; under ``pairs``, not ``rows``: bench/report.py renders ``python -m bench``'s files only).
 """
 from __future__ import annotations
 
@@ -29,11 +29,24 @@ from pathlib import Path
 import torch
 
 from .impls import MARGIN_CLASSES, _version
-from .run import _peak_extra_mb, environment, load_check, slug
+from .run import _git, environment, load_check, slug
 
 PAIRS = ("normalizedsoftmax", "cosface", "arcface", "subcenter", "ccl")
 CCL_PEER_TEMPERATURE = 0.05  # CenterContrastiveLoss's default τ
 _MARK = "INTERLEAVED_MEMORY "
+
+
+def cpu_model() -> str | None:
+    """``family F model M`` of this x86 CPU from /proc/cpuinfo (a VM may hide the marketing name)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    return f"family {fields.get('cpu family')} model {fields.get('model')}" if "cpu family" in fields else None
 
 
 def _inputs(b: int, d: int, c: int, seed: int = 0):
@@ -129,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     b, c, d = (int(v) for v in args.size.split("x"))
     argv = sys.argv[1:] if argv is None else argv
+    from fastcdml._backend import resolve
+
     meta = environment(torch.device("cpu")) | {
+        "cpu": cpu_model(), "git": _git(), "backend": resolve("auto", "ccl", torch.device("cpu")).name,
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "pml": _version("pml"),
         "command": "python -m bench.interleaved " + " ".join(argv)}
     rows = []
@@ -152,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if path.exists():  # the day's earlier rows of other cases stay
         key = lambda r: (r["loss"], r["B"], r["C"], r["D"], r["check_inputs"])  # noqa: E731
         fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["rows"] if key(r) not in fresh] + rows
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        rows = [r for r in json.loads(path.read_text())["pairs"] if key(r) not in fresh] + rows
+    path.write_text(json.dumps({"meta": meta, "pairs": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 
