@@ -12,8 +12,8 @@ Method: warm-up steps, then ``--reps`` rounds, each running every step of a pair
 between rounds; wall clock (``time.perf_counter``) per step; the median, p20 and p80 per side and the ratio of
 the medians. Peak extra memory of one step (RSS high-water-mark growth above the steady state) is measured for
 each side in a fresh process with glibc returning every freed block ≥ 64 KiB to the system
-(``bench.run._peak_extra_mb``). Writes ``<out>/<device>-interleaved-<date>.json`` (rows of the same loss, size and
-check setting replaced; under ``pairs``, not ``rows``: bench/report.py renders ``python -m bench``'s files only).
+(``bench.run._peak_extra_mb``). Writes ``<out>/<device>-interleaved-<date>.json`` (``bench.run.write_results``:
+rows of the same loss, size and check setting replaced).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .impls import MARGIN_CLASSES, _version
-from .run import _git, environment, load_check, slug
+from .run import _git, environment, load_check, write_results
 
 PAIRS = ("normalizedsoftmax", "cosface", "arcface", "subcenter", "ccl")
 CCL_PEER_TEMPERATURE = 0.05  # CenterContrastiveLoss's default τ
@@ -163,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               f"pml {row['pml_p20_ms']:.2f}-{row['pml_p80_ms']:.2f}; load {row['load_1min']})"
               + (f"  peak MB {row['ours_peak_extra_mb']} / {row['pml_peak_extra_mb']}" if args.memory else ""),
               flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{slug(meta['device'])}-interleaved-{meta['date']}.json"
-    if path.exists():  # the day's earlier rows of other cases stay
-        key = lambda r: (r["loss"], r["B"], r["C"], r["D"], r["check_inputs"])  # noqa: E731
-        fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(path.read_text())["pairs"] if key(r) not in fresh] + rows
-    path.write_text(json.dumps({"meta": meta, "pairs": rows}, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_results(args.out, meta, "interleaved", rows, key=("loss", "B", "C", "D", "check_inputs"))
     return 0
 
 

@@ -24,7 +24,7 @@ def test_interleaved_writes_rows(tmp_path):
     (path,) = tmp_path.glob("*-interleaved-*.json")
     data = json.loads(path.read_text())
     assert data["meta"]["threads"] == 1 and "pytorch-metric-learning" in data["meta"]["pml"]
-    rows = {(r["loss"], r["check_inputs"]): r for r in data["pairs"]}
+    rows = {(r["loss"], r["check_inputs"]): r for r in data["rows"]}
     assert set(rows) == {(name, True) for name in interleaved.PAIRS} | {("ccl", False)}
     for r in rows.values():
         assert r["ours_p20_ms"] <= r["ours_p50_ms"] <= r["ours_p80_ms"] and r["pml_p50_ms"] > 0
