@@ -59,7 +59,8 @@ def load(results: Path) -> list[tuple[Path, dict]]:
     files = []
     for path in results.glob("*.json"):
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "rows" in data and "meta" in data:
+        # ``python -m bench``'s files, whose meta lists its runs; the other tools' files share the outer shape
+        if isinstance(data, dict) and "rows" in data and "runs" in data.get("meta", {}):
             files.append((path, data))
     return sorted(files, key=lambda item: _started(item[1]), reverse=True)
 
