@@ -2,13 +2,15 @@
 
 For each (B, C, D): the fused forward with the query gradient (``ccl_fwd``) against two ``torch.mm`` (S = X·Wᵀ and
 P·W, the products any single pass must do), and the forward plus the proxy gradient (``ccl_bwd_centers``) against
-three (adding Pᵀ·X). One thread, timed in thread CPU time (``time.thread_time``), so that other processes on a
-shared machine do not count; the minimum of ``--reps`` interleaved runs. Writes
-``<out>/<device>-cpu-floor-<date>.json`` with the device, versions, date and load.
+three (adding Pᵀ·X). With ``--threads 1`` (the default) each call is timed in thread CPU time
+(``time.thread_time``), so that other processes on a shared machine do not count; with more threads, in wall
+time (then the load matters, and is recorded). The minimum of ``--reps`` interleaved runs. Writes
+``<out>/<device>-<threads>-threads-cpu-floor-<date>.json`` with the device, versions, date and load.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -16,20 +18,22 @@ import torch
 
 from .run import environment, load_check, write_results
 
-SIZES = ((256, 1000, 128), (1024, 10_000, 128), (128, 11_318, 512))
+SIZES = ((256, 1000, 128), (1024, 10_000, 128), (1024, 100_000, 128), (128, 11_318, 512), (1024, 10_000, 512))
 HYPER = (0.05, 0.1, 1.0)  # temperature, margin, center_weight
 
 
 def _min_ms(fns, reps: int) -> list[float]:
-    """The minimum thread CPU time of each function over ``reps`` interleaved rounds, in ms."""
+    """The minimum time of each function over ``reps`` interleaved rounds, in ms: thread CPU time on one thread,
+    wall time on more."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     best = [float("inf")] * len(fns)
     for fn in fns:
         fn()  # warm-up
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            t0 = time.thread_time()
+            t0 = clock()
             fn()
-            best[i] = min(best[i], time.thread_time() - t0)
+            best[i] = min(best[i], clock() - t0)
     return [b * 1e3 for b in best]
 
 
@@ -53,26 +57,30 @@ def measure(b: int, c: int, d: int, reps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", default=",".join(f"{b}x{c}x{d}" for b, c, d in SIZES), help="BxCxD,...")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from fastcdml import _extension
 
     module = _extension.load()[0]
     if module is None:
         print("the C++ backend is not available:", _extension.load()[2])
         return 2
-    load, _ = load_check(1)
+    load, _ = load_check(args.threads)
+    timer = "thread CPU time" if args.threads == 1 else "wall time"
     meta = environment(torch.device("cpu")) | {"load_1min": load, "isa": module.build_info().get("isa"),
-                                               "timer": "thread CPU time, min of reps", "reps": args.reps}
+                                               "timer": f"{timer}, min of reps", "reps": args.reps}
     rows = []
-    for b, c, d in SIZES:
+    for b, c, d in (tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")):
         rows.append(measure(b, c, d, args.reps))
         r = rows[-1]
         print(f"{b} x {c} x {d}: fwd {r['fwd_ms']:.2f} ms = {r['fwd_over_floor']:.2f} x two mm; "
               f"fwd + proxy grad {r['fwd_ms'] + r['proxy_grad_ms']:.2f} ms = {r['fwd_proxy_over_floor']:.2f} x three mm",
               flush=True)
-    write_results(args.out, meta | {"command": "python -m bench.cpu_floor"}, "cpu-floor", rows)
+    command = " ".join(["python -m bench.cpu_floor", *(argv if argv is not None else sys.argv[1:])])
+    write_results(args.out, meta | {"command": command}, "cpu-floor", rows)
     return 0
 
 

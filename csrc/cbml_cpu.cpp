@@ -487,9 +487,10 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
   if (want_gref && M > 0 && any_valid) {
     parallel_for(n_self_chunks, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
       Tensor sbuf = at::empty({RB * CC}, f32);
+      PackedB rt;  // the chunk for s = x̂·r̂ᵀ, packed once for every block of queries
       for (int64_t ch = ch0; ch < ch1; ++ch) {
         const auto [c0, cc] = chunks[ch];
-        const Tensor rc = R.narrow(0, c0, cc);
+        rt.pack_t(R.narrow(0, c0, cc));
         Tensor grc = gref.narrow(0, c0 - off, cc);
         for (int64_t r0 = 0; r0 < B; r0 += RB) {
           const int64_t rb = std::min(RB, B - r0);
@@ -498,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor> cbml_fwd(const Tensor& x_in, const Tensor& la
           if (!block_valid) continue;
           const Tensor xb = xh.narrow(0, r0, rb);
           Tensor s = tile(sbuf, rb, cc);
-          mm_nt(s, xb, rc);
+          mm(s, xb, rt, false);
           for (int64_t r = 0; r < rb; ++r)
             (K > 0 ? grad_row<true> : grad_row<false>)(coefs, hp, s.data_ptr<float>() + r * cc, cc, c0, r0 + r, yp[r0 + r], yrp,
                                                         mask.row(r0 + r), mask.step);

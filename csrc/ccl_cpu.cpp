@@ -116,18 +116,19 @@ struct SubCenters {
   }
 };
 
-// The similarity tile s = x̂_b·W_cᵀ (rb × cc·K, in sbuf) and its class cosines cp (SubCenters::reduce).
+// The similarity tile s = x̂_b·W_cᵀ (rb × cc·K, in sbuf; wt: W_c packed by pack_t) and its class cosines cp
+// (SubCenters::reduce).
 struct ClassTile {
   Tensor s;
   float* sp;
   float* cp;
 };
 
-ClassTile class_tile(Tensor& sbuf, const Tensor& xb, const Tensor& wc, int64_t rb, int64_t cc, SubCenters& sub) {
-  Tensor s = tile(sbuf, rb, cc * sub.K);
-  mm_nt(s, xb, wc);
+ClassTile class_tile(Tensor& sbuf, const Tensor& xb, const PackedB& wt, int64_t rb, SubCenters& sub) {
+  Tensor s = tile(sbuf, rb, wt.n);
+  mm(s, xb, wt, false);
   float* sp = s.data_ptr<float>();
-  return {s, sp, sub.reduce(sp, rb, cc)};
+  return {s, sp, sub.reduce(sp, rb, wt.n / sub.K)};
 }
 
 // One row of a similarity tile (label margin already applied) → p_j = exp(s_j/τ − m_new) in place; updates the
@@ -164,10 +165,12 @@ struct DenseTile {
   Tensor block(int64_t r0, int64_t rows) const { return tile.narrow(0, r0, rows).view({-1}); }
 };
 
-// The streaming pass shared by ccl_fwd and ccl_fwd_partials (the math: the comment at the top), one block of
-// kRowBlock queries per task of parallel_for; consume(block) then turns the block's RowBlock into the caller's
-// outputs, on the same thread (it writes only that block's rows). With `dense` the bank is one chunk whose tiles
-// are kept (DenseTile).
+// The streaming pass shared by ccl_fwd and ccl_fwd_partials (the math: the comment at the top). Each task of
+// parallel_for owns a range of blocks of kRowBlock queries and walks the bank once, chunk by chunk, taking every one
+// of its blocks through a chunk before the next, so that the chunk is packed for the two products once per task
+// rather than once per block; a row's result depends only on the chunk order, not on the blocks beside it.
+// consume(block) then turns each block's RowBlock into the caller's outputs, on the same thread (it writes only that
+// block's rows). With `dense` the bank is one chunk whose tiles are kept (DenseTile).
 template <typename Consumer>
 void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64_t K, double gamma,
                  const TargetLogit& target, float inv_tau, bool compute_grad, const Consumer& consume,
@@ -178,27 +181,28 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
   const auto f32 = xh.options();
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
     Tensor sbuf = at::empty({dense ? 0 : RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
-    RowBlock st;
-    st.m.resize(RB), st.l.resize(RB), st.lo.resize(RB), st.sy.resize(RB), st.ky.resize(RB), st.wy.resize(RB * K);
-    st.acc = at::empty({RB, D}, f32);
+    PackedB wt, wn;  // the chunk for s = x̂·W_cᵀ and for acc += p·W_c
+    std::vector<RowBlock> blocks(blk1 - blk0);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      RowBlock& st = blocks[blk - blk0];
+      st.r0 = blk * RB, st.rows = std::min(RB, B - st.r0);
+      st.m.assign(RB, -std::numeric_limits<float>::infinity());
+      st.l.assign(RB, 0.f), st.lo.assign(RB, 0.f), st.sy.assign(RB, 0.f), st.ky.assign(RB, -1);
+      st.wy.resize(RB * K);
+      st.acc = compute_grad ? at::zeros({RB, D}, f32) : at::empty({RB, D}, f32);
+    }
     std::vector<float> alpha(RB);
     SubCenters sub(K, gamma, RB * CC);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
-      st.r0 = r0, st.rows = rb;
-      const Tensor xb = xh.narrow(0, r0, rb);
-      Tensor accb = st.acc.narrow(0, 0, rb);
-      if (dense) sbuf = dense->block(r0, rb);
-      if (compute_grad) accb.zero_();
-      std::fill(st.m.begin(), st.m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(st.l.begin(), st.l.end(), 0.f);
-      std::fill(st.lo.begin(), st.lo.end(), 0.f);
-      std::fill(st.sy.begin(), st.sy.end(), 0.f);
-      std::fill(st.ky.begin(), st.ky.end(), -1);
-      for (int64_t c0 = 0; c0 < C; c0 += CC) {
-        const int64_t cc = std::min(CC, C - c0);
-        const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
-        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
+    for (int64_t c0 = 0; c0 < C; c0 += CC) {
+      const int64_t cc = std::min(CC, C - c0);
+      const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
+      wt.pack_t(wc);
+      if (compute_grad) wn.pack_n(wc);
+      for (RowBlock& st : blocks) {
+        const int64_t r0 = st.r0, rb = st.rows;
+        const Tensor xb = xh.narrow(0, r0, rb);
+        if (dense) sbuf = dense->block(r0, rb);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wt, rb, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];
@@ -221,15 +225,15 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
         }
         if (K > 1 && (compute_grad || dense)) sub.route(cp, rb, cc, sp);
         if (compute_grad) {
-          float* ap = accb.data_ptr<float>();
+          float* ap = st.acc.data_ptr<float>();
           for (int64_t r = 0; r < rb; ++r)
             if (alpha[r] != 1.f)
               for (int64_t k = 0; k < D; ++k) ap[r * D + k] *= alpha[r];
-          addmm_nn(accb, s, wc);
+          mm(st.acc.narrow(0, 0, rb), s, wn, true);
         }
       }
-      consume(static_cast<const RowBlock&>(st));
     }
+    for (const RowBlock& st : blocks) consume(st);
   });
 }
 
@@ -447,15 +451,16 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
   TORCH_CHECK_VALUE(gamma >= 0, "gamma must be >= 0, got ", gamma);
   parallel_for(0, ceil_div(C, CC), 1, [&](int64_t ch0, int64_t ch1) {
     Tensor sbuf = at::empty({RB * CC * K}, f32), wbuf = at::empty({CC * K, D}, f32);
+    PackedB wt;  // the chunk for s = x̂·W_cᵀ, packed once for every block of rows
     SubCenters sub(K, gamma, RB * CC);
     for (int64_t ch = ch0; ch < ch1; ++ch) {
       const int64_t c0 = ch * CC, cc = std::min(CC, C - c0);
-      const Tensor wc = rows_fp32(centers, c0 * K, cc * K, wbuf);
+      wt.pack_t(rows_fp32(centers, c0 * K, cc * K, wbuf));
       Tensor dwc = dw.narrow(0, c0 * K, cc * K);
       for (int64_t r0 = 0; r0 < B; r0 += RB) {
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
-        auto [s, sp, cp] = class_tile(sbuf, xb, wc, rb, cc, sub);
+        auto [s, sp, cp] = class_tile(sbuf, xb, wt, rb, sub);
         for (int64_t r = 0; r < rb; ++r) {
           float* row = cp + r * cc;
           const int64_t yi = yp[r0 + r];

@@ -10,10 +10,10 @@
 namespace fastcdml {
 namespace {
 
-// B packed as strips of NR columns: strip s holds B(p, s·NR + jj) at [s·k·NR + p·NR + jj], zero past column n.
+// B packed as strips of NR columns into out: strip s holds B(p, s·NR + jj) at [s·k·NR + p·NR + jj], zero past
+// column n.
 template <int NR>
-const float* pack_b(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t b_cs) {
-  thread_local std::vector<float> buf;
+void pack_b(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t b_cs, std::vector<float>& buf) {
   const int64_t strips = (n + NR - 1) / NR;
   buf.resize(static_cast<size_t>(strips * k * NR));
   float* out = buf.data();
@@ -33,7 +33,6 @@ const float* pack_b(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t 
       for (int64_t p = 0; p < k; ++p) std::fill(dst + p * NR + nr, dst + p * NR + NR, 0.f);
     }
   }
-  return out;
 }
 
 // One register tile: C[0:R, 0:nr] (row stride ldc) = (accumulate ? C : 0) + A[0:R, :]·strip[:, 0:nr], where the
@@ -140,11 +139,12 @@ constexpr TileFn kAvx512Tiles[kAvx512MR + 1] = {nullptr, tile_avx512<1>, tile_av
                                                tile_avx512<7>, tile_avx512<8>};
 #endif  // FASTCDML_X86
 
-// The product over MR-row blocks of A and NR-column strips of packed B, each by tiles[rows in the block].
+// The product over MR-row blocks of A and the NR-column strips of packed B, each by tiles[rows in the block].
 template <int MR, int NR>
-void gemm_tiled(const TileFn (&tiles)[MR + 1], int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs,
-                int64_t a_cs, const float* b, int64_t b_rs, int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
-  const float* bp = pack_b<NR>(n, k, b, b_rs, b_cs);
+void gemm_tiled(const TileFn (&tiles)[MR + 1], int64_t m, const float* a, int64_t a_rs, int64_t a_cs,
+                const PackedB& b, float* c, int64_t ldc, bool accumulate) {
+  const int64_t n = b.n, k = b.k;
+  const float* bp = b.strips.data();
   for (int64_t i = 0; i < m; i += MR) {
     const TileFn tile = tiles[std::min<int64_t>(MR, m - i)];
     for (int64_t j0 = 0; j0 < n; j0 += NR)
@@ -162,20 +162,51 @@ int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t
 
 }  // namespace
 
+void PackedB::pack(int64_t n_, int64_t k_, const float* b, int64_t b_rs, int64_t b_cs) {
+  n = n_, k = k_;
+  switch (cpu_isa()) {
+#ifdef FASTCDML_X86
+    case Isa::avx512: return pack_b<kAvx512NR>(n, k, b, b_rs, b_cs, strips);
+    case Isa::avx2: return pack_b<kAvx2NR>(n, k, b, b_rs, b_cs, strips);
+#endif
+    default: return pack_b<kGenericNR>(n, k, b, b_rs, b_cs, strips);
+  }
+}
+
+void PackedB::pack_t(const at::Tensor& b) {
+  check_operand(b, "b");
+  pack(b.size(0), b.size(1), b.data_ptr<float>(), 1, row_stride(b));
+}
+
+void PackedB::pack_n(const at::Tensor& b) {
+  check_operand(b, "b");
+  pack(b.size(1), b.size(0), b.data_ptr<float>(), row_stride(b), 1);
+}
+
+void gemm(int64_t m, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b, float* c, int64_t ldc,
+          bool accumulate) {
+  if (m <= 0 || b.n <= 0) return;
+  switch (cpu_isa()) {
+#ifdef FASTCDML_X86
+    case Isa::avx512: return gemm_tiled<kAvx512MR, kAvx512NR>(kAvx512Tiles, m, a, a_rs, a_cs, b, c, ldc, accumulate);
+    case Isa::avx2: return gemm_tiled<kAvx2MR, kAvx2NR>(kAvx2Tiles, m, a, a_rs, a_cs, b, c, ldc, accumulate);
+#endif
+    default: return gemm_tiled<kGenericMR, kGenericNR>(kGenericTiles, m, a, a_rs, a_cs, b, c, ldc, accumulate);
+  }
+}
+
 void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t b_rs,
           int64_t b_cs, float* c, int64_t ldc, bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  switch (cpu_isa()) {
-#ifdef FASTCDML_X86
-    case Isa::avx512:
-      return gemm_tiled<kAvx512MR, kAvx512NR>(kAvx512Tiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
-    case Isa::avx2:
-      return gemm_tiled<kAvx2MR, kAvx2NR>(kAvx2Tiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc, accumulate);
-#endif
-    default:
-      return gemm_tiled<kGenericMR, kGenericNR>(kGenericTiles, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, ldc,
-                                                accumulate);
-  }
+  thread_local PackedB packed;
+  packed.pack(n, k, b, b_rs, b_cs);
+  gemm(m, a, a_rs, a_cs, packed, c, ldc, accumulate);
+}
+
+void mm(const at::Tensor& c, const at::Tensor& a, const PackedB& b, bool accumulate) {
+  check_operand(c, "c"), check_operand(a, "a");
+  TORCH_CHECK(a.size(1) == b.k && c.size(0) == a.size(0) && c.size(1) == b.n, "fastcdml gemm: shapes");
+  gemm(a.size(0), a.data_ptr<float>(), row_stride(a), 1, b, c.data_ptr<float>(), row_stride(c), accumulate);
 }
 
 void mm_nt(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {

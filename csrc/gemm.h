@@ -11,14 +11,34 @@
 // Design (the instruction set: isa.h): B is packed into strips of NR columns (k × NR, zero-padded), A is read in
 // place through its strides and broadcast one element at a time, and an MR × NR register tile is accumulated over
 // the whole inner dimension. Callers hand it cache-sized tiles (kRowBlock rows against one chunk), so no further
-// blocking is needed.
+// blocking is needed. A caller that multiplies several blocks of rows by the same B (a chunk of the bank against
+// every block of queries) packs it once into a PackedB and passes that instead: the pack, which transposes B for
+// the a·bᵀ products, then costs once per chunk rather than once per block.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace fastcdml {
+
+// B (k × n) in the strips of this CPU's register tile, reusable across products (the buffer is kept between packs).
+struct PackedB {
+  int64_t n = 0, k = 0;
+  std::vector<float> strips;
+  // B(p, j) = b[p·b_rs + j·b_cs].
+  void pack(int64_t n, int64_t k, const float* b, int64_t b_rs, int64_t b_cs);
+  // For products a·bᵀ with b (n, k), rows contiguous; and for products a·b with b (k, n), rows contiguous.
+  void pack_t(const at::Tensor& b);
+  void pack_n(const at::Tensor& b);
+};
+
+// C (m × b.n, row stride ldc) = (accumulate ? C : 0) + A·B with A(i, p) = a[i·a_rs + p·a_cs] (m × b.k).
+void gemm(int64_t m, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b, float* c, int64_t ldc,
+          bool accumulate);
+// c (m, b.n) = (accumulate ? c : 0) + a·B, a (m, b.k) with contiguous rows.
+void mm(const at::Tensor& c, const at::Tensor& a, const PackedB& b, bool accumulate);
 
 // C (m × n, row stride ldc) = (accumulate ? C : 0) + A·B, with A(i, p) = a[i·a_rs + p·a_cs] (m × k) and
 // B(p, j) = b[p·b_rs + j·b_cs] (k × n); all fp32. Serial: call it from one thread per output tile.

@@ -276,9 +276,10 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
     }
   });
   const float* rinv_p = rinv.data_ptr<float>();
-  // S tile of the rows xb against reference chunk rc (fp32 rows) starting at c0: x̂ rᵀ, columns scaled by 1/‖r‖
-  auto sim_tile = [&](Tensor& s, const Tensor& xb, const Tensor& rc, int64_t c0) {
-    mm_nt(s, xb, rc);
+  // S tile of the rows xb against the reference chunk starting at c0 (rt: its fp32 rows packed by pack_t):
+  // x̂ rᵀ, columns scaled by 1/‖r‖
+  auto sim_tile = [&](Tensor& s, const Tensor& xb, const PackedB& rt, int64_t c0) {
+    mm(s, xb, rt, false);
     float* sp = s.data_ptr<float>();
     const int64_t rb = s.size(0), cc = s.size(1);
     for (int64_t r = 0; r < rb; ++r)
@@ -295,24 +296,27 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
   if (kind == kMultiSimilarity)
     for (Row& st : rows) st.a.add(0.f, 1.0), st.b.add(0.f, 1.0);  // the "1 +" terms
 
-  // passes 1 and 2: one task per block of queries, its tiles recomputed for pass 2
+  // passes 1 and 2: each task owns a range of blocks of queries and walks the reference chunks once per pass,
+  // taking every one of its blocks through a chunk before the next (the chunk packed once); its tiles are
+  // recomputed for pass 2. A row's sums follow the chunk order only.
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
     Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
-      const Tensor xb = xh.narrow(0, r0, rb);
-      for (int pass = 1; pass <= (kind == kNTXent ? 2 : 1); ++pass) {
-        for (int64_t c0 = 0; c0 < R; c0 += CC) {
-          const int64_t cc = std::min(CC, R - c0);
+    PackedB rt;
+    const int64_t r_lo = blk0 * RB, r_hi = std::min(blk1 * RB, B);
+    for (int pass = 1; pass <= (kind == kNTXent ? 2 : 1); ++pass) {
+      for (int64_t c0 = 0; c0 < R; c0 += CC) {
+        const int64_t cc = std::min(CC, R - c0);
+        rt.pack_t(rows_fp32(rc_all, c0, cc, rbuf));
+        for (int64_t r0 = r_lo; r0 < r_hi; r0 += RB) {
+          const int64_t rb = std::min(RB, B - r0);
           Tensor s = tile(sbuf, rb, cc);
-          sim_tile(s, xb, rows_fp32(rc_all, c0, cc, rbuf), c0);
+          sim_tile(s, xh.narrow(0, r0, rb), rt, c0);
           for (int64_t r = 0; r < rb; ++r)
             (pass == 1 ? pass1_row : pass2_row)(rows[r0 + r], hp, s.data_ptr<float>() + r * cc, cc, c0,
                                                 pairs_of(r0 + r));
         }
-        for (int64_t r = 0; r < rb; ++r) rows[r0 + r].lse_a = rows[r0 + r].a.value(),
-                                         rows[r0 + r].lse_b = rows[r0 + r].b.value();
       }
+      for (int64_t i = r_lo; i < r_hi; ++i) rows[i].lse_a = rows[i].a.value(), rows[i].lse_b = rows[i].b.value();
     }
   });
 
@@ -320,23 +324,24 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
   Tensor loss = at::full({}, static_cast<float>(g.loss), f32);
   if (g.scale == 0 && g.scale_neg == 0) return {loss, gx, gref};
 
-  if (want_gx) {  // ∂/∂x̂ += G r̂, one task per block of queries
+  if (want_gx) {  // ∂/∂x̂ += G r̂, each task over its blocks of queries, chunk by chunk in order (as passes 1 and 2)
     parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
       Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
-      for (int64_t blk = blk0; blk < blk1; ++blk) {
-        const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
-        const Tensor xb = xh.narrow(0, r0, rb);
-        for (int64_t c0 = 0; c0 < R; c0 += CC) {
-          const int64_t cc = std::min(CC, R - c0);
+      PackedB rt, rn;  // the chunk for s = x̂·rᵀ and for gx += G·r
+      for (int64_t c0 = 0; c0 < R; c0 += CC) {
+        const int64_t cc = std::min(CC, R - c0);
+        const Tensor rc = rows_fp32(rc_all, c0, cc, rbuf);
+        rt.pack_t(rc), rn.pack_n(rc);
+        for (int64_t r0 = blk0 * RB; r0 < std::min(blk1 * RB, B); r0 += RB) {
+          const int64_t rb = std::min(RB, B - r0);
           Tensor s = tile(sbuf, rb, cc);
-          const Tensor rc = rows_fp32(rc_all, c0, cc, rbuf);
-          sim_tile(s, xb, rc, c0);
+          sim_tile(s, xh.narrow(0, r0, rb), rt, c0);
           float* sp = s.data_ptr<float>();
           for (int64_t r = 0; r < rb; ++r) {
             grad_row(sp + r * cc, cc, c0, rows[r0 + r], hp, g, pairs_of(r0 + r));
             for (int64_t jj = 0; jj < cc; ++jj) sp[r * cc + jj] *= rinv_p[c0 + jj];  // G_ij r̂_j = (G_ij / ‖r_j‖) r_j
           }
-          addmm_nn(gx.narrow(0, r0, rb), s, rc);
+          mm(gx.narrow(0, r0, rb), s, rn, true);
         }
       }
     });
@@ -345,16 +350,18 @@ std::tuple<Tensor, Tensor, Tensor> pair_fwd(const Tensor& x_in, const Tensor& la
   if (want_gref) {  // ∂/∂r̂ += Gᵀ x̂, one task per reference chunk, query blocks in order
     parallel_for(0, n_chunks, 1, [&](int64_t ch0, int64_t ch1) {
       Tensor sbuf = at::empty({RB * CC}, f32), rbuf = at::empty({CC, D}, f32);
+      PackedB rt;
       std::vector<float> rhat(D);
       for (int64_t ch = ch0; ch < ch1; ++ch) {
         const int64_t c0 = ch * CC, cc = std::min(CC, R - c0);
         const Tensor rc = rows_fp32(rc_all, c0, cc, rbuf);
+        rt.pack_t(rc);
         Tensor grc = gref.narrow(0, c0, cc);
         for (int64_t r0 = 0; r0 < B; r0 += RB) {
           const int64_t rb = std::min(RB, B - r0);
           const Tensor xb = xh.narrow(0, r0, rb);
           Tensor s = tile(sbuf, rb, cc);
-          sim_tile(s, xb, rc, c0);
+          sim_tile(s, xb, rt, c0);
           for (int64_t r = 0; r < rb; ++r)
             grad_row(s.data_ptr<float>() + r * cc, cc, c0, rows[r0 + r], hp, g, pairs_of(r0 + r));
           addmm_tn(grc, s, xb);

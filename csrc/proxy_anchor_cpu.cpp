@@ -81,12 +81,12 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
   const float* tp = term_p.data_ptr<float>();
   const float* tn = term_n.data_ptr<float>();
 
-  // The G tile (rb × cc) of rows [r0, r0 + rb) and the normalised proxies phc of chunk c0, into s: the similarity
-  // tile, its exponents, then e^{z − term} times the coefficients (the positive at its column)
-  auto coefficients = [&](Tensor& s, const Tensor& xb, const Tensor& phc, int64_t r0, int64_t c0, float* pos,
+  // The G tile (rb × cc) of rows [r0, r0 + rb) and the normalised proxies of chunk c0 (pt: packed by pack_t), into
+  // s: the similarity tile, its exponents, then e^{z − term} times the coefficients (the positive at its column)
+  auto coefficients = [&](Tensor& s, const Tensor& xb, const PackedB& pt, int64_t r0, int64_t c0, float* pos,
                           int64_t* jpos) {
     const int64_t rb = s.size(0), cc = s.size(1);
-    mm_nt(s, xb, phc);
+    mm(s, xb, pt, false);
     float* z = s.data_ptr<float>();
     exponents_tile(z, rb, cc, c0, yp + r0, offp ? offp + r0 : nullptr, e, pos, jpos);
     for (int64_t r = 0; r < rb; ++r) {
@@ -99,18 +99,20 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
   // Columns: per chunk of proxies, the normalisers over all rows, then (want_gp) Σ_i G_ij x̂_i
   parallel_for(0, ceil_div(C, CC), 1, [&](int64_t ch0, int64_t ch1) {
     Tensor sbuf = at::empty({RB * CC}, f32), ph = at::empty({CC, D}, f32), pn = at::empty({CC}, f32);
+    PackedB pt;  // the chunk's normalised proxies for s = x̂·p̂ᵀ, packed once for every block of rows
     std::vector<float> pos(RB), mp(CC), lp(CC), mn(CC), ln(CC), tmax(CC);
     std::vector<int64_t> jpos(RB);
     for (int64_t ch = ch0; ch < ch1; ++ch) {
       const int64_t c0 = ch * CC, cc = std::min(CC, C - c0);
       Tensor phc = ph.narrow(0, 0, cc), pnc = pn.narrow(0, 0, cc);
       normalize_rows_into(proxies.narrow(0, c0, cc), phc, pnc);
+      pt.pack_t(phc);
       std::fill_n(mp.begin(), cc, 0.f), std::fill_n(lp.begin(), cc, 1.f);
       std::fill_n(mn.begin(), cc, 0.f), std::fill_n(ln.begin(), cc, 1.f);
       for (int64_t r0 = 0; r0 < B; r0 += RB) {
         const int64_t rb = std::min(RB, B - r0);
         Tensor s = tile(sbuf, rb, cc);
-        mm_nt(s, xh.narrow(0, r0, rb), phc);
+        mm(s, xh.narrow(0, r0, rb), pt, false);
         float* z = s.data_ptr<float>();
         exponents_tile(z, rb, cc, c0, yp + r0, offp ? offp + r0 : nullptr, e, pos.data(), jpos.data());
         for (int64_t r = 0; r < rb; ++r) {  // positives: at most one per row, online in row order
@@ -142,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
         const int64_t rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
         Tensor s = tile(sbuf, rb, cc);
-        coefficients(s, xb, phc, r0, c0, pos.data(), jpos.data());
+        coefficients(s, xb, pt, r0, c0, pos.data(), jpos.data());
         addmm_tn(gpc, s, xb);
       }
       const float* php = phc.data_ptr<float>();
@@ -152,24 +154,30 @@ std::tuple<Tensor, Tensor, Tensor> proxy_anchor_fwd(const Tensor& x_in, const Te
     }
   });
 
-  // Rows: per block of rows, Σ_j G_ij p̂_j over the chunks in order, from the column normalisers
+  // Rows: per block of rows, Σ_j G_ij p̂_j over the chunks in order, from the column normalisers. A task walks the
+  // chunks once and takes each of its blocks through a chunk before the next (the chunk normalised and packed once).
   if (want_gx && B > 0) {
     parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
       Tensor sbuf = at::empty({RB * CC}, f32), ph = at::empty({CC, D}, f32), pn = at::empty({CC}, f32);
+      PackedB pt, pnn;  // the chunk's normalised proxies for s = x̂·p̂ᵀ and for gx += G·p̂
       std::vector<float> pos(RB);
       std::vector<int64_t> jpos(RB);
+      for (int64_t c0 = 0; c0 < C; c0 += CC) {
+        const int64_t cc = std::min(CC, C - c0);
+        Tensor phc = ph.narrow(0, 0, cc), pnc = pn.narrow(0, 0, cc);
+        normalize_rows_into(proxies.narrow(0, c0, cc), phc, pnc);
+        pt.pack_t(phc), pnn.pack_n(phc);
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+          const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
+          Tensor s = tile(sbuf, rb, cc);
+          coefficients(s, xh.narrow(0, r0, rb), pt, r0, c0, pos.data(), jpos.data());
+          mm(gx.narrow(0, r0, rb), s, pnn, true);
+        }
+      }
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t r0 = blk * RB, rb = std::min(RB, B - r0);
         const Tensor xb = xh.narrow(0, r0, rb);
         Tensor gxb = gx.narrow(0, r0, rb);
-        for (int64_t c0 = 0; c0 < C; c0 += CC) {
-          const int64_t cc = std::min(CC, C - c0);
-          Tensor phc = ph.narrow(0, 0, cc), pnc = pn.narrow(0, 0, cc);
-          normalize_rows_into(proxies.narrow(0, c0, cc), phc, pnc);
-          Tensor s = tile(sbuf, rb, cc);
-          coefficients(s, xb, phc, r0, c0, pos.data(), jpos.data());
-          addmm_nn(gxb, s, phc);
-        }
         float* g = gxb.data_ptr<float>();
         const float* xhp = xb.data_ptr<float>();
         const float* np = xnorm.data_ptr<float>() + r0;

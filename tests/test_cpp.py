@@ -354,6 +354,9 @@ def _all_outputs():
     xp, yp = torch.randn(150, 40).to(torch.bfloat16), torch.randint(0, 3000, (150,))  # labels ≥ 2500: other slices
     out += ops.proxy_anchor_fwd(xp, yp, torch.randn(2500, 40), torch.rand(150), torch.tensor(0.01), 1 / 2500, 0.1,
                                 32.0, True, True)
+    ref, ref_y = torch.randn(2200, 40), torch.randint(0, 30, (2200,))  # 3 blocks of queries, 3 chunks of references
+    for kind, params in enumerate(((0.1, 0, 0), (0.1, 0, 0), (2.0, 40.0, 0.5), (0.0, 1.0, 0))):
+        out += ops.pair_fwd(xp.float(), yp % 30, ref, ref_y, None, None, kind, *params, True, True)
     return out
 
 
