@@ -109,22 +109,28 @@ def _version(family: str) -> str:
     return f"{_DIST[family]} {importlib.metadata.version(_DIST[family])}"
 
 
-def nominal_gflop(case: Case) -> float:
-    """FLOPs of the products the loss contract needs per step (the same count for every impl), in GFLOP.
+def products(case: Case) -> list[tuple[int, int, int]]:
+    """The matrix products (m, n, k), an (m × k)·(k × n) each, that the loss contract needs per step, the same for
+    every impl: their FLOPs are :func:`nominal_gflop`, and their ``torch.mm`` time is the row's GEMM floor.
 
-    CCL: 4·B·C·D (similarities, softmax-weighted center sum). margin: 6·B·C·K·D (and the proxy gradient).
-    proxy_anchor: 6·B·C·D (similarities, both gradients; the fused kernels recompute the similarities twice more).
-    CBML: 4·B·R·D over R references (similarities, query gradient) plus 2·B·B·D for the gradient of the batch
-    part of the reference set.
+    CCL: the similarities X·Wᵀ and the softmax-weighted center sum P·W. margin: those two over the C·K proxies and
+    the proxy gradient Pᵀ·X. proxy_anchor: the same three (the fused kernels recompute the similarities twice
+    more). CBML over R references: the similarities, the query gradient, and the gradient of the batch part of the
+    reference set (B × B).
     """
+    b, c, d = case.B, case.C, case.D
     if case.loss == "ccl":
-        return 4 * case.B * case.C * case.D / 1e9
-    if case.loss == "margin":
-        return 6 * case.B * case.C * MARGIN_CLASSES[case.impl.split("_", 1)[1]][1] * case.D / 1e9
-    if case.loss == "proxy_anchor":
-        return 6 * case.B * case.C * case.D / 1e9
-    refs = case.B + (case.C if case.variant == "memory" else 0)
-    return (4 * case.B * refs + 2 * case.B * case.B) * case.D / 1e9
+        return [(b, c, d), (b, d, c)]
+    if case.loss in ("margin", "proxy_anchor"):
+        rows = c * (MARGIN_CLASSES[case.impl.split("_", 1)[1]][1] if case.loss == "margin" else 1)
+        return [(b, rows, d), (b, d, rows), (rows, d, b)]
+    refs = b + (c if case.variant == "memory" else 0)
+    return [(b, refs, d), (b, d, refs), (b, d, b)]
+
+
+def nominal_gflop(case: Case) -> float:
+    """FLOPs of :func:`products`, in GFLOP."""
+    return sum(2 * m * n * k for m, n, k in products(case)) / 1e9
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:

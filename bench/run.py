@@ -45,7 +45,7 @@ from .impls import Case
 
 MODE = "step"
 ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
-              "peak_extra_mb", "tflops", "reps", "device", "torch", "triton", "fastcdml", "date", "load_1min",
+              "peak_extra_mb", "tflops", "floor_ms", "reps", "device", "torch", "triton", "fastcdml", "date", "load_1min",
               "loaded")
 KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
 _MARK = "FASTCDML_BENCH_RESULT "
@@ -207,6 +207,19 @@ def _times_ms(run, device: torch.device, quick: bool) -> list[float]:
     return [statistics.median(times), q[1], q[7], len(times)]
 
 
+def floor_ms(case: Case, device: torch.device, quick: bool) -> float:
+    """The row's GEMM floor: the median time of ``torch.mm`` (the BLAS on CPU, cuBLAS on CUDA) on each of
+    :func:`impls.products` in the case's dtype, into preallocated outputs, summed. A fused step cannot do less
+    work than these products, so its time over the floor says what the fusion costs or saves."""
+    dtype = getattr(torch, case.dtype)
+    total = 0.0
+    for m, n, k in impls.products(case):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        total += _times_ms(lambda: torch.mm(a, b, out=out), device, quick)[0]
+    return total
+
+
 def measure(case: Case, device: torch.device, quick: bool, parts: str = "time,memory") -> dict:
     """Build ``case`` on fresh inputs, warm up, then time it and/or measure its memory (``parts``); the row's
     measured fields."""
@@ -224,6 +237,9 @@ def measure(case: Case, device: torch.device, quick: bool, parts: str = "time,me
             result.update(p50_ms=p50, p20_ms=p20, p80_ms=p80, reps=reps, tflops=impls.nominal_gflop(case) / p50)
         if "memory" in parts:
             result["peak_extra_mb"] = _peak_extra_mb(step.run, device)
+        del step
+    if "time" in parts:  # after the step's tensors are freed
+        result["floor_ms"] = floor_ms(case, device, quick)
     return result
 
 
@@ -341,17 +357,19 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    """The rows as a text (or Markdown) table, with the speed-up over the eager reference at the same size."""
+    """The rows as a text (or Markdown) table, with the speed-up over the eager reference at the same size and the
+    time over the row's GEMM floor (:func:`floor_ms`)."""
     ref = {tuple(r[k] for k in KEY_FIELDS if k != "impl"): r["p50_ms"] for r in rows if r["impl"] == "reference"}
     head = ["loss", "variant", "B", "C", "D", "dtype", "impl", "backend", "p50 ms", "p20–p80 ms", "peak extra MB",
-            "TFLOP/s", "× ref"]
+            "TFLOP/s", "× ref", "× floor"]
     body = []
     for r in sorted(rows, key=lambda r: (r["loss"], r["variant"], r["D"], r["B"], r["C"], r["impl"])):
         base = ref.get(tuple(r[k] for k in KEY_FIELDS if k != "impl"))
         body.append([r["loss"], r["variant"], r["B"], "self" if r["variant"] == "self" else r["C"], r["D"],
                      r["dtype"], r["impl"], r["backend"], _fmt(r["p50_ms"]) + (" *" if r.get("loaded") else ""),
                      f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["peak_extra_mb"]),
-                     _fmt(r.get("tflops"), 2), _fmt(base / r["p50_ms"], 2) if base else "–"])
+                     _fmt(r.get("tflops"), 2), _fmt(base / r["p50_ms"], 2) if base else "–",
+                     _fmt(r["p50_ms"] / r["floor_ms"], 2) if r.get("floor_ms") else "–"])
     cells = [head] + [[str(c) for c in line] for line in body]
     note = [f"* {LOADED_NOTE}."] if any(r.get("loaded") for r in rows) else []
     if markdown:

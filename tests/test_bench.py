@@ -1,6 +1,7 @@
 """The bench machinery (``python -m bench`` and ``bench/report.py``) at tiny sizes."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,11 +28,12 @@ def test_sweep_writes_rows_plots_and_merges(tmp_path, capsys):
             "--out", str(tmp_path)]
     assert bench.main(args + ["--sizes", "16x40x8,16x80x8"]) == 0
     printed = capsys.readouterr().out
-    assert "× ref" in printed and "wrote" in printed
+    assert "× ref" in printed and "× floor" in printed and "wrote" in printed
     data = _results(tmp_path)
     assert len(data["rows"]) == 4
     for row in data["rows"]:
         assert tuple(row) == bench.ROW_FIELDS
+        assert row["floor_ms"] > 0
         assert row["loss"] == "ccl" and row["mode"] == "step" and row["dtype"] == "float32"
         assert 0 < row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]
         assert row["peak_extra_mb"] is None or row["peak_extra_mb"] >= 0
@@ -46,6 +48,18 @@ def test_sweep_writes_rows_plots_and_merges(tmp_path, capsys):
     assert sorted((r["impl"], r["C"]) for r in data["rows"]) == [
         ("fastcdml", 40), ("fastcdml", 80), ("reference", 40), ("reference", 80), ("reference", 160)]
     assert len(data["meta"]["runs"]) == 2
+
+
+def test_products_are_the_loss_contracts_gemms():
+    """The floor and the TFLOP/s count the same products: (m, n, k) per step, for each loss family."""
+    def case(loss, impl, variant, c):
+        return impls.Case(loss, impl, variant, 4, c, 8, "float32")
+    assert impls.products(case("ccl", "fastcdml", "momentum", 6)) == [(4, 6, 8), (4, 8, 6)]
+    assert impls.products(case("margin", "pml_subcenter", "gradient", 6)) == [(4, 18, 8), (4, 8, 18), (18, 8, 4)]
+    assert impls.products(case("proxy_anchor", "fastcdml", "gradient", 6)) == [(4, 6, 8), (4, 8, 6), (6, 8, 4)]
+    assert impls.products(case("cbml", "fastcdml", "memory", 6)) == [(4, 10, 8), (4, 8, 10), (4, 8, 4)]
+    assert impls.products(case("cbml", "fastcdml", "self", 4)) == [(4, 4, 8), (4, 8, 4), (4, 8, 4)]
+    assert impls.nominal_gflop(case("ccl", "fastcdml", "momentum", 6)) == 4 * 4 * 6 * 8 / 1e9
 
 
 def test_isolated_case_reports_memory(tmp_path):
@@ -155,8 +169,10 @@ def test_report_regenerates_readmes(tmp_path):
     assert "| ccl | momentum | 8 | 40 | 8 | float32 | reference |" in page
     text = top.read_text()
     assert text.startswith("intro\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nrest\n")
-    # the headline: one row per loss variant at its largest size, ours against the reference
+    # the headline: one row per loss variant at its largest size, ours against the GEMM floor and the reference
     assert "old" not in text and "| ccl momentum | 8×40×8 float32 |" in text and "8×20×8" not in text
+    row = next(line for line in text.splitlines() if "| ccl momentum |" in line)
+    assert re.search(r"\| [\d.,]+ ms \([\d.]+×\) \|", row), row  # the floor and our time over it
     if HAS_MPL:
         assert "](results/" in page
     top.write_text("no markers\n")
