@@ -1,7 +1,7 @@
 // Center Contrastive Loss and its margin-softmax family, CPU kernels for fastcdml::ccl_fwd, ccl_fwd_partials,
 // ccl_bwd_centers and ccl_momentum_update_ (schemas and math: fastcdml/ops/ccl.py, fastcdml/reference/ccl.py and docs/spec.md).
 //
-// ccl_fwd and ccl_fwd_partials share one streaming pass (stream_bank): the bank in chunks of chunk_size(D) classes
+// ccl_fwd and ccl_fwd_partials share one streaming pass (stream_bank): the bank in chunks of class_chunk(D, K) classes
 // (K sub-center rows each) per block of kRowBlock queries: one GEMM gives the similarity tile, the class cosine is
 // the max over each class's K columns (K = 1: the tile itself), the label column gets the target transform, an
 // online softmax (flash-attention style running max / sum in fp32) turns the class tile into probabilities in
@@ -58,6 +58,10 @@ struct TargetLogit {
   }
 };
 
+// Classes per chunk of the bank: chunk_size(D) bank rows' worth, so that a chunk of K sub-centers per class stays
+// cache-sized and the class-parallel passes have as many chunks to share out as with K = 1.
+int64_t class_chunk(int64_t D, int64_t K) { return std::max<int64_t>(chunk_size(D) / K, 1); }
+
 int64_t check_sub_centers(const Tensor& centers, int64_t sub_centers) {
   TORCH_CHECK_VALUE(sub_centers >= 1 && centers.size(0) % sub_centers == 0, "centers has ", centers.size(0),
                     " rows, not a multiple of sub_centers=", sub_centers);
@@ -90,16 +94,21 @@ struct SubCenters {
         top = above ? v[k] : top;
         best = above ? k : best;
       }
-      if (!soft()) {
-        cls[i] = top;
-        arg[i] = best;
-        continue;
-      }
+      if (soft())  // s_k − max: the exponents of q, shifted by the class max so that none overflows
+        for (int64_t k = 0; k < K; ++k) wts[i * K + k] = v[k] - top;
+      else
+        cls[i] = top, arg[i] = best;
+    }
+    if (!soft()) return cls.data();
+    exp_row(wts.data(), rows * cc * K, 1.f / gamma, 0.f, 1.f);  // e^{(s_k − max)/γ}, the whole tile in one pass
+    const float inv_gamma = 1.f / gamma;
+    for (int64_t i = 0; i < rows * cc; ++i) {
+      const float* v = s + i * K;
       float* w = wts.data() + i * K;
       float z = 0.f, c = 0.f;
-      for (int64_t k = 0; k < K; ++k) z += w[k] = std::exp((v[k] - v[best]) / gamma);
+      for (int64_t k = 0; k < K; ++k) z += w[k];
       for (int64_t k = 0; k < K; ++k) c += (w[k] /= z) * v[k];
-      for (int64_t k = 0; k < K; ++k) w[k] *= 1.f + (v[k] - c) / gamma;
+      for (int64_t k = 0; k < K; ++k) w[k] *= 1.f + (v[k] - c) * inv_gamma;
       cls[i] = c;
     }
     return cls.data();
@@ -176,7 +185,7 @@ void stream_bank(const Tensor& xh, const Tensor& y, const Tensor& centers, int64
                  const TargetLogit& target, float inv_tau, bool compute_grad, const Consumer& consume,
                  const DenseTile* dense = nullptr) {
   const int64_t B = xh.size(0), D = xh.size(1), C = centers.size(0) / K;
-  const int64_t CC = dense ? std::max<int64_t>(C, 1) : chunk_size(D), RB = kRowBlock;
+  const int64_t CC = dense ? std::max<int64_t>(C, 1) : class_chunk(D, K), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
   const auto f32 = xh.options();
   parallel_for(0, ceil_div(B, RB), 1, [&](int64_t blk0, int64_t blk1) {
@@ -443,7 +452,7 @@ Tensor ccl_bwd_centers(const Tensor& x_in, const Tensor& labels, const Tensor& c
 
   const float inv_tau = static_cast<float>(1.0 / temperature);
   const float lam2 = static_cast<float>(2.0 * center_weight);
-  const int64_t CC = chunk_size(D), RB = kRowBlock;
+  const int64_t CC = class_chunk(D, K), RB = kRowBlock;
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lsep = lse.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
