@@ -2,8 +2,8 @@
 steps interleaved, so that load from other work on a shared machine falls on both alike.
 
 Pairs (one training step each: forward, backward to the embeddings and to the learnable ``W``, PML's default
-hyper-parameters, the same ``W`` on both sides): NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace (K = 3)
-against PML's class of the same name; and ``CenterContrastiveLoss`` in its default (momentum) mode (forward,
+hyper-parameters, the same ``W`` on both sides): NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace (K = 3),
+ProxyNCA and SoftTriple (K = 10, PML's ``fc``) against PML's class of the same name; and ``CenterContrastiveLoss`` in its default (momentum) mode (forward,
 backward to the embeddings, the in-place bank update) against PML's ``NormalizedSoftmaxLoss(temperature=0.05)``,
 the nearest PML loss (CCL with neither margin nor center pull, its bank trained by gradient). Ours run with their
 defaults (``check_inputs=True``) unless ``--no-check``.
@@ -31,22 +31,9 @@ import torch
 from .impls import MARGIN_CLASSES, _version
 from .run import _git, environment, load_check, write_results
 
-PAIRS = ("normalizedsoftmax", "cosface", "arcface", "subcenter", "ccl")
+PAIRS = ("normalizedsoftmax", "cosface", "arcface", "subcenter", "proxynca", "softtriple", "ccl")
 CCL_PEER_TEMPERATURE = 0.05  # CenterContrastiveLoss's default τ
 _MARK = "INTERLEAVED_MEMORY "
-
-
-def cpu_model() -> str | None:
-    """``family F model M`` of this x86 CPU from /proc/cpuinfo (a VM may hide the marketing name)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return None
-    return f"family {fields.get('cpu family')} model {fields.get('model')}" if "cpu family" in fields else None
 
 
 def _inputs(b: int, d: int, c: int, seed: int = 0):
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastcdml._backend import resolve
 
     meta = environment(torch.device("cpu")) | {
-        "cpu": cpu_model(), "git": _git(), "backend": resolve("auto", "ccl", torch.device("cpu")).name,
+        "git": _git(), "backend": resolve("auto", "ccl", torch.device("cpu")).name,
         "threads": args.threads, "reps": args.reps, "warmup": args.warmup, "pml": _version("pml"),
         "command": "python -m bench.interleaved " + " ".join(argv)}
     rows = []

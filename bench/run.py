@@ -65,7 +65,7 @@ class Preset:
 PROXY_ANCHOR_SIZES = tuple(f"{b}x{c}x{d}" for c in (1000, 100_000, 1_000_000) for b in (256, 1024) for d in (128, 512))
 PRESETS = {
     "cpu": Preset(
-        "CPU sweep (default without CUDA): a few minutes on 2 cores, C up to 50k / M up to 8k",
+        "CPU sweep (default without CUDA): ~16 min on 2 cores, C up to 50k / M up to 8k, with PML and the GEMM floor",
         "float32",
         {"ccl": ("256x1000x128", "256x10000x128", "256x50000x128"),
          "cbml": ("256xselfx128", "256x2048x128", "256x8192x128"),
@@ -269,12 +269,28 @@ def measure_isolated(case: Case, device: torch.device, quick: bool, timeout: flo
 # ------------------------------------------------------------------------------------------ environment
 
 
-def _cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_model() -> str:
+    """The host CPU with its vendor's family and model numbers, which a VM's model name may leave out (e.g.
+    "AMD EPYC, family 25 model 17"): speed claims name the CPU they were measured on."""
+    info = _cpuinfo()
+    numbers = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
+    return _cpu_name() + numbers
 
 
 def device_name(device: torch.device) -> str:
@@ -307,10 +323,10 @@ def _git() -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    """The fields every row carries (device, versions, date)."""
+    """The fields every row carries (device, versions, date), and the host CPU (:func:`cpu_model`) for the meta."""
 
     return {"device": device_name(device), "torch": torch.__version__, "triton": _version("triton"),
-            "fastcdml": __version__, "date": dt.date.today().isoformat()}
+            "fastcdml": __version__, "date": dt.date.today().isoformat(), "cpu": cpu_model()}
 
 
 def write_results(out: Path, meta: dict, name: str, rows: list[dict], key: tuple[str, ...] = ()) -> Path:
@@ -524,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{slug(env['device'])}-{env['date']}"
-    meta = {**{k: env[k] for k in ("device", "torch", "triton", "fastcdml")}, "device_slug": slug(env["device"]),
+    meta = {**{k: env[k] for k in ("device", "torch", "triton", "fastcdml", "cpu")}, "device_slug": slug(env["device"]),
             "device_type": device.type, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(), "git": _git(), "backends": backends(),
             "runs": [{"command": " ".join(["python -m bench", *argv]), "preset": args.preset,
