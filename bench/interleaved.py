@@ -3,9 +3,10 @@ steps interleaved, so that load from other work on a shared machine falls on bot
 
 Pairs (one training step each: forward, backward to the embeddings and to the learnable ``W``, PML's default
 hyper-parameters, the same ``W`` on both sides): NormalizedSoftmax, CosFace, ArcFace, SubCenterArcFace (K = 3),
-ProxyNCA and SoftTriple (K = 10, PML's ``fc``) against PML's class of the same name; and ``CenterContrastiveLoss`` in its default (momentum) mode (forward,
-backward to the embeddings, the in-place bank update) against PML's ``NormalizedSoftmaxLoss(temperature=0.05)``,
-the nearest PML loss (CCL with neither margin nor center pull, its bank trained by gradient). Ours run with their
+ProxyNCA and SoftTriple (K = 10, PML's ``fc``) against PML's class of the same name; and
+``CenterContrastiveLoss`` in its default (momentum) mode (forward, backward to the embeddings, the in-place bank
+update) against PML's ``NormalizedSoftmaxLoss(temperature=0.05)``, the nearest PML loss (CCL with neither margin
+nor center pull, its bank trained by gradient). Ours run with their
 defaults (``check_inputs=True``) unless ``--no-check``.
 
 Method: warm-up steps, then ``--reps`` rounds, each running every step of a pair once, the order alternating

@@ -107,8 +107,8 @@ def _pml_peer(r: dict, same: list[dict]) -> dict | None:
 
 def headline(files: list[tuple[Path, dict]]) -> str:
     """At most ``HEADLINE_ROWS`` rows for the top-level README: per device type (newest file) and loss (each margin
-    drop-in on its own), the largest size measured with PML too (else the largest): fastcdml, its GEMM floor (the same products in ``torch.mm``),
-    PML and the eager reference side by side."""
+    drop-in on its own), the largest size measured with PML too (else the largest): fastcdml, its GEMM floor (the
+    same products in ``torch.mm``), PML and the eager reference side by side."""
     lines = ["| device | loss | B×C×D | fastcdml (backend) | GEMM floor | PML | reference | "
              "peak extra MB: ours / PML |", "|---|---|---|---|---|---|---|---|"]
     seen = set()

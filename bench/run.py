@@ -45,8 +45,8 @@ from .impls import Case
 
 MODE = "step"
 ROW_FIELDS = ("loss", "impl", "backend", "mode", "variant", "B", "C", "D", "dtype", "p50_ms", "p20_ms", "p80_ms",
-              "peak_extra_mb", "tflops", "floor_ms", "reps", "device", "torch", "triton", "fastcdml", "date", "load_1min",
-              "loaded")
+              "peak_extra_mb", "tflops", "floor_ms", "reps", "device", "torch", "triton", "fastcdml", "date",
+              "load_1min", "loaded")
 KEY_FIELDS = ("loss", "impl", "mode", "variant", "B", "C", "D", "dtype")
 _MARK = "FASTCDML_BENCH_RESULT "
 QUICK_LEAVES_OUT = ("torch_compile",)  # unless named in --impl
